@@ -17,6 +17,8 @@ from ._exceptions import (
     ServerError,
     ValidationError,
 )
+from ._client import NebulaClient
+from ._codec import from_payload, to_payload
 from ._models import (
     BatchReport,
     GeneratedImage,
@@ -28,6 +30,7 @@ from ._models import (
     RetryPolicy,
     Timeout,
 )
+from ._stats import ClientStatistics
 
 __version__ = "0.1.0"
 
@@ -38,11 +41,13 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BatchReport",
+    "ClientStatistics",
     "GeneratedImage",
     "ImageResult",
     "Img2ImgRequest",
     "Job",
     "JobResult",
+    "NebulaClient",
     "NebulaError",
     "RateLimit",
     "RateLimitError",
@@ -52,4 +57,6 @@ __all__ = [
     "Timeout",
     "ValidationError",
     "__version__",
+    "from_payload",
+    "to_payload",
 ]

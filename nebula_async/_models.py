@@ -339,6 +339,8 @@ class JobResult:
     errors: list[NebulaError] = attrs.field(factory=list)
     submissions: int = 0
     attempts: int = 0
+    retries: int = 0
+    rate_limited: int = 0
     elapsed_s: float = 0.0
     requested_images: int = 0
 

@@ -1,0 +1,211 @@
+"""The batch pipeline: lazy input, a bounded worker pool, and the aggregator.
+
+::
+
+    jobs (any iterable / async iterable, read lazily)
+      -> feeder --[memory stream, buffer = workers]--> N workers --run_job-->
+      -> [memory stream, buffer = workers] -> the caller, unordered or reordered
+
+Both streams are bounded, so the feeder only reads a job when a worker is about
+to take it: memory stays flat in the number of jobs (backpressure). The pipeline
+runs in a task of its own that the client tracks, not inside the caller's async
+generator frame: a task group entered in an async generator and closed by the
+garbage collector would exit its cancel scope in another task. Leaving the
+stream (break, cancellation, error) cancels the pipeline and waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+
+from ._codec import from_payload
+from ._exceptions import NebulaError, ValidationError
+from ._models import GeneratedImage, ImageResult, Img2ImgRequest, Job, JobResult
+
+__all__ = ["JobInput", "aggregate", "coerce_job", "run_pipeline"]
+
+JobInput = Job | Img2ImgRequest | Mapping[str, Any]
+_JOB_KEYS: Final = frozenset({"id", "images"})
+# Closing a cancelled pipeline is prompt (aiohttp aborts at once); this only
+# guards against a run_job that ignores cancellation.
+_CLOSE_GRACE_S: Final = 10.0
+
+
+def coerce_job(item: object, index: int) -> Job:
+    """Turn one input item into a :class:`Job` with an id (its position by default).
+
+    Raises :class:`ValidationError` naming the field for a bad item.
+    """
+    if isinstance(item, Job):
+        return item if item.id is not None else Job(item.request, id=str(index), images=item.images)
+    if isinstance(item, Img2ImgRequest):
+        return Job(item, id=str(index))
+    if isinstance(item, Mapping):
+        fields = {key: value for key, value in item.items() if key not in _JOB_KEYS}
+        job_id = item.get("id", str(index))
+        return Job(from_payload(fields), id=job_id, images=item.get("images"))
+    raise ValidationError(
+        f"job {index}: expected a Job, an Img2ImgRequest or a dict, got {type(item).__name__}",
+        field="job",
+    )
+
+
+def _job_id_of(item: object, index: int) -> str:
+    """The best id to report for an item that could not become a Job."""
+    if isinstance(item, Job) and item.id is not None:
+        return item.id
+    if isinstance(item, Mapping) and isinstance(item.get("id"), str | int):
+        return str(item["id"])
+    return str(index)
+
+
+def aggregate(
+    job_id: str,
+    outcomes: list[ImageResult | NebulaError],
+    *,
+    attempts: int,
+    retries: int,
+    rate_limited: int,
+    elapsed_s: float,
+    requested_images: int,
+) -> JobResult:
+    """Gather a job's submission outcomes, in submission order, into one result.
+
+    Successful submissions give their URLs and images even when others failed, so a
+    partly failed job keeps what it got; every failure is kept in ``errors``.
+    """
+    urls: list[str] = []
+    images: list[GeneratedImage] = []
+    errors: list[NebulaError] = []
+    for outcome in outcomes:
+        if isinstance(outcome, ImageResult):
+            images.extend(outcome.images)
+            urls.extend(image.url for image in outcome.images if image.url is not None)
+        else:
+            errors.append(outcome)
+    return JobResult(
+        job_id=job_id,
+        urls=urls,
+        images=images,
+        errors=errors,
+        submissions=len(outcomes),
+        attempts=attempts,
+        retries=retries,
+        rate_limited=rate_limited,
+        elapsed_s=elapsed_s,
+        requested_images=requested_images,
+    )
+
+
+async def _iterate(jobs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[object]:
+    if isinstance(jobs, AsyncIterable):
+        async for item in jobs:
+            yield item
+    else:
+        for item in jobs:
+            yield item
+
+
+async def run_pipeline(
+    jobs: Iterable[object] | AsyncIterable[object],
+    run_job: Callable[[Job], Awaitable[JobResult]],
+    *,
+    workers: int,
+    ordered: bool,
+    window: int,
+    track: Callable[[asyncio.Task[None]], None],
+) -> AsyncIterator[tuple[int, JobResult]]:
+    """Yield ``(input index, JobResult)`` for every job, as they finish or in order.
+
+    With ``ordered=True`` at most ``window`` jobs are started beyond the oldest one
+    not yet yielded, which bounds the reorder buffer to ``window`` results.
+    An exception raised by the input iterable stops the feeding; the jobs already
+    started still finish and are yielded, then the exception is raised.
+    """
+    if isinstance(jobs, str | bytes):
+        raise ValidationError("jobs: expected an iterable of jobs, got a string", field="jobs")
+    if not isinstance(jobs, Iterable | AsyncIterable):
+        raise ValidationError(
+            f"jobs: expected an iterable or async iterable, got {type(jobs).__name__}",
+            field="jobs",
+        )
+    send_results, receive_results = anyio.create_memory_object_stream[tuple[int, JobResult]](
+        workers
+    )
+    send_jobs, receive_jobs = anyio.create_memory_object_stream[tuple[int, object]](workers)
+    window_slots = anyio.Semaphore(window) if ordered else None
+    input_failure: list[BaseException] = []
+
+    async def feed() -> None:
+        async with send_jobs:
+            index = 0
+            try:
+                async for item in _iterate(jobs):
+                    if window_slots is not None:
+                        await window_slots.acquire()
+                    await send_jobs.send((index, item))
+                    index += 1
+            except Exception as exc:  # the caller's iterable failed: stop feeding, keep results
+                input_failure.append(exc)
+
+    async def work(
+        receive: anyio.abc.ObjectReceiveStream[tuple[int, object]],
+        send: anyio.abc.ObjectSendStream[tuple[int, JobResult]],
+    ) -> None:
+        async with receive, send:
+            async for index, item in receive:
+                try:
+                    job = coerce_job(item, index)
+                except ValidationError as exc:
+                    result = JobResult(job_id=_job_id_of(item, index), errors=[exc])
+                else:
+                    result = await run_job(job)
+                await send.send((index, result))
+
+    async def pipeline() -> None:
+        async with send_results, receive_jobs, anyio.create_task_group() as task_group:
+            task_group.start_soon(feed)
+            for _ in range(workers):
+                task_group.start_soon(work, receive_jobs.clone(), send_results.clone())
+
+    task = asyncio.get_running_loop().create_task(pipeline())
+    track(task)
+    try:
+        async with receive_results:
+            if window_slots is None:
+                async for pair in receive_results:
+                    yield pair
+            else:
+                pending: dict[int, JobResult] = {}
+                next_index = 0
+                async for index, result in receive_results:
+                    pending[index] = result
+                    while next_index in pending:
+                        yield next_index, pending.pop(next_index)
+                        next_index += 1
+                        window_slots.release()
+        await task  # surfaces a bug in run_job rather than hiding it
+        if input_failure:
+            raise input_failure[0]
+    finally:
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_GRACE_S):
+                await asyncio.wait({task})
+
+
+def default_window(max_concurrency: int) -> int:
+    """The reorder window of ``stream(ordered=True)``: 4x the concurrency, at least 64."""
+    return max(64, 4 * max_concurrency)
+
+
+def worker_count(max_concurrency: int) -> int:
+    """Workers per batch: more than the concurrency, so that slots freed by jobs
+    sleeping in a retry backoff are taken by other jobs at once."""
+    return max(2, math.ceil(max_concurrency * 1.5))

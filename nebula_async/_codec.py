@@ -1,0 +1,220 @@
+"""Wire conversion: one configured cattrs ``Converter``.
+
+Requests go out in one of three payload styles (DESIGN section 1)::
+
+    dotted  {"batchImageGenerationDTO.model": "m", "batchImageGenerationDTO.n": 2, ...}
+    nested  {"batchImageGenerationDTO": {"model": "m", "n": 2, ...}}
+    flat    {"model": "m", "n": 2, ...}
+
+cattrs generates one unstructure function per style with every key renamed
+(``override(rename=...)`` takes any string, dots included, at no run-time cost;
+attrs aliases cannot hold a dot). Required fields are always sent, optional ones
+only when not None, and object fields (``promptOptions``...) pass through untouched.
+
+Answers are structured strictly: cattrs' default ``str`` hook turns ``None`` into
+``'None'``, so strict hooks are registered, and a failure is reported with its
+JSON path (``$.data.images[0].url``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Literal, get_args
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from ._exceptions import ResponseDecodeError, ValidationError
+from ._models import GeneratedImage, Img2ImgRequest
+
+__all__ = [
+    "DTO_PREFIX",
+    "PayloadStyle",
+    "REQUIRED_FIELDS",
+    "converter",
+    "from_payload",
+    "request_field_from_key",
+    "structure_images",
+    "to_payload",
+    "wire_name",
+]
+
+PayloadStyle = Literal["dotted", "nested", "flat"]
+PAYLOAD_STYLES: Final[tuple[str, ...]] = get_args(PayloadStyle)
+DTO_PREFIX: Final = "batchImageGenerationDTO"
+REQUIRED_FIELDS: Final = frozenset({"model", "prompt", "n", "size", "temperature", "watermark"})
+
+
+def wire_name(attribute: str) -> str:
+    """snake_case attribute -> the API's camelCase key (``prompt_options`` -> ``promptOptions``)."""
+    head, *rest = attribute.split("_")
+    return head + "".join(word.capitalize() for word in rest)
+
+
+_FIELDS: Final = tuple(field.name for field in attrs.fields(Img2ImgRequest))
+_BY_CAMEL: Final = {wire_name(name): name for name in _FIELDS}
+# A flat key may be camelCase (the wire) or snake_case (Python): both map to the attribute.
+_BY_FLAT_KEY: Final = {**_BY_CAMEL, **{name: name for name in _FIELDS}}
+_BY_DOTTED: Final = {f"{DTO_PREFIX}.{camel}": name for camel, name in _BY_CAMEL.items()}
+
+
+def _pass_through(value: Any) -> Any:
+    return value
+
+
+def _strict_str(value: Any, _: type) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _strict_int(value: Any, _: type) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+@attrs.frozen
+class _WireData:
+    images: list[GeneratedImage]
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(detailed_validation=True)
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(int, _strict_int)
+    return conv
+
+
+converter: Final = _make_converter()
+"""The one configured converter of the package."""
+
+
+def _request_unstructurer(key_for: Callable[[str], str]) -> Callable[[Img2ImgRequest], dict[str, Any]]:
+    overrides = {}
+    for name in _FIELDS:
+        hook = None if name in REQUIRED_FIELDS else _pass_through
+        overrides[name] = override(
+            rename=key_for(name),
+            omit_if_default=name not in REQUIRED_FIELDS,
+            unstruct_hook=hook,
+        )
+    return make_dict_unstructure_fn(Img2ImgRequest, converter, **overrides)  # type: ignore[arg-type]
+
+
+_dotted = _request_unstructurer(lambda name: f"{DTO_PREFIX}.{wire_name(name)}")
+_flat = _request_unstructurer(wire_name)
+
+
+def _nested(request: Img2ImgRequest) -> dict[str, Any]:
+    return {DTO_PREFIX: _flat(request)}
+
+
+_UNSTRUCTURERS: Final[dict[str, Callable[[Img2ImgRequest], dict[str, Any]]]] = {
+    "dotted": _dotted,
+    "nested": _nested,
+    "flat": _flat,
+}
+
+
+def payload_encoder(style: str) -> Callable[[Img2ImgRequest], dict[str, Any]]:
+    """The unstructure function of one payload style (hoisted out of the hot path)."""
+    try:
+        return _UNSTRUCTURERS[style]
+    except KeyError:
+        raise ValidationError(
+            f"payload_style: must be one of {', '.join(PAYLOAD_STYLES)}, got {style!r}",
+            field="payload_style",
+        ) from None
+
+
+def to_payload(request: Img2ImgRequest, style: str = "dotted") -> dict[str, Any]:
+    """The JSON-ready body of one submission in the given payload style.
+
+    >>> import nebula_async as na
+    >>> req = na.Img2ImgRequest(model="m", prompt="a fox", n=2)
+    >>> na.to_payload(req, style="flat")
+    {'model': 'm', 'prompt': 'a fox', 'n': 2, 'size': '2048x2048', 'temperature': 1, 'watermark': False}
+    >>> list(na.to_payload(req, style="nested"))
+    ['batchImageGenerationDTO']
+    """
+    return payload_encoder(style)(request)
+
+
+def request_field_from_key(key: str) -> str | None:
+    """The attribute name for a payload key in any style, or None if it is not one."""
+    return _BY_DOTTED.get(key) or _BY_FLAT_KEY.get(key)
+
+
+def from_payload(payload: Mapping[str, Any]) -> Img2ImgRequest:
+    """Read a payload of any style (dotted, nested, or flat with camelCase or
+    snake_case keys) back into a validated :class:`Img2ImgRequest`.
+
+    An unknown key is a :class:`ValidationError` naming it.
+
+    >>> import nebula_async as na
+    >>> na.from_payload({"batchImageGenerationDTO.model": "m",
+    ...                  "batchImageGenerationDTO.prompt": "p"}).prompt
+    'p'
+    """
+    if not isinstance(payload, Mapping):
+        raise ValidationError(
+            f"payload must be a JSON object, got {type(payload).__name__}", field=None
+        )
+    nested = payload.get(DTO_PREFIX)
+    if isinstance(nested, Mapping):
+        extra = [key for key in payload if key != DTO_PREFIX]
+        if extra:
+            raise ValidationError(f"unknown field {extra[0]!r} beside {DTO_PREFIX!r}", field=extra[0])
+        return _build(nested, _BY_CAMEL, prefix=f"{DTO_PREFIX}.")
+    if any(isinstance(key, str) and key.startswith(DTO_PREFIX + ".") for key in payload):
+        return _build(payload, _BY_DOTTED, prefix="")
+    return _build(payload, _BY_FLAT_KEY, prefix="")
+
+
+def _build(source: Mapping[str, Any], names: Mapping[str, str], *, prefix: str) -> Img2ImgRequest:
+    kwargs: dict[str, Any] = {}
+    for key, value in source.items():
+        name = names.get(key)
+        if name is None:
+            raise ValidationError(f"unknown field {prefix}{key!r}", field=f"{prefix}{key}")
+        if name in kwargs:
+            raise ValidationError(f"field {name!r} given twice", field=name)
+        kwargs[name] = value
+    return Img2ImgRequest(**kwargs)
+
+
+_structure_data = make_dict_structure_fn(_WireData, converter)
+
+
+def structure_images(data: Any, *, status_code: int | None = None) -> list[GeneratedImage]:
+    """Structure an answer's ``data`` into its images, strictly.
+
+    Unknown extra fields are tolerated; a missing or mistyped ``images`` (or an
+    image with neither ``url`` nor ``b64_json``) raises :class:`ResponseDecodeError`
+    whose message and ``path`` say where.
+    """
+    if not isinstance(data, Mapping):
+        raise ResponseDecodeError(
+            f"expected an object at $.data, got {type(data).__name__}",
+            status_code=status_code,
+            path="$.data",
+        )
+    try:
+        images = _structure_data(data, _WireData).images
+    except Exception as exc:
+        messages = cattrs.transform_error(exc, path="$.data")
+        path = messages[0].rpartition(" @ ")[2] if messages else "$.data"
+        raise ResponseDecodeError(
+            "malformed answer: " + "; ".join(messages), status_code=status_code, path=path
+        ) from None
+    for index, image in enumerate(images):
+        if image.url is None and image.b64_json is None:
+            path = f"$.data.images[{index}]"
+            raise ResponseDecodeError(
+                f"malformed answer: image without url or b64_json @ {path}",
+                status_code=status_code,
+                path=path,
+            )
+    return images

@@ -1,0 +1,330 @@
+"""Reading a JSONL jobs file for the CLI, one streaming pass at a time.
+
+Each non-blank line is a JSON object of request fields (snake_case, camelCase,
+dotted or nested, as :func:`nebula_async.from_payload` reads them) plus the job's
+``id`` (default: the line number, from 1) and ``images``. The ``image`` field may
+name a local file, which is sent as a ``data:image/<format>;base64,`` URI.
+
+The file is read twice and never held in memory: a checking pass
+(:func:`iter_job_lines` with ``load_images=False``, which only sniffs local
+images) finds every bad line before anything is sent, then a sending pass
+(``load_images=True``) builds the jobs lazily for the client. Only the set of
+job ids is kept, to refuse duplicates.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from ._codec import DTO_PREFIX, from_payload, request_field_from_key
+from ._exceptions import ValidationError
+from ._models import Job
+
+__all__ = [
+    "MAX_LOCAL_IMAGE_BYTES",
+    "BadLine",
+    "JobLine",
+    "LocalImageError",
+    "is_local_image",
+    "iter_job_lines",
+    "job_from_fields",
+    "parse_job_line",
+    "local_image_data_uri",
+    "check_local_image",
+    "sniff_image_mime",
+]
+
+MAX_LOCAL_IMAGE_BYTES: Final = 10 * 1024 * 1024
+"""Largest local image file the CLI will inline (before base64, which adds a third)."""
+
+# Stands in for a local image during the checking pass, so the rest of the request
+# is validated without reading the whole file.
+_PLACEHOLDER_IMAGE: Final = "data:image/png;base64,AA=="
+
+_IMAGE_MAGIC: Final[tuple[tuple[bytes, str], ...]] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+_SNIFF_BYTES: Final = 16
+_UTF8_BOM: Final = b"\xef\xbb\xbf"
+
+
+class LocalImageError(ValidationError):
+    """A local image file is missing, unreadable, too large or not an image."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"image: {message}", field="image")
+
+
+@dataclass(frozen=True, slots=True)
+class JobLine:
+    """A good line: its 1-based line number and the job it describes."""
+
+    line_no: int
+    job: Job
+
+    @property
+    def job_id(self) -> str:
+        """The job's id (always set: the line number when the line gave none)."""
+        assert self.job.id is not None  # the reader always assigns one
+        return self.job.id
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A line that cannot be sent: where, which job id it claims, and why.
+
+    ``field`` names the offending field when one is known (None for bad JSON).
+    """
+
+    line_no: int
+    job_id: str
+    message: str
+    field: str | None = None
+
+    def describe(self) -> str:
+        """A one-line explanation naming the line number, e.g. for stderr."""
+        return f"line {self.line_no}: {self.message}"
+
+
+def sniff_image_mime(head: bytes) -> str | None:
+    """The image MIME type told by a file's first bytes, or None if unknown.
+
+    >>> sniff_image_mime(b"\\x89PNG\\r\\n\\x1a\\n....")
+    'image/png'
+    >>> sniff_image_mime(b"RIFF\\x00\\x00\\x00\\x00WEBPVP8 ")
+    'image/webp'
+    >>> sniff_image_mime(b"hello") is None
+    True
+    """
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    for magic, mime in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return mime
+    return None
+
+
+def is_local_image(value: object) -> bool:
+    """True when an ``image`` value names a local file rather than a URL or data: URI."""
+    if not isinstance(value, str) or not value.strip():
+        return False
+    lowered = value.lstrip().lower()
+    return not lowered.startswith(("http://", "https://", "data:"))
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    if value.lower().startswith("file://"):
+        value = value[len("file://") :]
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def check_local_image(path: Path) -> tuple[str, int]:
+    """Check a local image without reading it all: returns ``(mime, size)``.
+
+    Raises :class:`LocalImageError` when the file is missing, not a regular file,
+    over :data:`MAX_LOCAL_IMAGE_BYTES`, or not a PNG/JPEG/WebP/GIF/BMP/TIFF image.
+    """
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise LocalImageError(f"local file not found: {path}") from None
+    except OSError as exc:
+        raise LocalImageError(f"cannot read local file {path}: {exc.strerror}") from None
+    if not path.is_file():
+        raise LocalImageError(f"not a regular file: {path}")
+    if stat.st_size > MAX_LOCAL_IMAGE_BYTES:
+        raise LocalImageError(
+            f"local file {path} is {stat.st_size / 2**20:.1f} MB, over the "
+            f"{MAX_LOCAL_IMAGE_BYTES // 2**20} MB limit"
+        )
+    try:
+        with path.open("rb") as file:
+            head = file.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise LocalImageError(f"cannot read local file {path}: {exc.strerror}") from None
+    mime = sniff_image_mime(head)
+    if mime is None:
+        raise LocalImageError(f"{path} is not a PNG, JPEG, WebP, GIF, BMP or TIFF image")
+    return mime, stat.st_size
+
+
+def local_image_data_uri(path: Path) -> str:
+    """Read a local image into a ``data:image/<format>;base64,...`` URI (checked first)."""
+    check_local_image(path)
+    stat = path.stat()
+    return _cached_data_uri(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+# Many jobs often share one input image: keep the last few encodings (bounded memory,
+# keyed by modification time so an edited file is read again).
+@functools.lru_cache(maxsize=4)
+def _cached_data_uri(path: str, _mtime_ns: int, _size: int) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise LocalImageError(f"cannot read local file {path}: {exc.strerror}") from None
+    if len(data) > MAX_LOCAL_IMAGE_BYTES:  # grew since it was checked
+        raise LocalImageError(f"local file {path} is over the {MAX_LOCAL_IMAGE_BYTES // 2**20} MB limit")
+    mime = sniff_image_mime(data[:_SNIFF_BYTES])
+    if mime is None:
+        raise LocalImageError(f"{path} is not a PNG, JPEG, WebP, GIF, BMP or TIFF image")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _job_id(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ValidationError(
+        f"id: must be a non-empty string or an integer, got {value!r}", field="id"
+    )
+
+
+def _replace_local_image(
+    fields: dict[str, Any], *, base_dir: Path, load_images: bool
+) -> dict[str, Any]:
+    """Swap a local-file ``image`` (in any key style) for its data: URI (or a placeholder)."""
+
+    def swap(value: object) -> object:
+        if not is_local_image(value):
+            return value
+        assert isinstance(value, str)
+        path = _resolve(value.strip(), base_dir)
+        if load_images:
+            return local_image_data_uri(path)
+        check_local_image(path)
+        return _PLACEHOLDER_IMAGE
+
+    result = dict(fields)
+    for key, value in fields.items():
+        if key == DTO_PREFIX and isinstance(value, Mapping):
+            nested = dict(value)
+            if "image" in nested:
+                nested["image"] = swap(nested["image"])
+            result[key] = nested
+        elif request_field_from_key(key) == "image":
+            result[key] = swap(value)
+    return result
+
+
+def job_from_fields(
+    fields: Mapping[str, Any],
+    *,
+    default_id: str,
+    base_dir: Path,
+    load_images: bool = True,
+    allow_b64_json: bool = True,
+) -> Job:
+    """Build a :class:`Job` from one object of request fields plus ``id`` and ``images``.
+
+    A local-file ``image`` is resolved against ``base_dir`` and inlined (or, with
+    ``load_images=False``, only checked). Raises :class:`ValidationError` naming
+    the field.
+    """
+    request_fields = dict(fields)
+    raw_id = request_fields.pop("id", None)
+    images = request_fields.pop("images", None)
+    job_id = default_id if raw_id is None else _job_id(raw_id)
+    request_fields = _replace_local_image(request_fields, base_dir=base_dir, load_images=load_images)
+    request = from_payload(request_fields)
+    if request.response_format == "b64_json" and not allow_b64_json:
+        raise ValidationError(
+            "response_format: b64_json images need --download DIR (they are written as files)",
+            field="response_format",
+        )
+    return Job(request, id=job_id, images=images)
+
+
+def parse_job_line(
+    raw: bytes,
+    line_no: int,
+    *,
+    base_dir: Path,
+    load_images: bool = True,
+    allow_b64_json: bool = True,
+) -> JobLine | BadLine:
+    """Parse one non-blank line into a :class:`JobLine`, or a :class:`BadLine` saying why."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return BadLine(line_no, str(line_no), f"invalid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return BadLine(line_no, str(line_no), f"expected a JSON object, got {type(obj).__name__}")
+    # The id is read first so that a bad line is still recorded under the id it claims.
+    try:
+        claimed_id = str(line_no) if obj.get("id") is None else _job_id(obj["id"])
+    except ValidationError as exc:
+        return BadLine(line_no, str(line_no), str(exc), exc.field)
+    try:
+        job = job_from_fields(
+            obj,
+            default_id=claimed_id,
+            base_dir=base_dir,
+            load_images=load_images,
+            allow_b64_json=allow_b64_json,
+        )
+    except ValidationError as exc:
+        return BadLine(line_no, claimed_id, str(exc), exc.field)
+    return JobLine(line_no, job)
+
+
+def iter_job_lines(
+    path: str | os.PathLike[str],
+    *,
+    load_images: bool,
+    allow_b64_json: bool = True,
+    skip_lines: frozenset[int] | set[int] = frozenset(),
+    check_duplicates: bool = True,
+) -> Iterator[JobLine | BadLine]:
+    """Stream a jobs file, yielding a :class:`JobLine` or :class:`BadLine` per non-blank line.
+
+    A later line reusing an earlier line's id is a :class:`BadLine` (the first one
+    stays good; only good lines claim an id). With ``load_images=False`` local images are only checked, not read
+    (the checking pass); with ``load_images=True`` they become data: URIs. Lines
+    whose numbers are in ``skip_lines`` (bad lines the checking pass already
+    reported) are not parsed again, and ``check_duplicates=False`` saves the id
+    set when that pass already refused the duplicates. Relative image paths resolve against the
+    jobs file's directory.
+    """
+    jobs_path = Path(path)
+    base_dir = jobs_path.parent
+    seen: dict[str, int] = {}
+    with jobs_path.open("rb") as file:
+        for line_no, raw in enumerate(file, start=1):
+            if line_no == 1 and raw.startswith(_UTF8_BOM):
+                raw = raw[len(_UTF8_BOM) :]
+            if not raw.strip() or line_no in skip_lines:
+                continue
+            parsed = parse_job_line(
+                raw,
+                line_no,
+                base_dir=base_dir,
+                load_images=load_images,
+                allow_b64_json=allow_b64_json,
+            )
+            if check_duplicates and isinstance(parsed, JobLine):
+                first_line = seen.setdefault(parsed.job_id, line_no)
+                if first_line != line_no:
+                    parsed = BadLine(
+                        line_no,
+                        parsed.job_id,
+                        f"id: duplicate id {parsed.job_id!r} (first used on line {first_line})",
+                        "id",
+                    )
+            yield parsed

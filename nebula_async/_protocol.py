@@ -1,0 +1,272 @@
+"""The sans-I/O protocol: build requests and decipher answers, with no network.
+
+Everything here is a plain function of bytes, headers and numbers, so every
+protocol decision is tested on recorded bodies without an event loop
+(gidgethub's design). The aiohttp shell in ``_transport`` only moves bytes.
+
+Deciphering follows DESIGN section 3: a non-2xx HTTP status decides the error
+class (keeping the body ``code`` when the body has one); under HTTP 2xx the body
+``code`` decides, since the backend reports most failures as HTTP 200.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import attrs
+import orjson
+
+from ._codec import structure_images
+from ._exceptions import (
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    RateLimitError,
+    ResponseDecodeError,
+    ServerError,
+)
+from ._models import ImageResult
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "IMG2IMG_PATH",
+    "LOGIN_PATH",
+    "HttpRequest",
+    "authorization_value",
+    "build_img2img_request",
+    "build_login_request",
+    "decipher_img2img",
+    "decipher_login",
+    "normalize_base_url",
+    "parse_retry_after",
+    "status_error_class",
+]
+
+DEFAULT_BASE_URL: Final = "https://ai-nebula.com"
+IMG2IMG_PATH: Final = "/prod-api/nebula/v4/api/img2imgSubmit"
+LOGIN_PATH: Final = "/prod-api/v3/auth/getToken"
+JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
+_SNIPPET = 200
+_TAGS = re.compile(r"<[^>]+>")
+_SPACES = re.compile(r"\s+")
+
+
+@attrs.frozen
+class HttpRequest:
+    """What to send: method, absolute URL, headers and the body bytes."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes = attrs.field(repr=lambda body: f"<{len(body)} bytes>")
+
+
+def normalize_base_url(base_url: str) -> str:
+    """``https://host/`` -> ``https://host``; only http(s) URLs are accepted."""
+    from ._exceptions import ValidationError
+
+    url = base_url.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url, re.IGNORECASE):
+        raise ValidationError(f"base_url: must be an http(s) URL, got {base_url!r}", field="base_url")
+    return url
+
+
+def authorization_value(token: str) -> str:
+    """The ``Authorization`` header for a token given with or without ``Bearer ``.
+
+    >>> authorization_value("abc"), authorization_value("Bearer abc")
+    ('Bearer abc', 'Bearer abc')
+    """
+    token = token.strip()
+    if token[:7].lower() == "bearer ":
+        token = token[7:].lstrip()
+    return "Bearer " + token
+
+
+def build_img2img_request(base_url: str, authorization: str, body: bytes) -> HttpRequest:
+    """The img2img submission; ``body`` is the JSON payload, already encoded."""
+    headers = {**JSON_HEADERS, "Authorization": authorization}
+    return HttpRequest("POST", base_url + IMG2IMG_PATH, headers, body)
+
+
+def build_login_request(base_url: str, username: str, password: str) -> HttpRequest:
+    """The getToken call that trades a username and password for a token."""
+    body = orjson.dumps({"username": username, "password": password})
+    return HttpRequest("POST", base_url + LOGIN_PATH, dict(JSON_HEADERS), body)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, candidate in headers.items():
+        if key.lower() == lowered:
+            return candidate
+    return None
+
+
+def parse_retry_after(
+    headers: Mapping[str, str], *, now: Callable[[], float] = time.time
+) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms``, or ``Retry-After``
+    as seconds or as an HTTP date (relative to ``now()``, wall-clock). None if absent
+    or unreadable; never negative.
+
+    >>> parse_retry_after({"Retry-After": "3"})
+    3.0
+    """
+    milliseconds = _header(headers, "retry-after-ms")
+    if milliseconds is not None:
+        try:
+            return max(0.0, float(milliseconds) / 1000)
+        except ValueError:
+            pass
+    value = _header(headers, "Retry-After")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - now()
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return None
+    return max(0.0, seconds)
+
+
+def status_error_class(effective_code: int) -> type[APIStatusError]:
+    """The exception class for a refusal code (HTTP status or body code)."""
+    if effective_code in (401, 403):
+        return AuthenticationError
+    if effective_code == 429:
+        return RateLimitError
+    if 400 <= effective_code < 500:
+        return BadRequestError
+    if 500 <= effective_code < 600:
+        return ServerError
+    return APIStatusError
+
+
+def _snippet(body: bytes) -> str:
+    text = body[: _SNIPPET * 4].decode("utf-8", "replace")
+    text = _SPACES.sub(" ", _TAGS.sub(" ", text)).strip()
+    return text[:_SNIPPET]
+
+
+def _load(body: bytes) -> tuple[Any, str | None]:
+    """The decoded JSON and None, or None and what was wrong."""
+    if not body.strip():
+        return None, "empty body"
+    try:
+        return orjson.loads(body), None
+    except orjson.JSONDecodeError as exc:
+        return None, f"invalid JSON ({exc})"
+
+
+def _status_error(
+    status: int, code: int | None, msg: str, headers: Mapping[str, str], now: Callable[[], float]
+) -> APIStatusError:
+    effective = status if not 200 <= status < 300 or code is None else code
+    cls = status_error_class(effective)
+    where = f"HTTP {status}" if code is None else f"HTTP {status}, code {code}"
+    return cls(
+        f"{where}: {msg}" if msg else where,
+        status_code=status,
+        code=code,
+        msg=msg,
+        retry_after=parse_retry_after(headers, now=now),
+    )
+
+
+def _envelope(
+    status: int, headers: Mapping[str, str], body: bytes, now: Callable[[], float]
+) -> tuple[int, str, Any]:
+    """Read ``{"code", "msg", "data"}``; raise for anything but body code 200."""
+    envelope, problem = _load(body)
+    is_object = isinstance(envelope, dict)
+    code = envelope.get("code") if is_object else None
+    if isinstance(code, bool) or not isinstance(code, int):
+        code = None
+    raw_msg = envelope.get("msg") if is_object else None
+    msg = raw_msg if isinstance(raw_msg, str) else ("" if is_object else _snippet(body))
+
+    if not 200 <= status < 300:
+        raise _status_error(status, code, msg, headers, now)
+    if problem is not None:
+        raise ResponseDecodeError(f"malformed answer: {problem}", status_code=status, path="$")
+    if not is_object:
+        raise ResponseDecodeError(
+            f"malformed answer: expected a JSON object, got {type(envelope).__name__}",
+            status_code=status,
+            path="$",
+        )
+    if code is None:
+        raise ResponseDecodeError(
+            f"malformed answer: missing or non-integer code @ $.code (got {envelope.get('code')!r})",
+            status_code=status,
+            path="$.code",
+        )
+    if code != 200:
+        raise _status_error(status, code, msg, headers, now)
+    return code, msg, envelope.get("data")
+
+
+def decipher_img2img(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: Callable[[], float] = time.time,
+) -> ImageResult:
+    """An img2img answer -> :class:`ImageResult`, or the matching exception.
+
+    >>> r = decipher_img2img(200, {}, b'{"code":200,"msg":"ok","data":{"images":[{"url":"https://x/1.png"}]}}')
+    >>> r.urls
+    ['https://x/1.png']
+    """
+    code, msg, data = _envelope(status, headers, body, now)
+    return ImageResult(images=structure_images(data, status_code=status), code=code, msg=msg)
+
+
+def decipher_login(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: Callable[[], float] = time.time,
+) -> str:
+    """A getToken answer -> the ``Authorization`` header value to use.
+
+    Refused credentials are an :class:`AuthenticationError` whatever body code the
+    backend picks for them (RuoYi services often say 500 for a wrong password), so
+    a wrong password is never retried. 429 and HTTP-level failures keep their class.
+    """
+    try:
+        _, _, data = _envelope(status, headers, body, now)
+    except APIStatusError as exc:
+        if 200 <= status < 300 and not isinstance(exc, RateLimitError):
+            raise AuthenticationError(
+                f"login refused: {exc.msg or exc}",
+                status_code=exc.status_code,
+                code=exc.code,
+                msg=exc.msg,
+            ) from None
+        raise
+    if not isinstance(data, str) or not data.strip():
+        raise ResponseDecodeError(
+            "malformed login answer: expected the token string @ $.data",
+            status_code=status,
+            path="$.data",
+        )
+    return authorization_value(data)

@@ -1,0 +1,87 @@
+"""The thin aiohttp shell: move bytes, map transport failures to our errors.
+
+One ``ClientSession`` per client, created inside the running loop (a session
+made outside it, or reused across loops, is what gives "Event loop is closed").
+Network timeouts are aiohttp's ``sock_connect`` / ``sock_read``; the per-attempt
+limit is our own scope around the send, because aiohttp's ``total`` also counts
+time spent waiting for a pooled connection (REFERENCES, aiohttp). The connector
+limit matches our concurrency cap, so our limiter, not aiohttp's pool, queues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+import aiohttp
+import anyio
+
+from ._exceptions import APIConnectionError, APITimeoutError
+from ._models import Timeout
+from ._protocol import HttpRequest
+
+__all__ = ["AiohttpTransport", "RawResponse", "USER_AGENT"]
+
+USER_AGENT: Final = "nebula-async/0.1.0"
+
+RawResponse = tuple[int, Mapping[str, str], bytes]
+
+
+class AiohttpTransport:
+    """Sends :class:`HttpRequest` objects over one aiohttp session."""
+
+    def __init__(self, *, connection_limit: int, timeout: Timeout) -> None:
+        self._connection_limit = connection_limit
+        self._attempt_timeout = timeout.attempt
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeout.connect, sock_read=timeout.read
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None and not self._session.closed
+
+    async def open(self) -> None:
+        """Create the session; must run inside the event loop that will use it."""
+        connector = aiohttp.TCPConnector(limit=self._connection_limit, limit_per_host=0)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._client_timeout,
+            headers={"User-Agent": USER_AGENT},
+            raise_for_status=False,
+        )
+
+    async def aclose(self) -> None:
+        """Close the session, even from inside a cancelled scope."""
+        session, self._session = self._session, None
+        if session is not None:
+            # A cancelled scope would abort the close and leak the connector.
+            with anyio.CancelScope(shield=True):
+                await session.close()
+
+    async def send(self, request: HttpRequest) -> RawResponse:
+        """One HTTP exchange: (status, headers, body), or an ``APIConnectionError``."""
+        session = self._session
+        if session is None:
+            raise APIConnectionError("transport is closed", request_sent=False)
+        try:
+            with anyio.fail_after(self._attempt_timeout):
+                async with session.request(
+                    request.method, request.url, data=request.body, headers=request.headers
+                ) as response:
+                    body = await response.read()
+                    return response.status, response.headers, body
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise APITimeoutError(f"connect timed out: {exc}", request_sent=False) from exc
+        except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
+            raise APITimeoutError(
+                f"no complete answer within the timeout ({self._attempt_timeout}s per attempt)"
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            # The connection was never made: nothing reached the server.
+            raise APIConnectionError(f"cannot connect: {exc}", request_sent=False) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise APIConnectionError(
+                f"connection failed: {type(exc).__name__}: {exc}".rstrip(": ")
+            ) from exc

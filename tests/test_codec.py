@@ -1,0 +1,147 @@
+"""The cattrs codec: three payload styles, exact round trips, strict answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import nebula_async as na
+from nebula_async._codec import DTO_PREFIX, structure_images, wire_name
+
+STYLES = ["dotted", "nested", "flat"]
+
+
+def test_wire_names() -> None:
+    assert wire_name("model") == "model"
+    assert wire_name("prompt_options") == "promptOptions"
+    assert wire_name("sequential_image_generation_options") == "sequentialImageGenerationOptions"
+
+
+def test_dotted_payload_is_the_default_and_exact() -> None:
+    request = na.Img2ImgRequest(
+        model="m", prompt="p", n=2, image="https://x.example/in.png", response_format="url"
+    )
+    assert na.to_payload(request) == {
+        "batchImageGenerationDTO.model": "m",
+        "batchImageGenerationDTO.prompt": "p",
+        "batchImageGenerationDTO.n": 2,
+        "batchImageGenerationDTO.size": "2048x2048",
+        "batchImageGenerationDTO.temperature": 1,
+        "batchImageGenerationDTO.watermark": False,
+        "batchImageGenerationDTO.image": "https://x.example/in.png",
+        "batchImageGenerationDTO.responseFormat": "url",
+    }
+
+
+def test_required_fields_are_sent_at_their_defaults() -> None:
+    # cattrs' omit_if_default would drop n=1; the API requires it.
+    payload = na.to_payload(na.Img2ImgRequest(model="m", prompt="p"), style="flat")
+    assert payload == {
+        "model": "m",
+        "prompt": "p",
+        "n": 1,
+        "size": "2048x2048",
+        "temperature": 1,
+        "watermark": False,
+    }
+
+
+def test_nested_style() -> None:
+    payload = na.to_payload(na.Img2ImgRequest(model="m", prompt="p"), style="nested")
+    assert list(payload) == [DTO_PREFIX]
+    assert payload[DTO_PREFIX]["model"] == "m"
+
+
+def test_object_fields_pass_through_untouched() -> None:
+    options = {"max_images": 3, "nested": {"deep": [1, 2, {"k": None}]}}
+    request = na.Img2ImgRequest(
+        model="m", prompt="p", sequential_image_generation_options=options, prompt_options={"a": 1}
+    )
+    payload = na.to_payload(request, style="flat")
+    assert payload["sequentialImageGenerationOptions"] is options
+    assert payload["promptOptions"] == {"a": 1}
+
+
+def test_unknown_style_is_refused() -> None:
+    with pytest.raises(na.ValidationError, match="payload_style"):
+        na.to_payload(na.Img2ImgRequest(model="m", prompt="p"), style="xml")
+
+
+def test_from_payload_accepts_snake_case_flat_keys() -> None:
+    request = na.from_payload({"model": "m", "prompt": "p", "response_format": "b64_json"})
+    assert request.response_format == "b64_json"
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"model": "m", "prompt": "p", "colour": "red"}, "colour"),
+        ({"batchImageGenerationDTO.model": "m", "batchImageGenerationDTO.prompt": "p", "x": 1}, "x"),
+        ({"batchImageGenerationDTO.model": "m", "batchImageGenerationDTO.colour": 1}, "batchImageGenerationDTO.colour"),
+        ({DTO_PREFIX: {"model": "m", "prompt": "p", "bogus": 1}}, "batchImageGenerationDTO.bogus"),
+        ({"model": "m", "prompt": "p", "n": 0}, "n"),
+    ],
+)
+def test_from_payload_names_the_bad_key(payload: dict[str, Any], field: str) -> None:
+    with pytest.raises(na.ValidationError) as info:
+        na.from_payload(payload)
+    assert info.value.field == field
+
+
+def test_from_payload_refuses_a_field_given_twice() -> None:
+    with pytest.raises(na.ValidationError, match="twice"):
+        na.from_payload({"model": "m", "prompt": "p", "responseFormat": "url", "response_format": "url"})
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+requests = st.builds(
+    na.Img2ImgRequest,
+    model=st.text(min_size=1, max_size=20).filter(str.strip),
+    prompt=st.text(min_size=1, max_size=80).filter(str.strip),
+    n=st.integers(1, 15),
+    size=st.sampled_from(["1K", "2K", "3K", "4K", "2048x2048", "1024x768", "100x1600"]),
+    temperature=st.integers(-5, 5),
+    watermark=st.booleans(),
+    image=st.none() | st.sampled_from(["https://x.example/a.png", "data:image/png;base64,AAAA"]),
+    prompt_options=st.none() | st.dictionaries(st.text(max_size=5), json_values, max_size=3),
+    optimize_prompt=st.none() | st.text(max_size=10),
+    quality=st.none() | st.text(max_size=10),
+    response_format=st.none() | st.sampled_from(["url", "b64_json"]),
+    score=st.none() | st.integers(-100, 100) | st.floats(allow_nan=False, allow_infinity=False),
+    sequential_image_generation=st.none() | st.sampled_from(["auto", "disabled"]),
+    sequential_image_generation_options=st.none()
+    | st.fixed_dictionaries({"max_images": st.integers(1, 15)}),
+)
+
+
+@given(request=requests, style=st.sampled_from(STYLES))
+def test_round_trip_is_exact(request: na.Img2ImgRequest, style: str) -> None:
+    payload = na.to_payload(request, style=style)
+    assert na.from_payload(payload) == request
+    # ...and through JSON bytes, as it travels.
+    assert na.from_payload(orjson.loads(orjson.dumps(payload))) == request
+    optional_none = [
+        name for name in ("image", "quality", "score", "response_format") if getattr(request, name) is None
+    ]
+    flat = na.to_payload(request, style="flat")
+    assert all(wire_name(name) not in flat for name in optional_none)
+
+
+def test_structure_images_strictness() -> None:
+    assert structure_images({"images": []}) == []
+    with pytest.raises(na.ResponseDecodeError) as info:
+        structure_images({"images": [{"url": "u"}, {"url": None, "b64_json": None}]})
+    assert info.value.path == "$.data.images[1]"
+    with pytest.raises(na.ResponseDecodeError) as info:
+        structure_images(None)
+    assert info.value.path == "$.data"

@@ -1,0 +1,63 @@
+"""The public surface: an explicit, sorted ``__all__`` that matches the contract."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import nebula_async as na
+import nebula_async.testing
+
+CONTRACT = {
+    "Img2ImgRequest", "to_payload", "from_payload", "NebulaClient", "RateLimit", "RetryPolicy",
+    "Timeout", "ImageResult", "Job", "JobResult", "BatchReport", "NebulaError", "ValidationError",
+    "APIConnectionError", "APITimeoutError", "APIStatusError", "AuthenticationError",
+    "RateLimitError", "BadRequestError", "ServerError", "ResponseDecodeError",
+}
+
+
+@pytest.mark.parametrize("module", [na, nebula_async.testing], ids=lambda m: m.__name__)
+def test_all_is_sorted_and_exported(module: object) -> None:
+    names = module.__all__  # type: ignore[attr-defined]
+    assert names == sorted(names)
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert hasattr(module, name), name
+
+
+def test_contract_names_are_public() -> None:
+    assert CONTRACT <= set(na.__all__)
+
+
+def test_public_objects_live_in_private_modules_and_have_docstrings() -> None:
+    for name in na.__all__:
+        obj = getattr(na, name)
+        if name.startswith("__"):
+            continue
+        assert obj.__module__.startswith("nebula_async."), name
+        assert obj.__doc__, f"{name} has no docstring"
+
+
+def test_exception_hierarchy() -> None:
+    assert issubclass(na.ValidationError, ValueError)
+    assert issubclass(na.APITimeoutError, na.APIConnectionError)
+    for cls in (na.AuthenticationError, na.RateLimitError, na.BadRequestError, na.ServerError):
+        assert issubclass(cls, na.APIStatusError)
+    for cls in (na.ValidationError, na.APIConnectionError, na.APIStatusError, na.ResponseDecodeError):
+        assert issubclass(cls, na.NebulaError)
+
+
+def _modules() -> list[str]:
+    return [na.__name__] + [
+        f"{na.__name__}.{info.name}" for info in pkgutil.iter_modules(na.__path__)
+    ]
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_docstring_examples_run(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0

@@ -1,0 +1,125 @@
+"""The results file: record shapes, resume state, torn-tail repair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from nebula_async import GeneratedImage, JobResult, ServerError, ValidationError
+from nebula_async._jobfile import BadLine
+from nebula_async._results import (
+    ResultsFileError,
+    ResultWriter,
+    bad_line_record,
+    error_record,
+    job_result_record,
+    load_resume_state,
+)
+
+
+def record(job_id: str, ok: bool) -> bytes:
+    return orjson.dumps({"id": job_id, "ok": ok, "urls": []}) + b"\n"
+
+
+def test_missing_file_is_an_empty_state(tmp_path: Path) -> None:
+    state = load_resume_state(tmp_path / "none.jsonl")
+    assert state.ok_ids == set()
+    assert state.records == 0
+
+
+def test_any_ok_line_makes_a_job_done_and_latest_failure_otherwise(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(
+        record("a", False) + record("a", True) + record("b", False) + b"\n" + record("c", True)
+        + record("a", False)  # written by hand: an ok line still wins, so "a" is never resent
+    )
+    state = load_resume_state(out)
+    assert state.ok_ids == {"a", "c"}
+    assert state.failed_ids == {"b"}
+    assert state.records == 5
+    assert state.keep_bytes == out.stat().st_size
+    assert state.torn_line_no is None
+
+
+@pytest.mark.parametrize("tail", [b'{"id": "z", "ok": tr', b"garbage\n", b"[1]"])
+def test_torn_last_line_is_cut_before_appending(tmp_path: Path, tail: bytes) -> None:
+    out = tmp_path / "out.jsonl"
+    good = record("a", True) + record("b", False)
+    out.write_bytes(good + tail)
+    state = load_resume_state(out)
+    assert state.ok_ids == {"a"}
+    assert state.torn_line_no == 3
+    assert state.keep_bytes == len(good)
+    with ResultWriter(out, state) as writer:
+        writer.write({"id": "b", "ok": True})
+    lines = out.read_bytes().splitlines()
+    assert [orjson.loads(line)["id"] for line in lines] == ["a", "b", "b"]
+
+
+def test_complete_last_record_missing_its_newline_is_kept(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(record("a", True) + record("b", True).rstrip(b"\n"))
+    state = load_resume_state(out)
+    assert state.ok_ids == {"a", "b"}
+    assert state.needs_newline
+    with ResultWriter(out, state) as writer:
+        writer.write({"id": "c", "ok": True})
+    assert [orjson.loads(line)["id"] for line in out.read_bytes().splitlines()] == ["a", "b", "c"]
+
+
+def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(record("a", True) + b"oops\n" + record("b", True))
+    with pytest.raises(ResultsFileError, match="line 2"):
+        load_resume_state(out)
+
+
+def test_writer_creates_the_file_and_appends_whole_lines(tmp_path: Path) -> None:
+    out = tmp_path / "new.jsonl"
+    with ResultWriter(out) as writer:
+        writer.write({"id": "1", "ok": True})
+        writer.write({"id": "2", "ok": False})
+    assert out.read_bytes() == b'{"id":"1","ok":true}\n{"id":"2","ok":false}\n'
+
+
+def test_record_shapes() -> None:
+    failure = ServerError("HTTP 503 from the gateway", status_code=503, code=None, msg="busy")
+    result = JobResult(
+        job_id="j",
+        urls=["https://x/1.png"],
+        images=[GeneratedImage(url="https://x/1.png")],
+        errors=[failure],
+        submissions=2,
+        attempts=5,
+        elapsed_s=1.23456,
+    )
+    assert job_result_record(result, line_no=3) == {
+        "id": "j",
+        "line": 3,
+        "ok": False,
+        "urls": ["https://x/1.png"],
+        "error": {
+            "type": "ServerError",
+            "message": "HTTP 503 from the gateway",
+            "status_code": 503,
+            "code": None,
+            "field": None,
+        },
+        "attempts": 5,
+        "submissions": 2,
+        "elapsed_s": 1.235,
+    }
+    assert error_record(ValidationError("n: too big", field="n")) == {
+        "type": "ValidationError",
+        "message": "n: too big",
+        "status_code": None,
+        "code": None,
+        "field": "n",
+    }
+    bad = bad_line_record(BadLine(7, "7", "n: must be from 1 to 15", "n"))
+    assert bad["ok"] is False
+    assert bad["error"]["message"] == "line 7: n: must be from 1 to 15"
+    assert bad["error"]["field"] == "n"
+    assert bad["attempts"] == 0
