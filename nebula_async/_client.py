@@ -31,6 +31,7 @@ from ._exceptions import (
     NebulaError,
     ValidationError,
 )
+from ._limits import PauseGate, RateLimiter
 from ._models import (
     BatchReport,
     ImageResult,
@@ -176,8 +177,8 @@ class NebulaClient:
         self._transport = AiohttpTransport(connection_limit=max_concurrency, timeout=self._timeout)
         self._auth: Authenticator | None = None
         self._concurrency: anyio.CapacityLimiter | None = None
-        self._rate: Any = None
-        self._gate: Any = None
+        self._rate: RateLimiter | None = None
+        self._gate: PauseGate | None = None
 
     def __repr__(self) -> str:
         rate = "None" if self._rate_limit is None else f"{self._rate_limit.per_second:g}/s"
@@ -193,8 +194,6 @@ class NebulaClient:
     async def __aenter__(self) -> Self:
         if self._state != "new":
             raise RuntimeError(f"this NebulaClient is {self._state}; create a new one")
-        from ._limits import PauseGate, RateLimiter  # TEMP until _limits lands
-
         self._concurrency = anyio.CapacityLimiter(self._max_concurrency)
         self._gate = PauseGate()
         self._rate = RateLimiter(self._rate_limit) if self._rate_limit is not None else None

@@ -11,7 +11,6 @@ leave DIR.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
@@ -222,7 +221,7 @@ class ImageDownloader:
                     return await self._get(url)
             except _RetryableDownloadError as exc:
                 last_problem = str(exc)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 last_problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
             if attempt < self._attempts:
                 await anyio.sleep(self._backoff_s * 2 ** (attempt - 1))

@@ -179,7 +179,9 @@ def _cached_data_uri(path: str, _mtime_ns: int, _size: int) -> str:
     except OSError as exc:
         raise LocalImageError(f"cannot read local file {path}: {exc.strerror}") from None
     if len(data) > MAX_LOCAL_IMAGE_BYTES:  # grew since it was checked
-        raise LocalImageError(f"local file {path} is over the {MAX_LOCAL_IMAGE_BYTES // 2**20} MB limit")
+        raise LocalImageError(
+            f"local file {path} is over the {MAX_LOCAL_IMAGE_BYTES // 2**20} MB limit"
+        )
     mime = sniff_image_mime(data[:_SNIFF_BYTES])
     if mime is None:
         raise LocalImageError(f"{path} is not a PNG, JPEG, WebP, GIF, BMP or TIFF image")
@@ -241,7 +243,9 @@ def job_from_fields(
     raw_id = request_fields.pop("id", None)
     images = request_fields.pop("images", None)
     job_id = default_id if raw_id is None else _job_id(raw_id)
-    request_fields = _replace_local_image(request_fields, base_dir=base_dir, load_images=load_images)
+    request_fields = _replace_local_image(
+        request_fields, base_dir=base_dir, load_images=load_images
+    )
     request = from_payload(request_fields)
     if request.response_format == "b64_json" and not allow_b64_json:
         raise ValidationError(
@@ -295,12 +299,13 @@ def iter_job_lines(
     """Stream a jobs file, yielding a :class:`JobLine` or :class:`BadLine` per non-blank line.
 
     A later line reusing an earlier line's id is a :class:`BadLine` (the first one
-    stays good; only good lines claim an id). With ``load_images=False`` local images are only checked, not read
-    (the checking pass); with ``load_images=True`` they become data: URIs. Lines
-    whose numbers are in ``skip_lines`` (bad lines the checking pass already
-    reported) are not parsed again, and ``check_duplicates=False`` saves the id
-    set when that pass already refused the duplicates. Relative image paths resolve against the
-    jobs file's directory.
+    stays good; only good lines claim an id). With ``load_images=False`` local
+    images are only checked, not read (the checking pass); with
+    ``load_images=True`` they become data: URIs. Lines whose numbers are in
+    ``skip_lines`` (bad lines the checking pass already reported) are not parsed
+    again, and ``check_duplicates=False`` saves the id set when that pass already
+    refused the duplicates. Relative image paths resolve against the jobs file's
+    directory.
     """
     jobs_path = Path(path)
     base_dir = jobs_path.parent

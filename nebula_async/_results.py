@@ -184,9 +184,8 @@ class ResultWriter:
     def open(self) -> None:
         """Repair the tail if needed and open for appending (creates the file)."""
         state = self._state
-        if state is not None and self.path.exists():
-            if self.path.stat().st_size > state.keep_bytes:
-                os.truncate(self.path, state.keep_bytes)
+        if state is not None and self.path.exists() and self.path.stat().st_size > state.keep_bytes:
+            os.truncate(self.path, state.keep_bytes)
         self._file = self.path.open("ab", buffering=0)
         if state is not None and state.needs_newline:
             self._write_all(b"\n")
@@ -200,10 +199,8 @@ class ResultWriter:
             raise RuntimeError("ResultWriter is not open")
         view = memoryview(data)
         while view:
-            written = self._file.write(view)
-            if written is None:  # only for non-blocking files, which this is not
-                continue
-            view = view[written:]
+            # A regular file takes it all at once; the loop covers a short write.
+            view = view[self._file.write(view) :]
 
     def close(self) -> None:
         """Close the file (idempotent)."""

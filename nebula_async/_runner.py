@@ -14,8 +14,8 @@ costs a finished job:
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -46,6 +46,7 @@ __all__ = [
     "RunOptions",
     "RunTally",
     "execute_jobs",
+    "job_results",
     "run_command",
 ]
 
@@ -151,6 +152,21 @@ def _report_bad_lines(options: RunOptions, bad: list[BadLine]) -> None:
         _err(f"... and {len(bad) - _BAD_LINES_SHOWN} more bad lines")
 
 
+@asynccontextmanager
+async def job_results(
+    client: NebulaClient, jobs: Iterable[Job]
+) -> AsyncIterator[AsyncIterator[JobResult]]:
+    """``client.stream(jobs)``, closed on leaving the block (even early), which cancels
+    the jobs still running at once rather than whenever the generator is collected."""
+    stream = client.stream(jobs)
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 async def execute_jobs(
     client: NebulaClient,
     job_lines: Iterable[JobLine | BadLine],
@@ -205,18 +221,17 @@ async def execute_jobs(
             tally.download_failures += 1
         finish(record, ok=result.ok, images=len(result.images))
 
-    async with anyio.create_task_group() as downloads:
-        async with aclosing(client.stream(jobs())) as results:
-            async for result in results:
-                record = record_of(result)
-                if downloader is None:
-                    finish(record, ok=result.ok, images=len(result.images))
-                elif not result.images:
-                    record["files"], record["download_error"] = [], None
-                    finish(record, ok=result.ok, images=0)
-                else:
-                    await download_slots.acquire()
-                    downloads.start_soon(download_then_finish, result, record)
+    async with anyio.create_task_group() as downloads, job_results(client, jobs()) as results:
+        async for result in results:
+            record = record_of(result)
+            if downloader is None:
+                finish(record, ok=result.ok, images=len(result.images))
+            elif not result.images:
+                record["files"], record["download_error"] = [], None
+                finish(record, ok=result.ok, images=0)
+            else:
+                await download_slots.acquire()
+                downloads.start_soon(download_then_finish, result, record)
     return tally
 
 
@@ -271,7 +286,9 @@ async def run_command(options: RunOptions) -> int:
             with JobProgress(check.to_send, enabled=options.progress) as progress:
                 async with client:
                     if options.download_dir is None:
-                        tally = await execute_jobs(client, pending, writer=writer, progress=progress)
+                        tally = await execute_jobs(
+                            client, pending, writer=writer, progress=progress
+                        )
                     else:
                         async with ImageDownloader(options.download_dir) as downloader:
                             tally = await execute_jobs(

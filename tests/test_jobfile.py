@@ -153,14 +153,19 @@ def test_relative_image_paths_resolve_against_the_jobs_file(tmp_path: Path) -> N
         {"model": "m", "prompt": "rel", "image": "imgs/in.png"},
         {"model": "m", "prompt": "abs", "image": str(tmp_path / "imgs" / "in.png")},
         {"model": "m", "prompt": "url", "image": "https://example.com/a.png"},
-        {"model": "m", "prompt": "dotted", "batchImageGenerationDTO.image": "imgs/in.png"},
+        {
+            "batchImageGenerationDTO.model": "m",
+            "batchImageGenerationDTO.prompt": "dotted",
+            "batchImageGenerationDTO.image": "imgs/in.png",
+        },
+        {"batchImageGenerationDTO": {"model": "m", "prompt": "nested", "image": "imgs/in.png"}},
     )
     items = read_all(jobs)
     assert not only_bad(items)
     images = [item.job.request.image for item in items if isinstance(item, JobLine)]
     assert images[0] is not None
     assert images[0].startswith("data:image/png;base64,")
-    assert images[1] == images[0] == images[3]
+    assert images[1] == images[0] == images[3] == images[4]
     assert images[2] == "https://example.com/a.png"
 
 
@@ -193,7 +198,9 @@ def test_missing_oversized_and_non_image_files_are_bad_lines(tmp_path: Path) -> 
 
 
 def test_b64_json_needs_download_when_refused(tmp_path: Path) -> None:
-    jobs = write_lines(tmp_path / "jobs.jsonl", {"model": "m", "prompt": "p", "responseFormat": "b64_json"})
+    jobs = write_lines(
+        tmp_path / "jobs.jsonl", {"model": "m", "prompt": "p", "responseFormat": "b64_json"}
+    )
     [bad] = read_all(jobs, allow_b64_json=False)
     assert isinstance(bad, BadLine)
     assert bad.field == "response_format"

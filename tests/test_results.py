@@ -32,7 +32,11 @@ def test_missing_file_is_an_empty_state(tmp_path: Path) -> None:
 def test_any_ok_line_makes_a_job_done_and_latest_failure_otherwise(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_bytes(
-        record("a", False) + record("a", True) + record("b", False) + b"\n" + record("c", True)
+        record("a", False)
+        + record("a", True)
+        + record("b", False)
+        + b"\n"
+        + record("c", True)
         + record("a", False)  # written by hand: an ok line still wins, so "a" is never resent
     )
     state = load_resume_state(out)

@@ -1,0 +1,339 @@
+"""The ``nebula-async`` command line: ``run``, ``demo``, ``submit`` and ``mock-server``.
+
+Credentials and the API address come from the environment (``NEBULA_TOKEN``, or
+``NEBULA_USERNAME`` and ``NEBULA_PASSWORD``; ``NEBULA_BASE_URL``), never from
+flags, so they stay out of shell history and process listings.
+
+Exit codes: 0 every job ok, 1 some job failed (all recorded), 2 bad usage or bad
+input (nothing sent), 130 interrupted (results so far are on disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import __version__
+from ._download import ImageDownloader
+from ._exceptions import ValidationError
+from ._jobfile import job_from_fields
+from ._models import Job
+from ._results import error_record, job_result_record
+from ._runner import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    ClientSettings,
+    RunOptions,
+    job_results,
+    run_command,
+)
+
+__all__ = ["build_parser", "main"]
+
+_PROG = "nebula-async"
+_ENV_HELP = (
+    "credentials come from NEBULA_TOKEN (or NEBULA_USERNAME and NEBULA_PASSWORD); "
+    "the API address from NEBULA_BASE_URL unless --base-url is given"
+)
+
+
+# -- flag types ---------------------------------------------------------------------------
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser, *, concurrency: bool) -> None:
+    add = parser.add_argument
+    if concurrency:
+        add("--concurrency", type=_int_at_least(1), default=16, metavar="N",
+            help="requests in flight at once (default: 16)")  # fmt: skip
+    add("--rate", type=_positive_float, default=None, metavar="R",
+        help="at most R requests per second (default: no limit)")  # fmt: skip
+    add("--retries", type=_int_at_least(0), default=3, metavar="K",
+        help="retries after the first attempt of each submission (default: 3)")  # fmt: skip
+    add("--timeout", type=_positive_float, default=120.0, metavar="S",
+        help="seconds for one HTTP attempt (default: 120)")  # fmt: skip
+    add("--payload-style", choices=("dotted", "nested", "flat"), default="dotted",
+        help="wire form of the request fields (default: dotted)")  # fmt: skip
+    add("--base-url", default=None, metavar="URL",
+        help="API address (default: $NEBULA_BASE_URL, else https://ai-nebula.com)")  # fmt: skip
+
+
+def _client_settings(args: argparse.Namespace) -> ClientSettings:
+    return ClientSettings(
+        concurrency=getattr(args, "concurrency", 1),
+        rate=args.rate,
+        retries=args.retries,
+        timeout=args.timeout,
+        payload_style=args.payload_style,
+        base_url=args.base_url,
+    )
+
+
+def _add_run_parser(commands: Any) -> None:
+    run = commands.add_parser(
+        "run",
+        help="run every job of a JSONL file, appending results (resumable)",
+        description=(
+            "Run the jobs of JOBS (one JSON object per line: request fields in snake_case or "
+            "camelCase, plus optional 'id' (default: the line number) and 'images'). 'image' "
+            "may be a local file (relative to JOBS' directory), sent as a data: URI. The whole "
+            "file is checked before anything is sent. One result line per job is appended to "
+            "--out; rerunning with the same --out skips jobs already ok and retries the rest."
+        ),
+        epilog=_ENV_HELP,
+    )
+    run.add_argument("jobs", type=Path, metavar="JOBS.jsonl", help="the jobs file")
+    run.add_argument("--out", type=Path, required=True, metavar="RESULTS.jsonl",
+                     help="results file, appended to and resumed from")  # fmt: skip
+    _add_client_arguments(run, concurrency=True)
+    run.add_argument("--download", type=Path, default=None, metavar="DIR",
+                     help="save every image into DIR as {id}-{k}.{ext}")  # fmt: skip
+    run.add_argument("--skip-invalid", action="store_true",
+                     help="record bad lines as failed jobs and run the rest "
+                          "(default: refuse the file, exit 2)")  # fmt: skip
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_demo_parser(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="run ~200 jobs against a built-in mock server and print a summary",
+        description=(
+            "Start a mock Nebula server in this process (latency 0.1-0.6 s, ~5%% faults), run "
+            "the jobs through the client with a progress bar, write the results and print "
+            "a summary table. Needs no credentials and no network."
+        ),
+    )
+    demo.add_argument("--jobs", type=_int_at_least(1), default=200, metavar="N",
+                      help="number of jobs (default: 200)")  # fmt: skip
+    demo.add_argument("--concurrency", type=_int_at_least(1), default=32, metavar="N",
+                      help="requests in flight at once (default: 32)")  # fmt: skip
+    demo.add_argument("--out", type=Path, default=Path("demo-results.jsonl"),
+                      metavar="RESULTS.jsonl",
+                      help="results file, replaced (default: demo-results.jsonl)")  # fmt: skip
+    demo.add_argument("--seed", type=int, default=0, help="seed of the mock's faults")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_submit_parser(commands: Any) -> None:
+    submit = commands.add_parser(
+        "submit",
+        help="run one job from flags and print its image URLs",
+        description="Run one image-to-image job and print its URLs, one per line.",
+        epilog=_ENV_HELP,
+    )
+    add = submit.add_argument
+    add("--model", required=True, help="model name, e.g. doubao-seedream-4-0-250828")
+    add("--prompt", required=True, help="what to generate")
+    add("--image", default=None, metavar="URL|FILE",
+        help="input image: http(s) URL, data: URI or local file")  # fmt: skip
+    add("--n", type=_int_at_least(1), default=None, help="images per submission (1-15)")
+    add("--images", type=_int_at_least(1), default=None,
+        help="images in total, over several submissions if more than --n")  # fmt: skip
+    add("--size", default=None, help="1K, 2K, 3K, 4K or WIDTHxHEIGHT (default: 2048x2048)")
+    add("--temperature", type=int, default=None)
+    add("--watermark", action="store_true", default=None, help="ask for a watermark")
+    add("--quality", default=None)
+    add("--response-format", choices=("url", "b64_json"), default=None,
+        help="b64_json needs --download")  # fmt: skip
+    add("--optimize-prompt", default=None)
+    add("--score", type=float, default=None)
+    add("--sequential-image-generation", choices=("auto", "disabled"), default=None)
+    add("--max-images", type=_int_at_least(1), default=None,
+        help="sequential_image_generation_options.max_images")  # fmt: skip
+    add("--prompt-options", type=_json_object, default=None, metavar="JSON",
+        help="prompt_options as a JSON object")  # fmt: skip
+    add("--id", default="submit", help="job id, used for --download file names")
+    add("--download", type=Path, default=None, metavar="DIR", help="save the images into DIR")
+    add("--json", action="store_true", help="print the result line (JSON) instead of URLs")
+    _add_client_arguments(submit, concurrency=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nebula-async`` argument parser with its four subcommands."""
+    from .testing import add_mock_server_arguments
+
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Bulk, rate-limited, fault-tolerant client for the Nebula v4 img2img API.",
+        epilog="exit codes: 0 all ok, 1 some jobs failed, 2 bad usage or input, 130 interrupted",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run_parser(commands)
+    _add_demo_parser(commands)
+    _add_submit_parser(commands)
+    mock = commands.add_parser(
+        "mock-server",
+        help="serve a mock Nebula API on loopback (for tests and trials)",
+        description="Serve a mock Nebula v4 API on loopback until Ctrl-C.",
+    )
+    add_mock_server_arguments(mock)
+    return parser
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    from ._progress import progress_wanted
+
+    return progress_wanted(disabled_by_user=args.no_progress)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    return await run_command(
+        RunOptions(
+            jobs_path=args.jobs,
+            out_path=args.out,
+            client=_client_settings(args),
+            download_dir=args.download,
+            skip_invalid=args.skip_invalid,
+            progress=_progress_enabled(args),
+        )
+    )
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from ._demo import DemoOptions, demo_command
+
+    return await demo_command(
+        DemoOptions(
+            jobs=args.jobs,
+            concurrency=args.concurrency,
+            out_path=args.out,
+            seed=args.seed,
+            progress=_progress_enabled(args),
+        )
+    )
+
+
+def _submit_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "id": args.id,
+        "images": args.images,
+        "model": args.model,
+        "prompt": args.prompt,
+        "image": args.image,
+        "n": args.n,
+        "size": args.size,
+        "temperature": args.temperature,
+        "watermark": args.watermark,
+        "quality": args.quality,
+        "response_format": args.response_format,
+        "optimize_prompt": args.optimize_prompt,
+        "score": args.score,
+        "sequential_image_generation": args.sequential_image_generation,
+        "prompt_options": args.prompt_options,
+    }
+    if args.max_images is not None:
+        fields["sequential_image_generation_options"] = {"max_images": args.max_images}
+    # Unset flags are left out, so the request's own defaults apply.
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    try:
+        job: Job = job_from_fields(
+            _submit_fields(args),
+            default_id=args.id,
+            base_dir=Path.cwd(),
+            allow_b64_json=args.download is not None,
+        )
+        client = _client_settings(args).make_client()
+    except ValidationError as exc:
+        print(f"{_PROG} submit: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    async with client, job_results(client, [job]) as results:
+        result = await anext(results)
+    record = job_result_record(result, line_no=None)
+    del record["line"]
+    if args.download is not None:
+        async with ImageDownloader(args.download) as downloader:
+            outcome = await downloader.download_job(result.job_id, result.images)
+        record["files"], record["download_error"] = outcome.files, outcome.error
+        if outcome.error:
+            print(f"{_PROG} submit: download failed: {outcome.error}", file=sys.stderr)
+    if args.json:
+        sys.stdout.write(orjson.dumps(record).decode() + "\n")
+    else:
+        for line in record.get("files") or result.urls:
+            if line is not None:
+                print(line)
+    if not result.ok:
+        error = error_record(result.error) or {}
+        print(f"{_PROG} submit: {error.get('type')}: {error.get('message')}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+async def _mock_server(args: argparse.Namespace) -> int:
+    from .testing import serve_mock_server
+
+    await serve_mock_server(args)
+    return EXIT_OK
+
+
+_COMMANDS = {"run": _run, "demo": _demo, "submit": _submit, "mock-server": _mock_server}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``nebula-async`` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    try:
+        return asyncio.run(_COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        print(f"\n{_PROG}: interrupted; results so far are on disk", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
