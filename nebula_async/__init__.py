@@ -5,6 +5,8 @@
 'a fox'
 """
 
+from ._client import NebulaClient
+from ._codec import from_payload, to_payload
 from ._exceptions import (
     APIConnectionError,
     APIStatusError,
@@ -17,8 +19,6 @@ from ._exceptions import (
     ServerError,
     ValidationError,
 )
-from ._client import NebulaClient
-from ._codec import from_payload, to_payload
 from ._models import (
     BatchReport,
     GeneratedImage,

@@ -72,8 +72,8 @@ class Authenticator:
                 return
             if self._failed is not None and self._failed[0] == stale_generation:
                 raise self._failed[1]
-            assert self._username is not None and self._password is not None
-            request = build_login_request(self._base_url, self._username, self._password)
+            username, password = self._username or "", self._password or ""
+            request = build_login_request(self._base_url, username, password)
             status, headers, body = await self._send(request)
             try:
                 authorization = decipher_login(status, headers, body)

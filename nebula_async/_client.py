@@ -279,7 +279,9 @@ class NebulaClient:
             raise outcome
         return outcome
 
-    async def _submission(self, request: Img2ImgRequest, tally: _Tally) -> ImageResult | NebulaError:
+    async def _submission(
+        self, request: Img2ImgRequest, tally: _Tally
+    ) -> ImageResult | NebulaError:
         body = orjson.dumps(self._encode(request))
         try:
             result = await self._submit(body, tally)
@@ -299,7 +301,9 @@ class NebulaClient:
 
     async def _exchange(self, body: bytes) -> tuple[RawResponse, int, float]:
         """One HTTP attempt under the limits: (response, token generation, send time)."""
-        assert self._concurrency is not None and self._gate is not None and self._auth is not None
+        assert self._concurrency is not None
+        assert self._gate is not None
+        assert self._auth is not None
         counters = self._counters
         async with self._concurrency:
             await self._gate.wait()
@@ -315,7 +319,8 @@ class NebulaClient:
 
     async def _submit(self, body: bytes, tally: _Tally) -> ImageResult:
         """Attempt until success, a final error, or attempts run out."""
-        assert self._auth is not None and self._gate is not None
+        assert self._auth is not None
+        assert self._gate is not None
         counters = self._counters
         counted_attempts = 0  # attempts that use up max_attempts (re-login repeats do not)
         auth_repeats = 0
@@ -375,7 +380,9 @@ class NebulaClient:
         tallies = [_Tally() for _ in sizes]
         outcomes: list[ImageResult | NebulaError] = []
         if len(sizes) == 1:
-            request = job.request if sizes[0] == job.request.n else attrs.evolve(job.request, n=sizes[0])
+            request = (
+                job.request if sizes[0] == job.request.n else attrs.evolve(job.request, n=sizes[0])
+            )
             outcomes.append(await self._submission(request, tallies[0]))
         else:
             slots: list[ImageResult | NebulaError | None] = [None] * len(sizes)
@@ -385,7 +392,9 @@ class NebulaClient:
 
             async with anyio.create_task_group() as task_group:
                 for index, size in enumerate(sizes):
-                    request = job.request if size == job.request.n else attrs.evolve(job.request, n=size)
+                    request = (
+                        job.request if size == job.request.n else attrs.evolve(job.request, n=size)
+                    )
                     task_group.start_soon(one, index, request)
             outcomes = [outcome for outcome in slots if outcome is not None]
         assert job.id is not None
@@ -491,4 +500,3 @@ class NebulaClient:
             latency_p95_s=percentile(latencies, 0.95),
             latency_p99_s=percentile(latencies, 0.99),
         )
-

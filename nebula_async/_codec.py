@@ -91,7 +91,9 @@ converter: Final = _make_converter()
 """The one configured converter of the package."""
 
 
-def _request_unstructurer(key_for: Callable[[str], str]) -> Callable[[Img2ImgRequest], dict[str, Any]]:
+def _request_unstructurer(
+    key_for: Callable[[str], str],
+) -> Callable[[Img2ImgRequest], dict[str, Any]]:
     overrides = {}
     for name in _FIELDS:
         hook = None if name in REQUIRED_FIELDS else _pass_through
@@ -134,8 +136,9 @@ def to_payload(request: Img2ImgRequest, style: str = "dotted") -> dict[str, Any]
 
     >>> import nebula_async as na
     >>> req = na.Img2ImgRequest(model="m", prompt="a fox", n=2)
-    >>> na.to_payload(req, style="flat")
-    {'model': 'm', 'prompt': 'a fox', 'n': 2, 'size': '2048x2048', 'temperature': 1, 'watermark': False}
+    >>> na.to_payload(req, style="flat")  # doctest: +NORMALIZE_WHITESPACE
+    {'model': 'm', 'prompt': 'a fox', 'n': 2, 'size': '2048x2048',
+     'temperature': 1, 'watermark': False}
     >>> list(na.to_payload(req, style="nested"))
     ['batchImageGenerationDTO']
     """
@@ -166,7 +169,9 @@ def from_payload(payload: Mapping[str, Any]) -> Img2ImgRequest:
     if isinstance(nested, Mapping):
         extra = [key for key in payload if key != DTO_PREFIX]
         if extra:
-            raise ValidationError(f"unknown field {extra[0]!r} beside {DTO_PREFIX!r}", field=extra[0])
+            raise ValidationError(
+                f"unknown field {extra[0]!r} beside {DTO_PREFIX!r}", field=extra[0]
+            )
         return _build(nested, _BY_CAMEL, prefix=f"{DTO_PREFIX}.")
     if any(isinstance(key, str) and key.startswith(DTO_PREFIX + ".") for key in payload):
         return _build(payload, _BY_DOTTED, prefix="")

@@ -72,7 +72,7 @@ def safe_file_stem(job_id: str) -> str:
     stripped = stem.lstrip(".")
     stem = "_" * (len(stem) - len(stripped)) + stripped
     stem = stem[:_MAX_STEM]
-    if stem != job_id:
+    if stem != job_id or not stem:
         stem = f"{stem}_{hashlib.sha256(job_id.encode()).hexdigest()[:8]}"
     return stem
 

@@ -48,7 +48,7 @@ def _friendly_init(cls: _C) -> _C:
 
     Only the failure path pays: a good call goes straight to the attrs ``__init__``.
     """
-    attrs_init = cls.__init__
+    attrs_init = vars(cls)["__init__"]
     field_names = [f.name for f in attrs.fields(cls)]
     known = {f.alias or f.name for f in attrs.fields(cls)}
 
@@ -64,7 +64,9 @@ def _friendly_init(cls: _C) -> _C:
                     f"accepted fields: {', '.join(field_names)}",
                     field=unknown[0],
                 ) from None
-            missing = re.search(r"missing \d+ required (?:keyword-only )?argument[s]?: '(\w+)'", str(exc))
+            missing = re.search(
+                r"missing \d+ required (?:keyword-only )?argument[s]?: '(\w+)'", str(exc)
+            )
             if missing:
                 raise ValidationError(
                     f"{cls.__name__}: field {missing.group(1)!r} is required",
@@ -232,9 +234,14 @@ class Img2ImgRequest:
         parts = []
         for field in attrs.fields(type(self)):
             value = getattr(self, field.name)
-            if field.default is not attrs.NOTHING and value == field.default and field.name not in (
-                "n",
-                "size",
+            if (
+                field.default is not attrs.NOTHING
+                and value == field.default
+                and field.name
+                not in (
+                    "n",
+                    "size",
+                )
             ):
                 continue
             if isinstance(value, str) and len(value) > 80:
@@ -304,7 +311,9 @@ class GeneratedImage:
     """One generated image: a ``url``, or ``b64_json`` when ``response_format="b64_json"``."""
 
     url: str | None = None
-    b64_json: str | None = attrs.field(default=None, repr=lambda v: f"<{len(v)} chars>" if v else "None")
+    b64_json: str | None = attrs.field(
+        default=None, repr=lambda v: f"<{len(v)} chars>" if v else "None"
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -71,7 +71,9 @@ def normalize_base_url(base_url: str) -> str:
 
     url = base_url.strip().rstrip("/")
     if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url, re.IGNORECASE):
-        raise ValidationError(f"base_url: must be an http(s) URL, got {base_url!r}", field="base_url")
+        raise ValidationError(
+            f"base_url: must be an http(s) URL, got {base_url!r}", field="base_url"
+        )
     return url
 
 
@@ -136,8 +138,6 @@ def parse_retry_after(
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
             return None
         seconds = when.timestamp() - now()
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
@@ -213,7 +213,8 @@ def _envelope(
         )
     if code is None:
         raise ResponseDecodeError(
-            f"malformed answer: missing or non-integer code @ $.code (got {envelope.get('code')!r})",
+            "malformed answer: missing or non-integer code @ $.code"
+            f" (got {envelope.get('code')!r})",
             status_code=status,
             path="$.code",
         )

@@ -102,8 +102,15 @@ async def test_attempts_run_out_with_the_last_error(server: MockNebulaServer) ->
 
 @pytest.mark.parametrize(
     ("fault", "retried"),
-    [("http_503", True), ("http_429", True), ("body_429", True), ("http_500", False),
-     ("body_500", False), ("drop", False), ("malformed", False)],
+    [
+        ("http_503", True),
+        ("http_429", True),
+        ("body_429", True),
+        ("http_500", False),
+        ("body_500", False),
+        ("drop", False),
+        ("malformed", False),
+    ],
 )
 async def test_retry_ambiguous_false_only_repeats_unprocessed(
     server: MockNebulaServer, fault: str, retried: bool
@@ -125,7 +132,9 @@ async def test_connect_refused_is_a_connection_error_never_sent() -> None:
         port = sock.getsockname()[1]
     # Nothing listens on the port now.
     policy = na.RetryPolicy(max_attempts=2, backoff_base=0.001, retry_ambiguous=False)
-    async with na.NebulaClient(token="t", base_url=f"http://127.0.0.1:{port}", retry=policy) as client:
+    async with na.NebulaClient(
+        token="t", base_url=f"http://127.0.0.1:{port}", retry=policy
+    ) as client:
         with pytest.raises(na.APIConnectionError) as info:
             await client.img2img(REQUEST)
         assert client.statistics().attempts == 2  # retried even with retry_ambiguous=False
@@ -215,11 +224,14 @@ async def test_server_rate_limit_adaptive_client_gets_everything_through() -> No
     assert report.succeeded == 60
     assert report.rate_limited > 0
     assert report.rate_limited == sum(1 for r in server.requests if r.fault == "rate_limited")
-    assert current is not None and current < 80  # the adaptive limiter backed off
+    assert current is not None
+    assert current < 80  # the adaptive limiter backed off
 
 
 async def test_client_rate_limit_spaces_sends(server: MockNebulaServer) -> None:
-    async with client_for(server, rate_limit=na.RateLimit(50, burst=1), max_concurrency=8) as client:
+    async with client_for(
+        server, rate_limit=na.RateLimit(50, burst=1), max_concurrency=8
+    ) as client:
         await client.run_batch(na.Img2ImgRequest(model="m", prompt=f"p{i}") for i in range(26))
     times = sorted(r.received_at for r in server.requests)
     span = times[-1] - times[0]
@@ -237,13 +249,15 @@ async def test_max_concurrency_is_respected(server: MockNebulaServer) -> None:
 
 
 async def test_login_is_lazy_and_single_flight() -> None:
-    async with MockNebulaServer(token=None) as server:
-        async with client_for(server, token=None, username="demo", password="demo-password") as client:
-            assert server.login_attempts == 0
-            async with anyio.create_task_group() as group:
-                for _ in range(20):
-                    group.start_soon(client.img2img, REQUEST)
-            assert client.statistics().logins == 1
+    async with (
+        MockNebulaServer(token=None) as server,
+        client_for(server, token=None, username="demo", password="demo-password") as client,
+    ):
+        assert server.login_attempts == 0
+        async with anyio.create_task_group() as group:
+            for _ in range(20):
+                group.start_soon(client.img2img, REQUEST)
+        assert client.statistics().logins == 1
     assert server.logins == 1
 
 
@@ -272,9 +286,11 @@ async def test_expired_token_single_flight_relogin(style: str) -> None:
 
 
 async def test_static_token_and_credentials_relogin_when_token_refused() -> None:
-    async with MockNebulaServer(token="other") as server:
-        async with client_for(server, token="stale", username="demo", password="demo-password") as client:
-            result = await client.img2img(REQUEST)
+    async with (
+        MockNebulaServer(token="other") as server,
+        client_for(server, token="stale", username="demo", password="demo-password") as client,
+    ):
+        result = await client.img2img(REQUEST)
     assert len(result.urls) == 2
     assert [r.fault for r in server.requests] == ["auth", None]
     assert server.logins == 1
@@ -342,9 +358,16 @@ def test_no_credentials_is_a_validation_error(monkeypatch: pytest.MonkeyPatch) -
 async def test_each_payload_style_is_accepted_by_a_strict_server(style: str) -> None:
     async with MockNebulaServer(payload_style=style) as server:
         request = na.Img2ImgRequest(
-            model="m", prompt="p", image="https://x.example/in.png", prompt_options={"a": 1},
-            response_format="url", score=0.5, sequential_image_generation="auto",
-            sequential_image_generation_options={"max_images": 3}, quality="hd", optimize_prompt="x",
+            model="m",
+            prompt="p",
+            image="https://x.example/in.png",
+            prompt_options={"a": 1},
+            response_format="url",
+            score=0.5,
+            sequential_image_generation="auto",
+            sequential_image_generation_options={"max_images": 3},
+            quality="hd",
+            optimize_prompt="x",
         )
         async with client_for(server, payload_style=style) as client:
             result = await client.img2img(request)
@@ -361,7 +384,9 @@ async def test_wrong_payload_style_is_refused_naming_the_key() -> None:
 
 async def test_b64_json_images(server: MockNebulaServer) -> None:
     async with client_for(server) as client:
-        result = await client.img2img(na.Img2ImgRequest(model="m", prompt="p", response_format="b64_json"))
+        result = await client.img2img(
+            na.Img2ImgRequest(model="m", prompt="p", response_format="b64_json")
+        )
     assert result.urls == []
     assert result.images[0].b64_json
 

@@ -80,8 +80,14 @@ def test_from_payload_accepts_snake_case_flat_keys() -> None:
     ("payload", "field"),
     [
         ({"model": "m", "prompt": "p", "colour": "red"}, "colour"),
-        ({"batchImageGenerationDTO.model": "m", "batchImageGenerationDTO.prompt": "p", "x": 1}, "x"),
-        ({"batchImageGenerationDTO.model": "m", "batchImageGenerationDTO.colour": 1}, "batchImageGenerationDTO.colour"),
+        (
+            {"batchImageGenerationDTO.model": "m", "batchImageGenerationDTO.prompt": "p", "x": 1},
+            "x",
+        ),
+        (
+            {"batchImageGenerationDTO.model": "m", "batchImageGenerationDTO.colour": 1},
+            "batchImageGenerationDTO.colour",
+        ),
         ({DTO_PREFIX: {"model": "m", "prompt": "p", "bogus": 1}}, "batchImageGenerationDTO.bogus"),
         ({"model": "m", "prompt": "p", "n": 0}, "n"),
     ],
@@ -94,13 +100,16 @@ def test_from_payload_names_the_bad_key(payload: dict[str, Any], field: str) -> 
 
 def test_from_payload_refuses_a_field_given_twice() -> None:
     with pytest.raises(na.ValidationError, match="twice"):
-        na.from_payload({"model": "m", "prompt": "p", "responseFormat": "url", "response_format": "url"})
+        na.from_payload(
+            {"model": "m", "prompt": "p", "responseFormat": "url", "response_format": "url"}
+        )
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -131,7 +140,9 @@ def test_round_trip_is_exact(request: na.Img2ImgRequest, style: str) -> None:
     # ...and through JSON bytes, as it travels.
     assert na.from_payload(orjson.loads(orjson.dumps(payload))) == request
     optional_none = [
-        name for name in ("image", "quality", "score", "response_format") if getattr(request, name) is None
+        name
+        for name in ("image", "quality", "score", "response_format")
+        if getattr(request, name) is None
     ]
     flat = na.to_payload(request, style="flat")
     assert all(wire_name(name) not in flat for name in optional_none)

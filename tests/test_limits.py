@@ -141,7 +141,7 @@ def test_anchored_schedule_holds_the_rate_despite_late_wakeups(rate: float, call
     sends = simulate_anchored(
         rate, burst=1, callers=callers, seconds=60.0, late_max=0.005, seed=1234
     )
-    assert len(sends) > 50 * 60 * 0.98
+    assert len(sends) > rate * 60 * 0.98
     assert long_run_rate(sends) == pytest.approx(rate, rel=0.01)
     assert busiest_window(sends) <= rate + 1
 
@@ -175,10 +175,10 @@ def test_burst_after_idle_then_spacing() -> None:
     assert [schedule.reserve(0.0) for _ in range(7)] == [0.0] * 5 + [0.125, 0.25]
     # A long idle spell banks a burst of 5, no more.
     assert [schedule.reserve(1000.0) for _ in range(7)] == [1000.0] * 5 + [1000.125, 1000.25]
-    # Partly idle: the credit regained is the idle time over T.
-    assert schedule.reserve(1000.75) == 1000.75  # TAT was 1000.875, tau 0.5
-    assert schedule.reserve(1000.75) == 1000.5 + 0.375 - 0.125 + 0.125 - 0.0  # 1000.875 - 0.5 ...
-    assert schedule.tat == 1001.125
+    # Partly idle: 0.5 s after the last slot, 4 go at once (the bound allows
+    # burst + floor(0.5 * 8) = 9 in [1000.25, 1000.75], and 9 went), then spacing.
+    assert [schedule.reserve(1000.75) for _ in range(5)] == [1000.75] * 4 + [1000.875]
+    assert schedule.tat == 1001.5
 
 
 def test_first_slot_is_now_and_slots_never_precede_now() -> None:
@@ -231,10 +231,10 @@ def test_set_rate_with_burst_keeps_order_and_caps_credit() -> None:
     schedule.set_rate(4.0, 0.0)  # a cut while backlogged: no new burst
     assert schedule.reserve(0.0) == 0.5
     schedule.set_rate(100.0, 0.0)
-    assert schedule.reserve(0.0) == 0.51
+    assert schedule.reserve(0.0) == pytest.approx(0.51)
     # Long idle, then a rate change: a full burst at the new rate, not more.
     schedule.set_rate(1.0, 50.0)
-    assert [schedule.reserve(50.0) for _ in range(5)] == [50.0] * 4 + [51.0]
+    assert [schedule.reserve(50.0) for _ in range(5)] == pytest.approx([50.0] * 4 + [51.0])
     schedule.set_rate(1000.0, 100.0)
     assert [schedule.reserve(100.0) for _ in range(5)] == pytest.approx([100.0] * 4 + [100.001])
 

@@ -69,7 +69,11 @@ def test_frozen_and_keyword_only() -> None:
         ({"image": "data:text/plain;base64,AAAA"}, "image", "data:image"),
         ({"response_format": "png"}, "response_format", "'b64_json', 'url'"),
         ({"sequential_image_generation": "on"}, "sequential_image_generation", "'auto'"),
-        ({"sequential_image_generation_options": {"max_images": 16}}, "sequential_image_generation_options.max_images", "1 to 15"),
+        (
+            {"sequential_image_generation_options": {"max_images": 16}},
+            "sequential_image_generation_options.max_images",
+            "1 to 15",
+        ),
         ({"prompt_options": ["a"]}, "prompt_options", "object"),
         ({"score": float("nan")}, "score", "finite"),
         ({"score": True}, "score", "number"),

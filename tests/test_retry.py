@@ -13,7 +13,9 @@ POLICY = na.RetryPolicy()
 STRICT = na.RetryPolicy(retry_ambiguous=False)
 
 
-def http(status: int, *, code: int | None = None, retry_after: float | None = None) -> na.APIStatusError:
+def http(
+    status: int, *, code: int | None = None, retry_after: float | None = None
+) -> na.APIStatusError:
     from nebula_async._protocol import status_error_class
 
     effective = status if not 200 <= status < 300 or code is None else code
@@ -74,14 +76,18 @@ def test_max_attempts_one_never_retries() -> None:
 
 
 def test_retry_after_is_honoured_instead_of_backoff() -> None:
-    decision = decide_retry(http(429, retry_after=7.0), attempts_made=1, policy=POLICY, random=lambda: 0.0)
+    decision = decide_retry(
+        http(429, retry_after=7.0), attempts_made=1, policy=POLICY, random=lambda: 0.0
+    )
     assert decision.retry
     assert decision.delay == 7.0
 
 
 def test_retry_after_beyond_the_cap_raises_at_once() -> None:
     policy = na.RetryPolicy(retry_after_max=10.0)
-    decision = decide_retry(http(429, retry_after=11.0), attempts_made=1, policy=policy, random=lambda: 0.5)
+    decision = decide_retry(
+        http(429, retry_after=11.0), attempts_made=1, policy=policy, random=lambda: 0.5
+    )
     assert not decision.retry
     assert "retry_after_max" in decision.reason
 
