@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final, Self
+from typing import IO, Final
 
 from nebula_async.testing import add_mock_server_arguments, serve_mock_server
 
@@ -119,11 +119,20 @@ class ServerProcess:
             self._stderr.close()
             self._stderr = None
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far; 0.0 if unknown."""
+        process = self._process
+        if process is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __repr__(self) -> str:
         return f"<ServerProcess latency={self._latency_s}s url={self.base_url or '-'}>"
-
-    def as_context(self) -> Self:
-        return self
 
 
 def _cores(text: str) -> set[int]:
@@ -137,9 +146,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cpu:
         pin(args.cpu)
-    cpu = args.cpu
-    del args.cpu
-    _ = cpu
     asyncio.run(serve_mock_server(args))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import random as _random
 import time
@@ -55,6 +56,9 @@ from ._stats import ClientStatistics, Counters, percentile
 from ._transport import AiohttpTransport, RawResponse
 
 __all__ = ["NebulaClient"]
+
+# Log records carry error classes, messages and delays: never a header or a secret.
+_log = logging.getLogger("nebula_async")
 
 # A caller may repeat after a refused token at most this often (the stale-token
 # repeat plus one re-login of its own), so a token refused at once never loops.
@@ -174,7 +178,11 @@ class NebulaClient:
         self._headers: dict[str, str] = {}
         self._headers_for = ""
         # Made in __aenter__, inside the running loop.
-        self._transport = AiohttpTransport(connection_limit=max_concurrency, timeout=self._timeout)
+        # One connection beyond the cap for a re-login, which runs outside a slot:
+        # requests never wait in aiohttp's pool, so the attempt timeout never counts a wait.
+        self._transport = AiohttpTransport(
+            connection_limit=max_concurrency + 1, timeout=self._timeout
+        )
         self._auth: Authenticator | None = None
         self._concurrency: anyio.CapacityLimiter | None = None
         self._rate: RateLimiter | None = None
@@ -343,6 +351,7 @@ class NebulaClient:
                 ):
                     auth_repeats += 1
                     counted_attempts -= 1
+                    _log.info("token refused (%s); logging in again", exc.msg or exc.status_code)
                     try:
                         await self._auth.refresh(generation)
                     except AuthenticationError:
@@ -363,12 +372,14 @@ class NebulaClient:
                 error, attempts_made=counted_attempts, policy=self._retry, random=self._random
             )
             if not decision.retry:
+                _log.debug("giving up: %s (%s)", decision.reason, error)
                 raise error
             retry_after = error.retry_after if isinstance(error, APIStatusError) else None
             if retry_after is not None:
                 self._gate.pause_for(retry_after)
             tally.retries += 1
             counters.retries += 1
+            _log.debug("retrying in %.3fs: %s (%s)", decision.delay, decision.reason, error)
             await anyio.sleep(decision.delay)
 
     # -- jobs and batches ----------------------------------------------------------------

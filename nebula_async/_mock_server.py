@@ -441,7 +441,9 @@ class MockNebulaServer:
 
     Every knob is also a mutable attribute, checked on assignment (an unknown fault
     kind raises ValueError), so a test can change ``server.faults``,
-    ``server.latency``, ``server.rate_limit``... mid-run.
+    ``server.latency``, ``server.rate_limit``... mid-run. Assigning ``seed``
+    reseeds the fault and latency draws (two separate streams, so latencies never
+    shift the fault sequence). ``expire_tokens()`` invalidates the tokens issued so far.
 
     Example::
 

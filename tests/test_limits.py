@@ -6,6 +6,7 @@ advances only when every task is blocked; one slow test uses the real clock.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import heapq
 import itertools
@@ -15,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -84,6 +86,18 @@ def simulate_rebasing(rate: float, *, seconds: float, late_max: float, seed: int
         last = now = sent
 
 
+def _all_blocked(exclude: set[asyncio.Task[object] | None]) -> bool:
+    """Whether every task but ``exclude`` waits on a pending future (as anyio's
+    ``wait_all_tasks_blocked`` tells, without its 0.1 s polling sleep)."""
+    for task in asyncio.all_tasks():
+        if task in exclude:
+            continue
+        waiter = task._fut_waiter  # type: ignore[attr-defined]
+        if waiter is None or waiter.done():
+            return False
+    return True
+
+
 class VirtualTime:
     """A fake clock and sleep for the async shell: time jumps to the next sleeper's
     deadline only when every task is blocked, so concurrent tasks see a coherent
@@ -95,6 +109,7 @@ class VirtualTime:
         self._sleepers: list[tuple[float, int, anyio.Event]] = []
         self._cancelled: set[int] = set()
         self._seq = itertools.count()
+        self._driver: asyncio.Task[object] | None = None
 
     def clock(self) -> float:
         return self.now
@@ -111,22 +126,32 @@ class VirtualTime:
             raise
 
     async def drive(self) -> None:
-        """Run forever (cancel it): wake sleepers in deadline order."""
+        """Run forever (cancel it): when all other tasks are blocked, wake the sleeper
+        with the earliest deadline and move the clock there."""
+        self._driver = asyncio.current_task()
         while True:
-            await anyio.wait_all_tasks_blocked()
+            await anyio.lowlevel.checkpoint()
+            if not _all_blocked({self._driver}):
+                continue
             while self._sleepers and self._sleepers[0][1] in self._cancelled:
                 heapq.heappop(self._sleepers)
-            if not self._sleepers:
-                await anyio.sleep(0)
-                continue
-            deadline, _, event = heapq.heappop(self._sleepers)
-            self.now = max(self.now, deadline)
-            event.set()
+            if self._sleepers:
+                deadline, _, event = heapq.heappop(self._sleepers)
+                self.now = max(self.now, deadline)
+                event.set()
+
+    async def settle(self) -> None:
+        """Let every other task run to its next wait, without moving the clock."""
+        exclude = {asyncio.current_task(), self._driver}
+        await anyio.lowlevel.checkpoint()
+        while not _all_blocked(exclude):
+            await anyio.lowlevel.checkpoint()
 
 
 async def with_virtual_time(vt: VirtualTime, body: Callable[[], Awaitable[None]]) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(vt.drive)
+        await vt.settle()  # the driver is running
         with anyio.fail_after(5):
             await body()
         tg.cancel_scope.cancel()
@@ -175,8 +200,7 @@ def test_burst_after_idle_then_spacing() -> None:
     assert [schedule.reserve(0.0) for _ in range(7)] == [0.0] * 5 + [0.125, 0.25]
     # A long idle spell banks a burst of 5, no more.
     assert [schedule.reserve(1000.0) for _ in range(7)] == [1000.0] * 5 + [1000.125, 1000.25]
-    # Partly idle: 0.5 s after the last slot, 4 go at once (the bound allows
-    # burst + floor(0.5 * 8) = 9 in [1000.25, 1000.75], and 9 went), then spacing.
+    # Partly idle: 0.5 s (4 intervals) after the last slot, 4 go at once, then spacing.
     assert [schedule.reserve(1000.75) for _ in range(5)] == [1000.75] * 4 + [1000.875]
     assert schedule.tat == 1001.5
 
@@ -463,7 +487,7 @@ async def test_cancelled_last_waiter_gives_its_slot_back() -> None:
                 got.append(-1.0)
 
             tg.start_soon(doomed)
-            await anyio.wait_all_tasks_blocked()
+            await vt.settle()
             scope.cancel()
         got.append(await limiter.acquire())
         got.append(await limiter.acquire())
@@ -488,11 +512,11 @@ async def test_cancelled_middle_waiter_leaves_the_limiter_consistent() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(named, "a")
-            await anyio.wait_all_tasks_blocked()
+            await vt.settle()
             tg.start_soon(named, "b", scope)  # slot 0.125
-            await anyio.wait_all_tasks_blocked()
+            await vt.settle()
             tg.start_soon(named, "c")  # slot 0.25
-            await anyio.wait_all_tasks_blocked()
+            await vt.settle()
             scope.cancel()
         got["d"] = await limiter.acquire()
 
@@ -538,8 +562,8 @@ async def test_burst_of_429s_cuts_the_rate_once_and_applies_it() -> None:
     async def body() -> None:
         async with anyio.create_task_group() as tg:
             for _ in range(16):
-                tg.start_soon(lambda: _acquire_into(limiter, sent))
-            await anyio.wait_all_tasks_blocked()
+                tg.start_soon(_acquire_into, limiter, sent)
+            await vt.settle()
             # 16 waiters hold slots up to 0.075; the first 429 comes back at once.
             limiter.on_rate_limited(sent_at=0.0)
         for sent_at in sent:
@@ -666,17 +690,17 @@ async def test_wait_returns_at_once_when_not_paused() -> None:
 
     gate = PauseGate(clock=no_clock, sleep=no_sleep)
     await gate.wait()
+    assert not gate.is_paused()
     # An expired pause costs one clock read, then the hot path again.
-    reads = [0]
+    now, reads = [100.0], [0]
 
     def clock() -> float:
         reads[0] += 1
-        return 100.0
+        return now[0]
 
     gate = PauseGate(clock=clock, sleep=no_sleep)
     gate.pause_for(1.0)  # until 101
-    reads[0] = 0
-    gate._resume_at = 50.0  # pretend it expired long ago
+    now[0], reads[0] = 200.0, 0
     await gate.wait()
     await gate.wait()
     assert reads[0] == 1
@@ -719,7 +743,7 @@ async def test_concurrent_waiters_all_resume_after_the_extended_pause() -> None:
         async with anyio.create_task_group() as tg:
             for _ in range(3):
                 tg.start_soon(waiter)
-            await anyio.wait_all_tasks_blocked()
+            await vt.settle()
             gate.pause_for(4.0)  # extended while they sleep
 
     await with_virtual_time(vt, body)
