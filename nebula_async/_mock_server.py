@@ -28,9 +28,10 @@ from ._png import png_for_name
 __all__ = [
     "FAULT_KINDS",
     "IMG2IMG_PATH",
-    "TOKEN_PATH",
     "MockNebulaServer",
     "ReceivedRequest",
+    "TOKEN_PATH",
+    "check_payload",
 ]
 
 PayloadStyle = Literal["dotted", "nested", "flat", "any"]

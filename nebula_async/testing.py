@@ -39,10 +39,10 @@ from ._png import PNG_SIGNATURE, png_bytes
 __all__ = [
     "FAULT_KINDS",
     "IMG2IMG_PATH",
-    "PNG_SIGNATURE",
-    "TOKEN_PATH",
     "MockNebulaServer",
+    "PNG_SIGNATURE",
     "ReceivedRequest",
+    "TOKEN_PATH",
     "add_mock_server_arguments",
     "check_payload",
     "png_bytes",

@@ -437,3 +437,16 @@ async def test_img2img_refuses_a_non_request(server: MockNebulaServer) -> None:
         with pytest.raises(na.ValidationError, match="Img2ImgRequest"):
             await client.img2img({"model": "m"})  # type: ignore[arg-type]
     assert server.requests == []
+
+
+async def test_logs_explain_retries_without_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="nebula_async")
+    async with MockNebulaServer(token="tok-SECRET", password="pw-SECRET") as server:
+        server.fault_script = ["http_502", "body_401", None]
+        async with client_for(
+            server, token="tok-SECRET", username="demo", password="pw-SECRET"
+        ) as c:
+            await c.img2img(REQUEST)
+    assert "retrying in" in caplog.text
+    assert "logging in again" in caplog.text
+    assert "SECRET" not in caplog.text
