@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import select
 import signal
@@ -20,9 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final
+from typing import IO, Final, Self
 
 from nebula_async.testing import add_mock_server_arguments, serve_mock_server
+
+from ._cpu import process_cpu_seconds
 
 __all__ = ["ROOT", "ServerProcess", "pin", "split_cores"]
 
@@ -43,14 +46,12 @@ def split_cores() -> tuple[set[int], set[int]]:
 
 def pin(cores: set[int]) -> None:
     """Pin this process (all its threads) to ``cores``; a no-op where unsupported."""
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         os.sched_setaffinity(0, cores)
-    except (AttributeError, OSError):
-        pass
 
 
 class ServerProcess:
-    """A lean ``MockNebulaServer`` in a child process: ``with ServerProcess(0.05) as url:``.
+    """A lean ``MockNebulaServer`` in a child process: ``with ServerProcess(0.05) as server:``.
 
     ``max_s`` bounds its life even if this process dies without stopping it.
     """
@@ -62,7 +63,7 @@ class ServerProcess:
         self._stderr: IO[str] | None = None
         self.base_url = ""
 
-    def __enter__(self) -> str:
+    def __enter__(self) -> Self:
         server_cores, _ = split_cores()
         self._stderr = tempfile.TemporaryFile("w+")
         command = [
@@ -83,7 +84,7 @@ class ServerProcess:
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        return self.base_url
+        return self
 
     def _read_url(self, process: subprocess.Popen[str]) -> str:
         assert process.stdout is not None
@@ -121,15 +122,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the server process has used so far; 0.0 if unknown."""
-        process = self._process
-        if process is None:
-            return 0.0
-        try:
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            return 0.0
-        # After the command name: state is field 3, utime 14 and stime 15 (1-based).
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0 if self._process is None else process_cpu_seconds(self._process.pid)
 
     def __repr__(self) -> str:
         return f"<ServerProcess latency={self._latency_s}s url={self.base_url or '-'}>"

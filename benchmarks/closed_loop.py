@@ -2,9 +2,11 @@
 
 Each sample runs in a fresh event loop: the contender opens its client, warms
 its connections with ``2 x concurrency`` requests, then sends ``requests``
-requests while this process's CPU time (``time.process_time``: every thread of
-the client process, and nothing of the server, which runs in its own process)
-and the server's CPU time are read around it. Rounds alternate the contenders
+requests (fewer for a slow contender: as many as the warm-up rate says fit in
+``target_s`` seconds, at least ``4 x concurrency``) while this process's CPU
+time (``time.process_time``: every thread of the client process, and nothing of
+the server, which runs in its own process) and the server's CPU time are read
+around it. Rounds alternate the contenders
 (A B C A B C ...), so drift of the machine hits them all alike.
 """
 
@@ -18,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 import attrs
 
+from ._cpu import machine_busy_seconds
 from ._server import ServerProcess
 from ._stats import Summary, summarize
 from .contenders import Contender
@@ -33,6 +36,7 @@ class Sample:
     wall_s: float
     cpu_s: float
     server_cpu_s: float
+    machine_busy_s: float
 
     @property
     def per_second(self) -> float:
@@ -46,6 +50,11 @@ class Sample:
     def server_busy(self) -> float:
         """The server's CPU time over the wall time: near 1.0, the server was the limit."""
         return self.server_cpu_s / self.wall_s
+
+    @property
+    def other_load(self) -> float:
+        """Cores kept busy by other work on the machine (neither client nor server)."""
+        return max(0.0, self.machine_busy_s - self.cpu_s - self.server_cpu_s) / self.wall_s
 
 
 @attrs.frozen
@@ -68,6 +77,10 @@ class ClosedLoopResult:
     def server_busy(self) -> Summary:
         return summarize([s.server_busy for s in self.samples])
 
+    @property
+    def other_load(self) -> Summary:
+        return summarize([s.other_load for s in self.samples])
+
 
 async def _sample(
     contender: Contender,
@@ -76,12 +89,19 @@ async def _sample(
     *,
     concurrency: int,
     requests: int,
+    target_s: float,
     cap_s: float,
 ) -> Sample:
     async with contender(base_url, concurrency) as runner:
-        await runner.batch(2 * concurrency)  # open and warm every connection
+        warm = 2 * concurrency
+        started = time.perf_counter()
+        await runner.batch(warm)  # open and warm every connection
+        warm_rate = warm / (time.perf_counter() - started)
+        fit = int(warm_rate * target_s) // concurrency * concurrency
+        requests = max(4 * concurrency, min(requests, fit))
         gc.collect()
         server_cpu = server.cpu_seconds()
+        busy = machine_busy_seconds()
         cpu = time.process_time()
         started = time.perf_counter()
         async with asyncio.timeout(cap_s):
@@ -89,9 +109,10 @@ async def _sample(
         wall = time.perf_counter() - started
         cpu = time.process_time() - cpu
         server_cpu = server.cpu_seconds() - server_cpu
+        busy = machine_busy_seconds() - busy
     if urls != requests:
         raise RuntimeError(f"parsed {urls} URLs for {requests} requests")
-    return Sample(requests, wall, cpu, server_cpu)
+    return Sample(requests, wall, cpu, server_cpu, busy)
 
 
 def run_closed_loop(
@@ -101,6 +122,7 @@ def run_closed_loop(
     concurrency: int,
     requests: int,
     rounds: int,
+    target_s: float,
     cap_s: float,
     log: Callable[[str], None],
     label: str,
@@ -118,6 +140,7 @@ def run_closed_loop(
                         server,
                         concurrency=concurrency,
                         requests=requests,
+                        target_s=target_s,
                         cap_s=cap_s,
                     )
                 )
@@ -130,7 +153,8 @@ def run_closed_loop(
             log(
                 f"[{label}] round {round_index + 1}/{rounds} {name:<17} "
                 f"{sample.per_second:8.0f} req/s {sample.cpu_us_per_request:7.0f} us/req "
-                f"server busy {sample.server_busy:4.0%}"
+                f"server {sample.server_busy:4.0%} other {sample.other_load:4.0%} "
+                f"({sample.requests} requests)"
             )
     return {
         name: ClosedLoopResult(name, tuple(samples[name]), tuple(failures[name]))

@@ -30,14 +30,10 @@ import orjson
 
 import nebula_async as na
 
+from ._request import REQUEST, TOKEN
+
 __all__ = ["CONTENDERS", "OPEN_LOOP_CONTENDERS", "REQUEST", "Contender", "Runner"]
 
-REQUEST: Final = na.Img2ImgRequest(
-    model="doubao-seedream-4-0-250828",
-    prompt="a red fox in fresh snow, golden hour",
-    image="https://example.com/in.png",
-)
-TOKEN: Final = "mock-token"
 _PATH: Final = "/prod-api/nebula/v4/api/img2imgSubmit"
 _HEADERS: Final = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
@@ -229,6 +225,5 @@ CONTENDERS: Final[dict[str, Contender]] = {
 
 #: Open-loop contenders (aiometer needs the whole input up front, so it has no open loop).
 OPEN_LOOP_CONTENDERS: Final[dict[str, Contender]] = {
-    name: CONTENDERS[name]
-    for name in ("raw aiohttp", "httpx", "ours img2img", "ours stream")
+    name: CONTENDERS[name] for name in ("raw aiohttp", "httpx", "ours img2img", "ours stream")
 }

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import anyio
-import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._codec import from_payload
 from ._exceptions import NebulaError, ValidationError
@@ -103,6 +103,26 @@ def aggregate(
     )
 
 
+_T = TypeVar("_T")
+
+
+# anyio's send()/receive() checkpoint on every call, an extra event-loop round trip
+# per item; try the non-blocking call first and wait only when the stream is full
+# (or empty). Every job still reaches a real await (its HTTP request).
+async def _send(stream: MemoryObjectSendStream[_T], item: _T) -> None:
+    try:
+        stream.send_nowait(item)
+    except anyio.WouldBlock:
+        await stream.send(item)
+
+
+async def _receive(stream: MemoryObjectReceiveStream[_T]) -> _T:
+    try:
+        return stream.receive_nowait()
+    except anyio.WouldBlock:
+        return await stream.receive()
+
+
 async def _iterate(jobs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[object]:
     if isinstance(jobs, AsyncIterable):
         async for item in jobs:
@@ -149,24 +169,28 @@ async def run_pipeline(
                 async for item in _iterate(jobs):
                     if window_slots is not None:
                         await window_slots.acquire()
-                    await send_jobs.send((index, item))
+                    await _send(send_jobs, (index, item))
                     index += 1
             except Exception as exc:  # the caller's iterable failed: stop feeding, keep results
                 input_failure.append(exc)
 
     async def work(
-        receive: anyio.abc.ObjectReceiveStream[tuple[int, object]],
-        send: anyio.abc.ObjectSendStream[tuple[int, JobResult]],
+        receive: MemoryObjectReceiveStream[tuple[int, object]],
+        send: MemoryObjectSendStream[tuple[int, JobResult]],
     ) -> None:
         async with receive, send:
-            async for index, item in receive:
+            while True:
+                try:
+                    index, item = await _receive(receive)
+                except anyio.EndOfStream:
+                    return
                 try:
                     job = coerce_job(item, index)
                 except ValidationError as exc:
                     result = JobResult(job_id=_job_id_of(item, index), errors=[exc])
                 else:
                     result = await run_job(job)
-                await send.send((index, result))
+                await _send(send, (index, result))
 
     async def pipeline() -> None:
         async with send_results, receive_jobs, anyio.create_task_group() as task_group:
@@ -179,12 +203,20 @@ async def run_pipeline(
     try:
         async with receive_results:
             if window_slots is None:
-                async for pair in receive_results:
+                while True:
+                    try:
+                        pair = await _receive(receive_results)
+                    except anyio.EndOfStream:
+                        break
                     yield pair
             else:
                 pending: dict[int, JobResult] = {}
                 next_index = 0
-                async for index, result in receive_results:
+                while True:
+                    try:
+                        index, result = await _receive(receive_results)
+                    except anyio.EndOfStream:
+                        break
                     pending[index] = result
                     while next_index in pending:
                         yield next_index, pending.pop(next_index)

@@ -112,11 +112,10 @@ async def demo_command(options: DemoOptions) -> int:
             retry=DEMO_RETRY,
             timeout=10.0,
         )
-        # The demo starts afresh each time: the results file is replaced, not resumed.
-        options.out_path.write_bytes(b"")
         started = time.perf_counter()
         with (
-            ResultWriter(options.out_path) as writer,
+            # The demo starts afresh each time: the results file is emptied, not resumed.
+            ResultWriter(options.out_path, resume=False) as writer,
             JobProgress(options.jobs, enabled=options.progress) as progress,
         ):
             async with client:

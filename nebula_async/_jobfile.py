@@ -17,14 +17,14 @@ from __future__ import annotations
 import base64
 import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
-from ._codec import DTO_PREFIX, from_payload, request_field_from_key
+from ._codec import DTO_PREFIX, from_payload
 from ._exceptions import ValidationError
 from ._models import Job
 
@@ -59,6 +59,7 @@ _IMAGE_MAGIC: Final[tuple[tuple[bytes, str], ...]] = (
     (b"MM\x00*", "image/tiff"),
 )
 _SNIFF_BYTES: Final = 16
+_DOTTED_IMAGE_KEY: Final = f"{DTO_PREFIX}.image"
 _UTF8_BOM: Final = b"\xef\xbb\xbf"
 
 
@@ -199,30 +200,25 @@ def _job_id(value: object) -> str:
 
 
 def _replace_local_image(
-    fields: dict[str, Any], *, base_dir: Path, load_images: bool
-) -> dict[str, Any]:
+    fields: Mapping[str, Any], *, base_dir: Path, load_images: bool
+) -> Mapping[str, Any]:
     """Swap a local-file ``image`` (in any key style) for its data: URI (or a placeholder)."""
 
-    def swap(value: object) -> object:
-        if not is_local_image(value):
-            return value
-        assert isinstance(value, str)
+    def swap(value: str) -> str:
         path = _resolve(value.strip(), base_dir)
         if load_images:
             return local_image_data_uri(path)
         check_local_image(path)
         return _PLACEHOLDER_IMAGE
 
-    result = dict(fields)
-    for key, value in fields.items():
-        if key == DTO_PREFIX and isinstance(value, Mapping):
-            nested = dict(value)
-            if "image" in nested:
-                nested["image"] = swap(nested["image"])
-            result[key] = nested
-        elif request_field_from_key(key) == "image":
-            result[key] = swap(value)
-    return result
+    # The image key in each style: flat "image", dotted "<prefix>.image", or nested.
+    for key in ("image", _DOTTED_IMAGE_KEY):
+        if is_local_image(fields.get(key)):
+            return {**fields, key: swap(fields[key])}
+    nested = fields.get(DTO_PREFIX)
+    if isinstance(nested, Mapping) and is_local_image(nested.get("image")):
+        return {**fields, DTO_PREFIX: {**nested, "image": swap(nested["image"])}}
+    return fields
 
 
 def job_from_fields(
@@ -243,10 +239,9 @@ def job_from_fields(
     raw_id = request_fields.pop("id", None)
     images = request_fields.pop("images", None)
     job_id = default_id if raw_id is None else _job_id(raw_id)
-    request_fields = _replace_local_image(
-        request_fields, base_dir=base_dir, load_images=load_images
+    request = from_payload(
+        _replace_local_image(request_fields, base_dir=base_dir, load_images=load_images)
     )
-    request = from_payload(request_fields)
     if request.response_format == "b64_json" and not allow_b64_json:
         raise ValidationError(
             "response_format: b64_json images need --download DIR (they are written as files)",
@@ -295,7 +290,7 @@ def iter_job_lines(
     allow_b64_json: bool = True,
     skip_lines: frozenset[int] | set[int] = frozenset(),
     check_duplicates: bool = True,
-) -> Iterator[JobLine | BadLine]:
+) -> Generator[JobLine | BadLine, None, None]:
     """Stream a jobs file, yielding a :class:`JobLine` or :class:`BadLine` per non-blank line.
 
     A later line reusing an earlier line's id is a :class:`BadLine` (the first one

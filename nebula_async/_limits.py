@@ -25,8 +25,9 @@ load); a limiter that re-bases the next slot on the late wake-up adds that
 lateness to every interval and so runs slow for good (aiometer and aiolimiter
 lose about 6% at 200/s). Anchored to ``TAT``, lateness is paid back by the next
 sends, so the long-run rate stays on target, while the window bound above still
-holds for the scheduled times. ``max(TAT, t)`` brings an idle schedule up to the
-present, so idleness never banks more than ``burst``.
+holds for the scheduled times (actual sends that a stall of ``d`` seconds delayed
+bunch up by at most ``d * rate`` extra). ``max(TAT, t)`` brings an idle schedule
+up to the present, so idleness never banks more than ``burst``.
 
 Adaptation and pause
 --------------------
@@ -97,7 +98,7 @@ class GcraSchedule:
     [0.0, 0.0, 0.1, 0.2]
     """
 
-    __slots__ = ("_burst", "_interval", "_last_slot", "_rate", "_tat", "_tau")
+    __slots__ = ("_burst", "_interval", "_last_slot", "_latest", "_rate", "_tat", "_tau")
 
     def __init__(self, per_second: float, burst: int = 1) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
@@ -109,6 +110,8 @@ class GcraSchedule:
         self._tat = _NEVER
         # The slot handed out last, while it may still be given back (NaN: none).
         self._last_slot = math.nan
+        # The latest slot ever handed out (kept through give-backs: an upper bound).
+        self._latest = _NEVER
 
     @property
     def rate(self) -> float:
@@ -133,9 +136,12 @@ class GcraSchedule:
         slot = tat - self._tau
         if slot < now:
             slot = now
+        if slot < self._latest:
+            # Only float rounding across a rate change gets here: keep FIFO order.
+            slot = self._latest
         # Advance from the schedule, not from when the caller will wake up.
         self._tat = tat + self._interval
-        self._last_slot = slot
+        self._last_slot = self._latest = slot
         return slot
 
     def cancel(self, slot: float) -> bool:
@@ -177,9 +183,8 @@ class GcraSchedule:
         self._last_slot = math.nan  # the give-back arithmetic was for the old interval
 
     def horizon(self, now: float) -> float:
-        """A time at or after every slot handed out so far (exact when backlogged)."""
-        last = self._tat - self._tau - self._interval
-        return last if last > now else now
+        """The latest slot handed out so far, or ``now`` if that is later."""
+        return self._latest if self._latest > now else now
 
 
 class AdaptiveRate:

@@ -19,6 +19,7 @@ unbuffered append-only file, so a killed process leaves at most one torn line.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from ._models import JobResult
 
 __all__ = [
     "ResultWriter",
+    "ResultsFileBusy",
     "ResultsFileError",
     "ResumeState",
     "bad_line_record",
@@ -169,26 +171,63 @@ def bad_line_record(bad: BadLine) -> dict[str, Any]:
     }
 
 
+class ResultsFileBusy(ResultsFileError):
+    """Another process holds the results file (two runs must not append to one file)."""
+
+    def __init__(self, path: Path) -> None:
+        Exception.__init__(self, f"{path} is in use by another nebula-async run")
+        self.line_no = 0
+
+
+def _lock_exclusively(file: BinaryIO, path: Path) -> None:
+    # An advisory lock, held while the file is open: a second run on the same --out
+    # would otherwise send the same jobs again and write a second ok line for them.
+    if sys.platform == "win32":  # pragma: no cover - no fcntl; Windows runs unlocked
+        return
+    import fcntl
+
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ResultsFileBusy(path) from None
+
+
 class ResultWriter:
     """Appends records to the results file, one unbuffered ``write`` per line.
 
-    Opening cuts a torn last line (per the :class:`ResumeState`) first, so the file
-    only ever holds whole records followed by at most one torn line.
+    Opening locks the file against other runs, then reads it again under the lock
+    (``resume=True``; :attr:`state`) and cuts a torn last line, or empties it
+    (``resume=False``). The file then only ever holds whole records followed by at
+    most one torn line.
     """
 
-    def __init__(self, path: str | os.PathLike[str], state: ResumeState | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, resume: bool = True) -> None:
         self.path = Path(path)
-        self._state = state
+        self.state = ResumeState()
+        self._resume = resume
         self._file: BinaryIO | None = None
 
-    def open(self) -> None:
-        """Repair the tail if needed and open for appending (creates the file)."""
-        state = self._state
-        if state is not None and self.path.exists() and self.path.stat().st_size > state.keep_bytes:
-            os.truncate(self.path, state.keep_bytes)
-        self._file = self.path.open("ab", buffering=0)
-        if state is not None and state.needs_newline:
+    def open(self) -> ResumeState:
+        """Create or open the file for appending, lock it, repair its tail.
+
+        Returns the :class:`ResumeState` read under the lock. Raises
+        :class:`ResultsFileBusy` if another run holds it, :class:`ResultsFileError`
+        if it cannot be resumed from.
+        """
+        file = self.path.open("ab", buffering=0)
+        try:
+            _lock_exclusively(file, self.path)
+            if self._resume:
+                self.state = load_resume_state(self.path)
+            if os.fstat(file.fileno()).st_size > self.state.keep_bytes:
+                os.truncate(file.fileno(), self.state.keep_bytes)
+        except BaseException:
+            file.close()
+            raise
+        self._file = file
+        if self.state.needs_newline:
             self._write_all(b"\n")
+        return self.state
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record as a JSON line, durable against a crash of this process."""
@@ -209,7 +248,8 @@ class ResultWriter:
             self._file = None
 
     def __enter__(self) -> Self:
-        self.open()
+        if self._file is None:
+            self.open()
         return self
 
     def __exit__(

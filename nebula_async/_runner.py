@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -235,6 +235,33 @@ async def execute_jobs(
     return tally
 
 
+async def _send_pending(
+    options: RunOptions,
+    check: _CheckReport,
+    state: ResumeState,
+    client: NebulaClient,
+    writer: ResultWriter,
+) -> RunTally:
+    """The second pass: every good line whose job is not ok yet, through the client."""
+    lines = iter_job_lines(
+        options.jobs_path,
+        load_images=True,
+        allow_b64_json=options.download_dir is not None,
+        skip_lines={bad.line_no for bad in check.bad},
+        check_duplicates=False,
+    )
+    pending = (item for item in lines if item.job_id not in state.ok_ids)
+    # closing(): the jobs file is closed at once even when the run stops early.
+    with closing(lines), JobProgress(check.to_send, enabled=options.progress) as progress:
+        async with client:
+            if options.download_dir is None:
+                return await execute_jobs(client, pending, writer=writer, progress=progress)
+            async with ImageDownloader(options.download_dir) as downloader:
+                return await execute_jobs(
+                    client, pending, writer=writer, progress=progress, downloader=downloader
+                )
+
+
 async def run_command(options: RunOptions) -> int:
     """``nebula-async run``; returns the exit code (0 all ok, 1 some failed, 2 bad input)."""
     if not options.jobs_path.is_file():
@@ -244,12 +271,13 @@ async def run_command(options: RunOptions) -> int:
         _err(f"the directory of --out does not exist: {options.out_path.parent}")
         return EXIT_BAD_INPUT
     try:
-        state = load_resume_state(options.out_path)
+        # A first look, unlocked, only to count; the writer reads it again under its lock.
+        preview = load_resume_state(options.out_path)
     except ResultsFileError as exc:
         _err(f"cannot resume from {exc}; fix or move that file")
         return EXIT_BAD_INPUT
 
-    check = _check_jobs(options, state)
+    check = _check_jobs(options, preview)
     if check.bad and not options.skip_invalid:
         _report_bad_lines(options, check.bad)
         _err(f"{len(check.bad)} bad line(s); nothing was sent (use --skip-invalid to run the rest)")
@@ -265,39 +293,20 @@ async def run_command(options: RunOptions) -> int:
             _err(str(exc))
             return EXIT_BAD_INPUT
 
-    tally = RunTally()
-    with ResultWriter(options.out_path, state) as writer:
+    writer = ResultWriter(options.out_path)
+    try:
+        state = writer.open()
+    except (ResultsFileError, OSError) as exc:
+        _err(f"cannot write results: {exc}")
+        return EXIT_BAD_INPUT
+    with writer:
         # A bad line never overrides a job that is already ok (e.g. a duplicate of it).
         for bad in check.bad:
             if bad.job_id not in state.ok_ids:
                 writer.write(bad_line_record(bad))
+        tally = RunTally()
         if client is not None:
-            pending = (
-                item
-                for item in iter_job_lines(
-                    options.jobs_path,
-                    load_images=True,
-                    allow_b64_json=options.download_dir is not None,
-                    skip_lines={bad.line_no for bad in check.bad},
-                    check_duplicates=False,
-                )
-                if item.job_id not in state.ok_ids
-            )
-            with JobProgress(check.to_send, enabled=options.progress) as progress:
-                async with client:
-                    if options.download_dir is None:
-                        tally = await execute_jobs(
-                            client, pending, writer=writer, progress=progress
-                        )
-                    else:
-                        async with ImageDownloader(options.download_dir) as downloader:
-                            tally = await execute_jobs(
-                                client,
-                                pending,
-                                writer=writer,
-                                progress=progress,
-                                downloader=downloader,
-                            )
+            tally = await _send_pending(options, check, state, client, writer)
 
     failed = tally.failed + len(check.bad)
     summary = (

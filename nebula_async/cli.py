@@ -188,7 +188,8 @@ def _add_submit_parser(commands: Any) -> None:
     add("--prompt-options", type=_json_object, default=None, metavar="JSON",
         help="prompt_options as a JSON object")  # fmt: skip
     add("--id", default="submit", help="job id, used for --download file names")
-    add("--download", type=Path, default=None, metavar="DIR", help="save the images into DIR")
+    add("--download", type=Path, default=None, metavar="DIR",
+        help="save the images into DIR and print their paths instead of URLs")  # fmt: skip
     add("--json", action="store_true", help="print the result line (JSON) instead of URLs")
     _add_client_arguments(submit, concurrency=False)
 

@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import orjson
@@ -22,6 +22,7 @@ import pytest
 
 from nebula_async._png import png_bytes
 from nebula_async._progress import JobProgress, progress_wanted
+from nebula_async._results import ResultWriter
 from nebula_async.cli import main
 from nebula_async.testing import MockNebulaServer
 
@@ -68,7 +69,9 @@ def run_args(jobs: Path, out: Path, server: MockNebulaServer, *extra: str) -> li
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("style", ["dotted", "nested", "flat"])
-async def test_run_all_ok(tmp_path: Path, style: str, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_run_all_ok(
+    tmp_path: Path, style: Literal["dotted", "nested", "flat"], capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "in.png").write_bytes(png_bytes(4, 4))
     jobs = write_jobs(
         tmp_path / "jobs.jsonl",
@@ -80,7 +83,9 @@ async def test_run_all_ok(tmp_path: Path, style: str, capsys: pytest.CaptureFixt
     )
     out = tmp_path / "out.jsonl"
     async with MockNebulaServer(payload_style=style) as server:
-        code = await cli(*run_args(jobs, out, server, "--payload-style", style, "--concurrency", "4"))
+        code = await cli(
+            *run_args(jobs, out, server, "--payload-style", style, "--concurrency", "4")
+        )
         assert code == 0
         assert server.request_count == 6  # 1 + 1 + 3 (5 images, 2 per submission) + 1
         [with_image] = [r for r in server.requests if r.field("prompt") == "p5"]
@@ -144,7 +149,9 @@ async def test_failures_exit_1_and_a_rerun_retries_only_them(tmp_path: Path) -> 
 
 
 @pytest.mark.anyio
-async def test_corrupt_results_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_corrupt_results_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     jobs = write_jobs(tmp_path / "jobs.jsonl", {"model": "m", "prompt": "p"})
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"id": "9", "ok": true}\nnot json\n{"id": "8", "ok": true}\n')
@@ -152,6 +159,19 @@ async def test_corrupt_results_file_is_refused(tmp_path: Path, capsys: pytest.Ca
         assert await cli(*run_args(jobs, out, server)) == 2
         assert server.request_count == 0
     assert "line 2" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_a_results_file_in_use_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"model": "m", "prompt": "p"})
+    out = tmp_path / "out.jsonl"
+    async with MockNebulaServer() as server:
+        with ResultWriter(out):  # as another run holds it
+            assert await cli(*run_args(jobs, out, server)) == 2
+        assert server.request_count == 0
+    assert "in use by another nebula-async run" in capsys.readouterr().err
 
 
 # -- run: bad input -------------------------------------------------------------------------
@@ -195,7 +215,8 @@ async def test_skip_invalid_records_bad_lines_and_runs_the_rest(tmp_path: Path) 
         assert sorted(prompts_sent(server)) == ["good-1", "good-2", "good-8"]
     results = by_id(read_records(out))
     assert results["dup"]["ok"] is True  # the duplicate line never overrides the first
-    assert results["1"]["ok"] and results["8"]["ok"]
+    assert results["1"]["ok"]
+    assert results["8"]["ok"]
     for job_id, line, field in (("3", 3, "n"), ("5", 5, None), ("6", 6, "image")):
         record = results[job_id]
         assert (record["ok"], record["line"], record["attempts"]) == (False, line, 0)
@@ -208,7 +229,9 @@ async def test_skip_invalid_records_bad_lines_and_runs_the_rest(tmp_path: Path) 
 async def test_b64_json_without_download_is_bad_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    jobs = write_jobs(tmp_path / "jobs.jsonl", {"model": "m", "prompt": "p", "response_format": "b64_json"})
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl", {"model": "m", "prompt": "p", "response_format": "b64_json"}
+    )
     async with MockNebulaServer() as server:
         assert await cli(*run_args(jobs, tmp_path / "out.jsonl", server)) == 2
     assert "line 1: response_format: b64_json images need --download" in capsys.readouterr().err
@@ -233,7 +256,14 @@ def test_missing_credentials_exit_2(
 ) -> None:
     monkeypatch.delenv("NEBULA_TOKEN")
     jobs = write_jobs(tmp_path / "jobs.jsonl", {"model": "m", "prompt": "p"})
-    args = ["run", str(jobs), "--out", str(tmp_path / "o.jsonl"), "--base-url", "http://127.0.0.1:9"]
+    args = [
+        "run",
+        str(jobs),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--base-url",
+        "http://127.0.0.1:9",
+    ]
     assert main(args) == 2
     assert "NEBULA_TOKEN" in capsys.readouterr().err
 
@@ -257,16 +287,24 @@ async def test_download_writes_files_with_safe_names_atomically(tmp_path: Path) 
     assert results["plain"]["files"] == [str(images / "plain-1.png"), str(images / "plain-2.png")]
     assert results["inline"]["urls"] == []
     assert results["inline"]["files"] == [str(images / "inline-1.png")]
+    check_downloads(results, images)
+    assert listing(tmp_path) == ["images", "jobs.jsonl", "out.jsonl"]  # nothing escaped
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def check_downloads(results: dict[str, dict[str, Any]], images: Path) -> None:
     for record in results.values():
         assert record["download_error"] is None
         for file in record["files"]:
             path = Path(file)
             assert path.parent == images
             assert path.read_bytes().startswith(b"\x89PNG")
-    names = sorted(p.name for p in images.iterdir())
+    names = listing(images)
     assert len(names) == 5
-    assert not [n for n in names if n.endswith(".part") or n.startswith(".")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "jobs.jsonl", "out.jsonl"]
+    assert not [n for n in names if n.endswith(".part") or n.startswith(".")]  # atomic writes
 
 
 # -- submit ---------------------------------------------------------------------------------
@@ -305,7 +343,10 @@ async def test_submit_prints_urls(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_demo_runs_and_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo.jsonl"
-    assert main(["demo", "--jobs", "15", "--concurrency", "16", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(["demo", "--jobs", "15", "--concurrency", "16", "--out", str(out), "--no-progress"])
+        == 0
+    )
     table = capsys.readouterr().out
     for row in ("jobs", "ok", "failed", "images", "attempts", "retries", "429s",
                 "throughput", "latency p50", "latency p95", "elapsed"):  # fmt: skip
@@ -346,7 +387,9 @@ def complete_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-async def run_to_end(argv: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+async def run_to_end(
+    argv: Sequence[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[bytes]:
     with anyio.fail_after(30):
         return await anyio.run_process([*CLI, *argv], env=env, check=False)
 
@@ -355,7 +398,8 @@ async def run_to_end(argv: Sequence[str], env: dict[str, str]) -> subprocess.Com
 async def test_sigkill_then_resume_sends_every_job_once_until_ok(tmp_path: Path) -> None:
     count = 60
     jobs = write_jobs(
-        tmp_path / "jobs.jsonl", *({"model": "m", "prompt": f"prompt-{i}"} for i in range(1, count + 1))
+        tmp_path / "jobs.jsonl",
+        *({"model": "m", "prompt": f"prompt-{i}"} for i in range(1, count + 1)),
     )
     out = tmp_path / "out.jsonl"
     argv = ["run", str(jobs), "--out", str(out), "--concurrency", "2"]
@@ -415,7 +459,7 @@ async def test_ctrl_c_stops_promptly_with_results_on_disk(tmp_path: Path) -> Non
                 while complete_lines(out) < 2 and process.returncode is None:
                     await anyio.sleep(0.01)
             process.send_signal(signal.SIGINT)
-            with anyio.fail_after(3):  # promptly
+            with anyio.fail_after(5):  # promptly (the work left would take ~4 s)
                 await process.wait()
             assert process.stderr is not None
             err = (await process.stderr.receive()).decode()

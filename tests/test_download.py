@@ -37,7 +37,9 @@ class ImageHost:
         if path == "/photo.jpg":
             return web.Response(body=JPEG, content_type="image/jpeg")
         if path == "/no-type/pic.webp":
-            return web.Response(body=b"RIFF\0\0\0\0WEBPVP8 ", content_type="application/octet-stream")
+            return web.Response(
+                body=b"RIFF\0\0\0\0WEBPVP8 ", content_type="application/octet-stream"
+            )
         if path == "/sniff-me":
             return web.Response(body=PNG, content_type="application/octet-stream")
         if path == "/flaky.png" and self.hits[path] <= 2:
@@ -56,14 +58,21 @@ async def image_host() -> AsyncIterator[ImageHost]:
     app.router.add_route("GET", "/{tail:.*}", host.handle)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    host.base_url = f"http://127.0.0.1:{port}"
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         yield host
     finally:
         await runner.cleanup()
+
+
+def read(file: str | None) -> bytes:
+    assert file is not None
+    return Path(file).read_bytes()
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
 
 
 def no_temp_files(directory: Path) -> bool:
@@ -110,8 +119,8 @@ async def test_downloads_name_files_by_id_and_position(tmp_path: Path) -> None:
         str(directory / "job-1-3.png"),
         str(directory / "job-1-4.png"),
     ]
-    assert Path(outcome.files[0] or "").read_bytes() == JPEG
-    assert Path(outcome.files[3] or "").read_bytes() == PNG
+    assert read(outcome.files[0]) == JPEG
+    assert read(outcome.files[3]) == PNG
     assert no_temp_files(directory)
 
 
@@ -123,10 +132,10 @@ async def test_unsafe_ids_cannot_leave_the_directory(tmp_path: Path) -> None:
         for job_id in ("../x", "a/b", "a_b", "/abs"):
             outcome = await dl.download_job(job_id, image)
             assert outcome.error is None
-    written = sorted(p.name for p in directory.iterdir())
+    written = listing(directory)
     assert len(written) == 4
     assert all(name.endswith("-1.jpg") for name in written)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing escaped
+    assert listing(tmp_path) == ["out"]  # nothing escaped
 
 
 @pytest.mark.anyio

@@ -142,9 +142,9 @@ class VirtualTime:
 
     async def settle(self) -> None:
         """Let every other task run to its next wait, without moving the clock."""
-        exclude = {asyncio.current_task(), self._driver}
+        me = asyncio.current_task()
         await anyio.lowlevel.checkpoint()
-        while not _all_blocked(exclude):
+        while not _all_blocked({me, self._driver}):
             await anyio.lowlevel.checkpoint()
 
 
@@ -316,7 +316,7 @@ def test_gcra_window_bound_holds_for_any_arrivals(
 ) -> None:
     schedule = GcraSchedule(rate, burst)
     now = 0.0
-    slots = []
+    slots: list[float] = []
     for gap in gaps:
         now += gap / rate  # gaps in units of T, so idle spells and backlogs both occur
         slot = schedule.reserve(now)
@@ -612,6 +612,7 @@ async def test_rate_recovers_in_the_schedule() -> None:
 async def test_real_clock_200_per_second_from_16_tasks() -> None:
     rate, burst, total = 200.0, 1, 400
     limiter = RateLimiter(RateLimit(rate, burst=burst, adaptive=False))
+    slots: list[float] = []
     woke: list[float] = []
     lateness: list[float] = []
     remaining = iter(range(total))
@@ -620,6 +621,7 @@ async def test_real_clock_200_per_second_from_16_tasks() -> None:
         for _ in todo:
             slot = await limiter.acquire()
             at = time.monotonic()
+            slots.append(slot)
             woke.append(at)
             lateness.append(at - slot)
 
@@ -632,7 +634,10 @@ async def test_real_clock_200_per_second_from_16_tasks() -> None:
     measured = long_run_rate(woke)
     assert measured == pytest.approx(rate, rel=0.01)
     # The schedule guarantees rate + burst per second for the slots; a send that
-    # wakes late can only move into a window from the max_late before it.
+    # wakes late can only move into a window from the max_late before it, so after
+    # a stall the actual sends may bunch by that much (202-204 seen under load).
+    assert slots == sorted(slots)
+    assert busiest_window(slots) <= rate + burst
     max_late = max(lateness)
     assert busiest_window(woke) <= burst + math.floor((1.0 + max_late) * rate)
 

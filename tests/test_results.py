@@ -10,6 +10,7 @@ import pytest
 from nebula_async import GeneratedImage, JobResult, ServerError, ValidationError
 from nebula_async._jobfile import BadLine
 from nebula_async._results import (
+    ResultsFileBusy,
     ResultsFileError,
     ResultWriter,
     bad_line_record,
@@ -56,7 +57,8 @@ def test_torn_last_line_is_cut_before_appending(tmp_path: Path, tail: bytes) -> 
     assert state.ok_ids == {"a"}
     assert state.torn_line_no == 3
     assert state.keep_bytes == len(good)
-    with ResultWriter(out, state) as writer:
+    with ResultWriter(out) as writer:
+        assert writer.state.ok_ids == {"a"}
         writer.write({"id": "b", "ok": True})
     lines = out.read_bytes().splitlines()
     assert [orjson.loads(line)["id"] for line in lines] == ["a", "b", "b"]
@@ -68,7 +70,7 @@ def test_complete_last_record_missing_its_newline_is_kept(tmp_path: Path) -> Non
     state = load_resume_state(out)
     assert state.ok_ids == {"a", "b"}
     assert state.needs_newline
-    with ResultWriter(out, state) as writer:
+    with ResultWriter(out) as writer:
         writer.write({"id": "c", "ok": True})
     assert [orjson.loads(line)["id"] for line in out.read_bytes().splitlines()] == ["a", "b", "c"]
 
@@ -86,6 +88,23 @@ def test_writer_creates_the_file_and_appends_whole_lines(tmp_path: Path) -> None
         writer.write({"id": "1", "ok": True})
         writer.write({"id": "2", "ok": False})
     assert out.read_bytes() == b'{"id":"1","ok":true}\n{"id":"2","ok":false}\n'
+
+
+def test_writer_without_resume_empties_the_file(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(record("old", True) + b"torn")
+    with ResultWriter(out, resume=False) as writer:
+        assert writer.state.ok_ids == set()
+        writer.write({"id": "new", "ok": True})
+    assert out.read_bytes() == b'{"id":"new","ok":true}\n'
+
+
+def test_a_second_writer_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    with ResultWriter(out), pytest.raises(ResultsFileBusy, match="in use"):
+        ResultWriter(out).open()
+    with ResultWriter(out):  # released on close
+        pass
 
 
 def test_record_shapes() -> None:

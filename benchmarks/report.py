@@ -1,0 +1,422 @@
+"""Turn the measurements into targets (PASS/MISS), a text table, JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._stats import Summary
+from .closed_loop import ClosedLoopResult, ratio
+from .limiter_accuracy import LimiterResult
+from .memory import MemoryResult
+from .open_loop import OpenLoopResult
+
+__all__ = ["Check", "Results", "checks", "render_markdown", "render_text", "write_json"]
+
+BASELINE = "raw aiohttp"
+OURS = "ours run_batch"
+OUR_LIMITER = "ours (GCRA, burst=1)"
+
+
+@attrs.define
+class Results:
+    """Everything one run measured; a part that was not run stays empty."""
+
+    meta: dict[str, Any]
+    throughput: dict[str, ClosedLoopResult] = attrs.Factory(dict)
+    little: dict[str, ClosedLoopResult] = attrs.Factory(dict)
+    little_ceiling: float = math.nan
+    open_loop: dict[str, OpenLoopResult] = attrs.Factory(dict)
+    memory: list[MemoryResult] = attrs.Factory(list)
+    limiters: list[LimiterResult] = attrs.Factory(list)
+    codec: Summary | None = None
+
+
+@attrs.frozen
+class Check:
+    """One target: what was measured against what was wanted."""
+
+    name: str
+    measured: str
+    target: str
+    passed: bool | None  # None: not measured in this run
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "MISS", None: "n/a"}[self.passed]
+
+
+def _check(name: str, value: float, target: str, ok: Callable[[float], bool], shown: str) -> Check:
+    if not math.isfinite(value):
+        return Check(name, "not measured", target, None)
+    return Check(name, shown, target, ok(value))
+
+
+def _median(results: dict[str, ClosedLoopResult], name: str, what: str) -> float:
+    result = results.get(name)
+    if result is None:
+        return math.nan
+    summary: Summary = getattr(result, what)
+    return summary.median
+
+
+def memory_growth_mb(memory: Sequence[MemoryResult], mode: str) -> tuple[float, int, int]:
+    """(peak RSS growth in MB from the smallest to the largest run, small, large)."""
+    runs = sorted((r for r in memory if r.mode == mode), key=lambda r: r.jobs)
+    if len(runs) < 2:
+        return math.nan, 0, 0
+    growth_mib = runs[-1].peak_rss_mib - runs[0].peak_rss_mib
+    return growth_mib * 1.048576, runs[0].jobs, runs[-1].jobs
+
+
+def _limiter(limiters: Sequence[LimiterResult], rate: float) -> LimiterResult | None:
+    for result in limiters:
+        if result.limiter == OUR_LIMITER and result.rate == rate:
+            return result
+    return None
+
+
+def checks(results: Results) -> list[Check]:
+    """Every target of docs/benchmarks.md, evaluated on ``results``."""
+    tp = results.throughput
+    cpu_ratio = ratio(
+        _median(tp, OURS, "cpu_us_per_request"), _median(tp, BASELINE, "cpu_us_per_request")
+    )
+    rps_ratio = ratio(_median(tp, OURS, "per_second"), _median(tp, BASELINE, "per_second"))
+    httpx_ratio = ratio(_median(tp, OURS, "per_second"), _median(tp, "httpx", "per_second"))
+    efficiency = _median(results.little, OURS, "per_second") / results.little_ceiling
+    growth, small, large = memory_growth_mb(results.memory, "stream")
+    found = [
+        _check(
+            "run_batch CPU per request vs raw aiohttp",
+            cpu_ratio,
+            "<= 1.10x",
+            lambda v: v <= 1.10,
+            f"{cpu_ratio:.2f}x",
+        ),
+        _check(
+            "run_batch throughput vs raw aiohttp",
+            rps_ratio,
+            ">= 0.95x",
+            lambda v: v >= 0.95,
+            f"{rps_ratio:.2f}x",
+        ),
+        _check(
+            "run_batch throughput vs httpx",
+            httpx_ratio,
+            ">= 5x",
+            lambda v: v >= 5,
+            f"{httpx_ratio:.1f}x",
+        ),
+        _check(
+            "run_batch Little's-law efficiency (50 ms, c=64)",
+            efficiency,
+            ">= 97%",
+            lambda v: v >= 0.97,
+            f"{efficiency:.1%}",
+        ),
+        _check(
+            f"stream() peak RSS growth {small:,} -> {large:,} jobs",
+            growth,
+            "<= 10 MB",
+            lambda v: v <= 10,
+            f"{growth:+.1f} MB",
+        ),
+    ]
+    for rate in (50.0, 200.0):
+        limiter = _limiter(results.limiters, rate)
+        error = limiter.long_run_error if limiter else math.nan
+        window = float(limiter.busiest_window) if limiter else math.nan
+        bound = rate + (limiter.burst if limiter else 1)
+
+        def within(value: float, bound: float = bound) -> bool:
+            return value <= bound
+
+        found.append(
+            _check(
+                f"rate limiter long-run error at {rate:g}/s",
+                error,
+                "<= 1%",
+                lambda v: abs(v) <= 0.01,
+                f"{error:+.2%}",
+            )
+        )
+        found.append(
+            _check(
+                f"rate limiter busiest 1 s window at {rate:g}/s",
+                window,
+                f"<= {bound:g} (rate + burst)",
+                within,
+                f"{window:.0f}",
+            )
+        )
+    codec = results.codec.median if results.codec else math.nan
+    found.append(
+        _check(
+            "codec to_payload + orjson.dumps",
+            codec,
+            ">= 200,000/s",
+            lambda v: v >= 200_000,
+            f"{codec:,.0f}/s",
+        )
+    )
+    return found
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _range(summary: Summary, scale: float = 1.0, digits: int = 0) -> str:
+    if not summary.samples:
+        return "-"
+    m, lo, hi = summary.median * scale, summary.low * scale, summary.high * scale
+    return f"{m:,.{digits}f} [{lo:,.{digits}f}-{hi:,.{digits}f}]"
+
+
+def _fmt_ratio(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}x" if math.isfinite(value) else "-"
+
+
+def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) for each part that was run."""
+    out: list[tuple[str, list[str], list[list[str]]]] = []
+    tp = results.throughput
+    if tp:
+        base_cpu = _median(tp, BASELINE, "cpu_us_per_request")
+        base_rps = _median(tp, BASELINE, "per_second")
+        rows = [
+            [
+                name,
+                _range(r.per_second),
+                _range(r.cpu_us_per_request),
+                _fmt_ratio(ratio(r.per_second.median, base_rps)),
+                _fmt_ratio(ratio(r.cpu_us_per_request.median, base_cpu)),
+                f"{r.server_busy.median:.0%}" if r.samples else "-",
+                f"{r.other_load.median:.0%}" if r.samples else "-",
+                str(len(r.samples)) + (f" ({len(r.failures)} failed)" if r.failures else ""),
+            ]
+            for name, r in tp.items()
+        ]
+        out.append(
+            (
+                "Closed loop: zero-latency server, concurrency 64 (median [min-max] of rounds)",
+                [
+                    "contender",
+                    "req/s",
+                    "client CPU us/req",
+                    "req/s vs raw",
+                    "CPU vs raw",
+                    "server CPU",
+                    "other load",
+                    "rounds",
+                ],
+                rows,
+            )
+        )
+    if results.little:
+        ceiling = results.little_ceiling
+        rows = [
+            [
+                name,
+                _range(r.per_second),
+                f"{r.per_second.median / ceiling:.1%}" if r.samples else "-",
+                str(len(r.samples)) + (f" ({len(r.failures)} failed)" if r.failures else ""),
+            ]
+            for name, r in results.little.items()
+        ]
+        out.append(
+            (
+                f"Little's law: 50 ms server, concurrency 64, ceiling {ceiling:,.0f} req/s",
+                ["contender", "req/s", "efficiency", "rounds"],
+                rows,
+            )
+        )
+    if results.open_loop:
+        base = results.open_loop.get(BASELINE)
+        base_p99 = base.p99.median if base else math.nan
+        base_p50 = base.p50.median if base else math.nan
+        rows = []
+        for name, r in results.open_loop.items():
+            added = (r.p99.median - base_p99) * 1e3
+            added50 = (r.p50.median - base_p50) * 1e3
+            rows.append(
+                [
+                    name,
+                    _range(r.p50, 1e3, 2),
+                    _range(r.p99, 1e3, 2),
+                    f"{added50:+.2f}" if math.isfinite(added50) else "-",
+                    f"{added:+.2f}" if math.isfinite(added) else "-",
+                    _range(r.max, 1e3, 1),
+                ]
+            )
+        first = next(iter(results.open_loop.values()))
+        out.append(
+            (
+                f"Open loop: {results.meta.get('open_loop_rate', '?')} req/s for "
+                f"{first.requests:,} requests per round, 20 ms server, latency from the "
+                "scheduled send (ms, median [min-max] of rounds)",
+                ["contender", "p50", "p99", "added p50", "added p99", "max"],
+                rows,
+            )
+        )
+    if results.memory:
+        sizes = sorted({r.jobs for r in results.memory})
+        rows = []
+        for mode in sorted({r.mode for r in results.memory}, reverse=True):
+            by_size = {r.jobs: r for r in results.memory if r.mode == mode}
+            growth, _, _ = memory_growth_mb(results.memory, mode)
+            rows.append(
+                [mode]
+                + [
+                    f"{by_size[n].peak_rss_mib * 1.048576:.1f}" if n in by_size else "-"
+                    for n in sizes
+                ]
+                + [f"{growth:+.1f}" if math.isfinite(growth) else "-"]
+            )
+        out.append(
+            (
+                "Peak RSS (MB) of one fresh process over N jobs from a generator, concurrency 64",
+                ["mode"] + [f"{n:,} jobs" for n in sizes] + ["growth"],
+                rows,
+            )
+        )
+    if results.limiters:
+        rows = [
+            [
+                f"{r.rate:g}/s",
+                r.limiter,
+                r.config,
+                f"{r.long_run_error:+.2%}" if math.isfinite(r.long_run_error) else "n/a",
+                f"{r.busiest_window} (bound {r.rate + r.burst - 1:g})",
+                str(r.first_second),
+            ]
+            for r in results.limiters
+        ]
+        out.append(
+            (
+                "Rate limiters: pure acquire loops; long-run rate after the first second",
+                ["rate", "limiter", "config", "long-run error", "busiest 1 s", "first 1 s"],
+                rows,
+            )
+        )
+    if results.codec is not None:
+        out.append(
+            (
+                "Codec",
+                ["what", "payloads/s"],
+                [["to_payload + orjson.dumps", _range(results.codec)]],
+            )
+        )
+    return out
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_text(results: Results) -> str:
+    parts = [f"{title}\n{_text_table(header, rows)}" for title, header, rows in tables(results)]
+    found = checks(results)
+    parts.append(
+        "Targets\n"
+        + _text_table(
+            ["", "figure", "measured", "target"],
+            [[c.verdict, c.name, c.measured, c.target] for c in found],
+        )
+    )
+    return "\n\n".join(parts)
+
+
+def _misses(found: Sequence[Check]) -> str:
+    missed = [c for c in found if c.passed is False]
+    if not missed:
+        return "Every target measured in this run passes."
+    return "Missed: " + "; ".join(f"{c.name}: {c.measured} (target {c.target})" for c in missed)
+
+
+def render_markdown(results: Results) -> str:
+    meta = results.meta
+    found = checks(results)
+    lines = [
+        "# nebula-async benchmark results",
+        "",
+        f"Run {meta.get('started_utc', '?')} ({meta.get('mode', '?')} mode, "
+        f"{meta.get('duration_s', math.nan):.0f} s) on {meta.get('cpu_model', '?')}, "
+        f"{meta.get('nproc', '?')} cores, {meta.get('ram_gib', math.nan):.1f} GiB; "
+        f"Python {meta.get('versions', {}).get('python', '?')}; "
+        f"load average {meta.get('loadavg_start', '?')} at start.",
+        "",
+        "## Targets",
+        "",
+        _md_table(
+            ["", "figure", "measured", "target"],
+            [[c.verdict, c.name, c.measured, c.target] for c in found],
+        ),
+        "",
+        _misses(found),
+    ]
+    for title, header, rows in tables(results):
+        lines += ["", f"## {title}", "", _md_table(header, rows)]
+    versions = meta.get("versions", {})
+    lines += [
+        "",
+        "## Versions",
+        "",
+        ", ".join(f"{name} {version}" for name, version in versions.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Summary):
+        return _jsonable(value.as_json())
+    if attrs.has(type(value)):
+        data = {f.name: _jsonable(getattr(value, f.name)) for f in attrs.fields(type(value))}
+        for name in (
+            "per_second",
+            "cpu_us_per_request",
+            "server_busy",
+            "other_load",
+            "long_run_error",
+        ):
+            if hasattr(type(value), name):
+                data[name] = _jsonable(getattr(value, name))
+        return data
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(results: Results, path: Path) -> None:
+    found = checks(results)
+    data = {
+        "meta": results.meta,
+        "targets": [attrs.asdict(c) | {"verdict": c.verdict} for c in found],
+        "throughput": results.throughput,
+        "littles_law": {"ceiling_per_s": results.little_ceiling, "contenders": results.little},
+        "open_loop": results.open_loop,
+        "memory": results.memory,
+        "limiters": results.limiters,
+        "codec_payloads_per_s": results.codec,
+    }
+    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")

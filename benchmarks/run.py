@@ -1,0 +1,245 @@
+"""Run every benchmark in one go: ``python -m benchmarks [--quick] [--only PART,...]``.
+
+Prints the tables and the targets (PASS/MISS), and writes
+``benchmarks/results/latest.json`` and ``latest.md``. Progress goes to stderr.
+Every part is bounded in count and in time; everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+from ._server import ROOT, ServerProcess, pin, split_cores
+from .closed_loop import run_closed_loop
+from .codec import run_codec
+from .contenders import CONTENDERS, OPEN_LOOP_CONTENDERS
+from .limiter_accuracy import run_limiters
+from .memory import run_memory
+from .open_loop import run_open_loop
+from .report import Results, render_markdown, render_text, write_json
+
+__all__ = ["PARTS", "Plan", "main"]
+
+PARTS: Final = ("throughput", "little", "open_loop", "memory", "limiters", "codec")
+CONCURRENCY: Final = 64
+LITTLE_LATENCY_S: Final = 0.05
+OPEN_LOOP_LATENCY_S: Final = 0.02
+OPEN_LOOP_RATE: Final = 300.0
+_PACKAGES: Final = (
+    "nebula-async", "aiohttp", "httpx", "httpcore", "anyio", "attrs", "cattrs", "orjson",
+    "aiometer", "aiolimiter", "multidict", "yarl",
+)  # fmt: skip
+
+
+@attrs.frozen
+class Plan:
+    """How much of everything to run; ``Plan.quick()`` fits in about two minutes."""
+
+    mode: str = "full"
+    rounds: int = 5
+    throughput_requests: int = 6_000
+    throughput_target_s: float = 3.0
+    little_waves: int = 30
+    open_loop_rounds: int = 4
+    open_loop_s: float = 4.0
+    memory_sizes: tuple[int, ...] = (10_000, 100_000)
+    limiter_s: float = 8.0
+    codec_count: int = 200_000
+    codec_repeats: int = 7
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            mode="quick",
+            rounds=3,
+            throughput_requests=2_000,
+            throughput_target_s=1.0,
+            little_waves=12,
+            open_loop_rounds=2,
+            open_loop_s=2.0,
+            memory_sizes=(2_000, 20_000),
+            limiter_s=3.0,
+            codec_count=50_000,
+            codec_repeats=5,
+        )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    server_cores, client_cores = split_cores()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "ram_gib": _ram_gib(),
+        "platform": platform.platform(),
+        "server_cores": sorted(server_cores),
+        "client_cores": sorted(client_cores),
+        "versions": _versions(),
+        "loadavg_start": _loadavg(),
+    }
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"{time.perf_counter() - self.started:6.1f}s {message}", file=sys.stderr, flush=True)
+
+
+def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Results:
+    """Run the chosen ``parts`` of ``plan``; the client side is pinned away from the server."""
+    pin(split_cores()[1])
+    results = Results(
+        meta={
+            **machine(),
+            "mode": plan.mode,
+            "plan": attrs.asdict(plan),
+            "parts": list(parts),
+            "concurrency": CONCURRENCY,
+            "open_loop_rate": OPEN_LOOP_RATE,
+            "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+    )
+    started = time.perf_counter()
+    if "throughput" in parts:
+        with ServerProcess(0.0) as server:
+            results.throughput = run_closed_loop(
+                CONTENDERS,
+                server,
+                concurrency=CONCURRENCY,
+                requests=plan.throughput_requests,
+                rounds=plan.rounds,
+                target_s=plan.throughput_target_s,
+                cap_s=60.0,
+                log=log,
+                label="throughput",
+            )
+    if "little" in parts:
+        results.little_ceiling = CONCURRENCY / LITTLE_LATENCY_S
+        with ServerProcess(LITTLE_LATENCY_S) as server:
+            results.little = run_closed_loop(
+                CONTENDERS,
+                server,
+                concurrency=CONCURRENCY,
+                requests=CONCURRENCY * plan.little_waves,
+                rounds=plan.rounds,
+                target_s=2 * plan.little_waves * LITTLE_LATENCY_S,
+                cap_s=60.0,
+                log=log,
+                label="little",
+            )
+    if "open_loop" in parts:
+        with ServerProcess(OPEN_LOOP_LATENCY_S) as server:
+            results.open_loop = run_open_loop(
+                OPEN_LOOP_CONTENDERS,
+                server.base_url,
+                concurrency=CONCURRENCY,
+                rate=OPEN_LOOP_RATE,
+                duration_s=plan.open_loop_s,
+                rounds=plan.open_loop_rounds,
+                cap_s=30.0,
+                log=log,
+            )
+    if "memory" in parts:
+        with ServerProcess(0.0) as server:
+            results.memory = run_memory(
+                server.base_url, sizes=plan.memory_sizes, cap_s=240.0, log=log
+            )
+    if "limiters" in parts:
+        results.limiters = run_limiters(
+            (50.0, 200.0), duration_s=plan.limiter_s, cap_s=plan.limiter_s * 3, log=log
+        )
+    if "codec" in parts:
+        results.codec = run_codec(count=plan.codec_count, repeats=plan.codec_repeats, log=log)
+    results.meta["duration_s"] = time.perf_counter() - started
+    results.meta["loadavg_end"] = _loadavg()
+    return results
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [part for part in chosen if part not in PARTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown}; known: {', '.join(PARTS)}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="nebula-async beside raw aiohttp, httpx and aiometer, measured in one run.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run (about two minutes)")
+    parser.add_argument(
+        "--only", type=_parts, default=PARTS, metavar="PART,...",
+        help=f"run only these parts: {', '.join(PARTS)} (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--results-dir", type=Path, default=ROOT / "benchmarks" / "results",
+        help="where latest.json and latest.md go (default: benchmarks/results)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    plan = Plan.quick() if args.quick else Plan()
+    log = _Log()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        log(f"warning: load average {load:.2f} before the run; other work skews the figures")
+    results = run(plan, args.only, log)
+    print(render_text(results))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    write_json(results, args.results_dir / "latest.json")
+    (args.results_dir / "latest.md").write_text(render_markdown(results))
+    print(f"\nwrote {args.results_dir / 'latest.json'} and {args.results_dir / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
