@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -28,7 +35,15 @@ from ._codec import from_payload
 from ._exceptions import NebulaError, ValidationError
 from ._models import GeneratedImage, ImageResult, Img2ImgRequest, Job, JobResult
 
-__all__ = ["JobInput", "aggregate", "coerce_job", "run_pipeline"]
+__all__ = [
+    "JobInput",
+    "aggregate",
+    "coerce_job",
+    "default_window",
+    "job_id_of",
+    "run_pipeline",
+    "worker_count",
+]
 
 JobInput = Job | Img2ImgRequest | Mapping[str, Any]
 _JOB_KEYS: Final = frozenset({"id", "images"})
@@ -48,15 +63,19 @@ def coerce_job(item: object, index: int) -> Job:
         return Job(item, id=str(index))
     if isinstance(item, Mapping):
         fields = {key: value for key, value in item.items() if key not in _JOB_KEYS}
-        job_id = item.get("id", str(index))
-        return Job(from_payload(fields), id=job_id, images=item.get("images"))
+        job_id = item.get("id")
+        return Job(
+            from_payload(fields),
+            id=str(index) if job_id is None else job_id,
+            images=item.get("images"),
+        )
     raise ValidationError(
         f"job {index}: expected a Job, an Img2ImgRequest or a dict, got {type(item).__name__}",
         field="job",
     )
 
 
-def _job_id_of(item: object, index: int) -> str:
+def job_id_of(item: object, index: int) -> str:
     """The best id to report for an item that could not become a Job."""
     if isinstance(item, Job) and item.id is not None:
         return item.id
@@ -123,10 +142,17 @@ async def _receive(stream: MemoryObjectReceiveStream[_T]) -> _T:
         return await stream.receive()
 
 
-async def _iterate(jobs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[object]:
+async def _iterate(jobs: Iterable[object] | AsyncIterable[object]) -> AsyncGenerator[object]:
     if isinstance(jobs, AsyncIterable):
-        async for item in jobs:
-            yield item
+        try:
+            async for item in jobs:
+                yield item
+        finally:
+            # Stopped early (break, cancel): close the caller's async generator now,
+            # in this task, rather than leave it to the garbage collector.
+            if isinstance(jobs, AsyncGenerator):
+                with anyio.CancelScope(shield=True):
+                    await jobs.aclose()
     else:
         for item in jobs:
             yield item
@@ -134,19 +160,20 @@ async def _iterate(jobs: Iterable[object] | AsyncIterable[object]) -> AsyncItera
 
 async def run_pipeline(
     jobs: Iterable[object] | AsyncIterable[object],
-    run_job: Callable[[Job], Awaitable[JobResult]],
+    run_item: Callable[[int, object], Awaitable[JobResult]],
     *,
     workers: int,
     ordered: bool,
     window: int,
     track: Callable[[asyncio.Task[None]], None],
-) -> AsyncIterator[tuple[int, JobResult]]:
+) -> AsyncGenerator[tuple[int, JobResult]]:
     """Yield ``(input index, JobResult)`` for every job, as they finish or in order.
 
-    With ``ordered=True`` at most ``window`` jobs are started beyond the oldest one
-    not yet yielded, which bounds the reorder buffer to ``window`` results.
-    An exception raised by the input iterable stops the feeding; the jobs already
-    started still finish and are yielded, then the exception is raised.
+    ``run_item(index, item)`` turns one input item into its result and never raises
+    for a bad job. With ``ordered=True`` at most ``window`` jobs are started beyond
+    the oldest one not yet yielded, which bounds the reorder buffer to ``window``
+    results. An exception raised by the input iterable stops the feeding; the jobs
+    already started still finish and are yielded, then the exception is raised.
     """
     if isinstance(jobs, str | bytes):
         raise ValidationError("jobs: expected an iterable of jobs, got a string", field="jobs")
@@ -165,14 +192,18 @@ async def run_pipeline(
     async def feed() -> None:
         async with send_jobs:
             index = 0
+            source = _iterate(jobs)
             try:
-                async for item in _iterate(jobs):
+                async for item in source:
                     if window_slots is not None:
                         await window_slots.acquire()
                     await _send(send_jobs, (index, item))
                     index += 1
             except Exception as exc:  # the caller's iterable failed: stop feeding, keep results
                 input_failure.append(exc)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await source.aclose()
 
     async def work(
         receive: MemoryObjectReceiveStream[tuple[int, object]],
@@ -184,12 +215,7 @@ async def run_pipeline(
                     index, item = await _receive(receive)
                 except anyio.EndOfStream:
                     return
-                try:
-                    job = coerce_job(item, index)
-                except ValidationError as exc:
-                    result = JobResult(job_id=_job_id_of(item, index), errors=[exc])
-                else:
-                    result = await run_job(job)
+                result = await run_item(index, item)
                 await _send(send, (index, result))
 
     async def pipeline() -> None:
@@ -201,35 +227,41 @@ async def run_pipeline(
     task = asyncio.get_running_loop().create_task(pipeline())
     track(task)
     try:
-        async with receive_results:
-            if window_slots is None:
-                while True:
-                    try:
-                        pair = await _receive(receive_results)
-                    except anyio.EndOfStream:
-                        break
-                    yield pair
-            else:
-                pending: dict[int, JobResult] = {}
-                next_index = 0
-                while True:
-                    try:
-                        index, result = await _receive(receive_results)
-                    except anyio.EndOfStream:
-                        break
-                    pending[index] = result
-                    while next_index in pending:
-                        yield next_index, pending.pop(next_index)
-                        next_index += 1
-                        window_slots.release()
-        await task  # surfaces a bug in run_job rather than hiding it
+        if window_slots is None:
+            while True:
+                try:
+                    pair = await _receive(receive_results)
+                except anyio.EndOfStream:
+                    break
+                yield pair
+        else:
+            pending: dict[int, JobResult] = {}
+            next_index = 0
+            while True:
+                try:
+                    index, result = await _receive(receive_results)
+                except anyio.EndOfStream:
+                    break
+                pending[index] = result
+                while next_index in pending:
+                    yield next_index, pending.pop(next_index)
+                    next_index += 1
+                    window_slots.release()
+        if task.cancelled():
+            raise RuntimeError("the NebulaClient was closed while this stream was running")
+        await task  # surfaces a bug in run_item rather than hiding it
         if input_failure:
             raise input_failure[0]
     finally:
+        # Stop the pipeline before closing our end of the results stream, so that no
+        # worker can find it closed (BrokenResourceError) while finishing a job.
         if not task.done():
             task.cancel()
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_GRACE_S):
                 await asyncio.wait({task})
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: raised above if it matters
+        receive_results.close()
 
 
 def default_window(max_concurrency: int) -> int:

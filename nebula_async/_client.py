@@ -15,7 +15,7 @@ import logging
 import os
 import random as _random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -24,7 +24,14 @@ import attrs
 import orjson
 
 from ._auth import Authenticator
-from ._batch import aggregate, default_window, run_pipeline, worker_count
+from ._batch import (
+    aggregate,
+    coerce_job,
+    default_window,
+    job_id_of,
+    run_pipeline,
+    worker_count,
+)
 from ._codec import payload_encoder
 from ._exceptions import (
     APIStatusError,
@@ -290,7 +297,11 @@ class NebulaClient:
     async def _submission(
         self, request: Img2ImgRequest, tally: _Tally
     ) -> ImageResult | NebulaError:
-        body = orjson.dumps(self._encode(request))
+        try:
+            body = orjson.dumps(self._encode(request))
+        except TypeError as exc:  # valid by type, yet not JSON (a set, an int over 64 bits)
+            self._counters.submissions_failed += 1
+            return ValidationError(f"request cannot be encoded as JSON: {exc}", field="request")
         try:
             result = await self._submit(body, tally)
         except NebulaError as exc:
@@ -394,6 +405,15 @@ class NebulaClient:
 
     # -- jobs and batches ----------------------------------------------------------------
 
+    async def _run_item(self, index: int, item: object) -> JobResult:
+        """One input item of a batch: a bad item fails its own job, nothing is sent."""
+        try:
+            job = coerce_job(item, index)
+        except ValidationError as exc:
+            self._counters.jobs_failed += 1
+            return JobResult(job_id=job_id_of(item, index), errors=[exc])
+        return await self._run_job(job)
+
     async def _run_job(self, job: Job) -> JobResult:
         """All submissions of one job, concurrently under the client's limits."""
         started = time.perf_counter()
@@ -418,9 +438,8 @@ class NebulaClient:
                     )
                     task_group.start_soon(one, index, request)
             outcomes = [outcome for outcome in slots if outcome is not None]
-        assert job.id is not None
         result = aggregate(
-            job.id,
+            job.id or "",
             outcomes,
             attempts=sum(t.attempts for t in tallies),
             retries=sum(t.retries for t in tallies),
@@ -440,11 +459,11 @@ class NebulaClient:
         *,
         ordered: bool,
         window: int | None,
-    ) -> AsyncIterator[tuple[int, JobResult]]:
+    ) -> AsyncGenerator[tuple[int, JobResult]]:
         self._require_open()
         return run_pipeline(
             jobs,
-            self._run_job,
+            self._run_item,
             workers=worker_count(self._max_concurrency),
             ordered=ordered,
             window=window or default_window(self._max_concurrency),
@@ -461,7 +480,7 @@ class NebulaClient:
         *,
         ordered: bool = False,
         window: int | None = None,
-    ) -> AsyncIterator[JobResult]:
+    ) -> AsyncGenerator[JobResult]:
         """Run ``jobs`` and yield a :class:`JobResult` for each as it finishes.
 
         ``jobs`` is any iterable or async iterable of :class:`Job`,
@@ -484,7 +503,7 @@ class NebulaClient:
             async for _, result in pipeline:
                 yield result
         finally:
-            await pipeline.aclose()  # type: ignore[attr-defined]
+            await pipeline.aclose()
 
     async def run_batch(
         self,
@@ -508,7 +527,7 @@ class NebulaClient:
                     if inspect.isawaitable(maybe):
                         await maybe
         finally:
-            await pipeline.aclose()  # type: ignore[attr-defined]
+            await pipeline.aclose()
         results = [by_index[index] for index in range(len(by_index))]
         latencies = sorted(result.elapsed_s for result in results)
         return BatchReport(

@@ -94,7 +94,7 @@ class GcraSchedule:
     ``burst + floor(W * rate)`` of them (at one rate).
 
     >>> s = GcraSchedule(10.0, burst=2)
-    >>> [s.reserve(0.0) for _ in range(4)]
+    >>> [round(s.reserve(0.0), 9) for _ in range(4)]
     [0.0, 0.0, 0.1, 0.2]
     """
 

@@ -120,27 +120,12 @@ def loop_errors() -> Iterator[list[dict[str, Any]]]:
         loop.set_exception_handler(previous)
 
 
-def _is_teardown_race(context: dict[str, Any]) -> bool:
-    exc = context.get("exception")
-    if not isinstance(exc, BaseExceptionGroup):
-        return False
-    _, rest = exc.split(anyio.BrokenResourceError)
-    return rest is None
-
-
 @contextmanager
-def tolerating_the_teardown_race() -> Iterator[None]:
-    """Fail on anything the loop reports, except the one known pipeline teardown race.
-
-    Leaving a stream early sometimes kills the pipeline task with
-    BrokenResourceError (see the xfail test
-    ``test_leaving_a_busy_stream_early_never_leaves_a_failed_pipeline_behind``).
-    Tests of early exits filter exactly that signature so they check their own
-    subject deterministically; any other report still fails them.
-    """
+def nothing_reported_by_the_loop() -> Iterator[None]:
+    """Fail on anything the event loop reports (e.g. a task exception never retrieved)."""
     with loop_errors() as reported:
         yield
-    assert [c for c in reported if not _is_teardown_race(c)] == []
+    assert reported == []
 
 
 # --------------------------------------------------------------------------- 1. bulk
@@ -411,7 +396,7 @@ async def test_breaking_out_of_a_million_job_stream_stops_promptly() -> None:
             yield request(f"big-{i}")
 
     before = asyncio.all_tasks()
-    with tolerating_the_teardown_race():
+    with nothing_reported_by_the_loop():
         async with MockNebulaServer(latency=(0.0, 0.005), seed=4) as server:
             async with client_for(server, max_concurrency=concurrency) as client:
                 consumed = 0
@@ -436,7 +421,7 @@ async def test_breaking_out_of_a_million_job_stream_stops_promptly() -> None:
 
 async def test_an_exception_in_the_consumer_stops_the_stream() -> None:
     before = asyncio.all_tasks()
-    with tolerating_the_teardown_race():
+    with nothing_reported_by_the_loop():
         async with MockNebulaServer(latency=(0.0, 0.005)) as server:
             async with client_for(server, max_concurrency=4) as client:
 
@@ -464,7 +449,7 @@ async def test_an_exception_in_on_result_stops_the_batch() -> None:
         if len(seen) == 25:
             raise LookupError("callback failed")
 
-    with tolerating_the_teardown_race():
+    with nothing_reported_by_the_loop():
         async with MockNebulaServer(latency=(0.0, 0.005)) as server:
             async with client_for(server, max_concurrency=4) as client:
                 with pytest.raises(LookupError, match="callback failed"):
@@ -617,7 +602,7 @@ async def test_jobs_must_be_an_iterable() -> None:
 async def test_cancelling_a_batch_returns_promptly_and_leaves_nothing_behind(api: str) -> None:
     before = asyncio.all_tasks()
     got: list[na.JobResult] = []
-    with warnings.catch_warnings(record=True) as caught, tolerating_the_teardown_race():
+    with warnings.catch_warnings(record=True) as caught, nothing_reported_by_the_loop():
         warnings.simplefilter("always")
         async with MockNebulaServer(latency=(0.2, 0.5), seed=1) as server:
             client = client_for(server, max_concurrency=16)
@@ -651,7 +636,7 @@ async def test_closing_the_client_cancels_a_stream_consumed_in_another_task() ->
     before = asyncio.all_tasks()
     got: list[na.JobResult] = []
     ending: list[BaseException | None] = []
-    with tolerating_the_teardown_race():
+    with nothing_reported_by_the_loop():
         async with MockNebulaServer(latency=(0.2, 0.5), seed=1) as server:
             client = client_for(server, max_concurrency=8)
             await client.__aenter__()
@@ -804,11 +789,6 @@ async def test_max_concurrency_is_respected_under_a_batch() -> None:
 # --------------------------------------------------------------------------- known bugs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ExceptionGroup,
-    reason="BUG: coerce_job reads {'id': None} as id None; _run_job's assert crashes the batch",
-)
 async def test_dict_with_a_null_id_gets_its_position_and_does_not_stop_the_batch() -> None:
     jobs: list[Any] = [
         {"model": MODEL, "prompt": "n0"},
@@ -823,12 +803,6 @@ async def test_dict_with_a_null_id_gets_its_position_and_does_not_stop_the_batch
     assert [r.ok for r in report.results] == [True, True, True, True]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ExceptionGroup,
-    reason="BUG: a request that validates but cannot be JSON-encoded raises TypeError "
-    "from orjson.dumps outside the error handling in _submission and crashes the batch",
-)
 @pytest.mark.parametrize(
     "bad_field",
     [{"temperature": 2**70}, {"prompt_options": {"tags": {"a", "b"}}}],
@@ -847,12 +821,6 @@ async def test_an_unencodable_request_fails_its_job_only(bad_field: dict[str, An
     assert "unencodable" not in {r.field("prompt") for r in server.requests}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: jobs refused by validation in the pipeline are not counted in "
-    "statistics().jobs_failed (only _run_job counts jobs)",
-)
 async def test_statistics_count_jobs_refused_by_validation() -> None:
     jobs: list[Any] = [{"model": MODEL, "prompt": "ok"}, {"model": MODEL, "prompt": "x", "n": 0}]
     async with MockNebulaServer() as server:
@@ -863,12 +831,6 @@ async def test_statistics_count_jobs_refused_by_validation() -> None:
     assert (stats.jobs_ok, stats.jobs_failed) == (report.succeeded, report.failed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: the pipeline never closes the caller's async iterator when it stops early; "
-    "its clean-up runs only when the garbage collector finds it, in an untracked task",
-)
 async def test_leaving_a_stream_early_closes_the_callers_async_generator() -> None:
     cleaned: list[str] = []
 
@@ -881,7 +843,7 @@ async def test_leaving_a_stream_early_closes_the_callers_async_generator() -> No
             cleaned.append("closed")
 
     source = jobs()
-    with tolerating_the_teardown_race():
+    with nothing_reported_by_the_loop():
         gc_was_enabled = gc.isenabled()
         gc.disable()  # the outcome must not depend on when the cyclic collector runs
         try:
@@ -897,13 +859,6 @@ async def test_leaving_a_stream_early_closes_the_callers_async_generator() -> No
     assert cleaned_when_client_closed == ["closed"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: leaving a stream closes the results stream before the pipeline task is "
-    "cancelled; a worker finishing a job in between gets BrokenResourceError and the "
-    "pipeline task dies with an ExceptionGroup nobody retrieves",
-)
 async def test_leaving_a_busy_stream_early_never_leaves_a_failed_pipeline_behind() -> None:
     with loop_errors() as reported:
         async with MockNebulaServer(latency=(0.0, 0.005), seed=6) as server:
