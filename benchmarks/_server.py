@@ -35,10 +35,22 @@ _START_TIMEOUT_S: Final = 20.0
 _STOP_TIMEOUT_S: Final = 10.0
 
 
+def _allowed_cores() -> frozenset[int]:
+    with contextlib.suppress(AttributeError, OSError):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset({0})
+
+
+#: The cores this process could use when it started, before :func:`pin` narrowed
+#: them: split from this, not from the current affinity, or the server would land
+#: on the client's core once the client is pinned.
+_CORES: Final = _allowed_cores()
+
+
 def split_cores() -> tuple[set[int], set[int]]:
     """(server cores, client cores): the first core for the server, the rest for the
     client; with a single core both share it."""
-    cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(_CORES)
     if len(cores) < 2:
         return set(cores), set(cores)
     return {cores[0]}, set(cores[1:])
@@ -119,6 +131,15 @@ class ServerProcess:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+
+    def affinity(self) -> set[int]:
+        """The cores the server process may run on (empty if unknown)."""
+        if self._process is None:
+            return set()
+        try:
+            return set(os.sched_getaffinity(self._process.pid))
+        except (AttributeError, OSError):
+            return set()
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the server process has used so far; 0.0 if unknown."""

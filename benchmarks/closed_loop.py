@@ -37,6 +37,7 @@ class Sample:
     cpu_s: float
     server_cpu_s: float
     machine_busy_s: float
+    round_index: int = 0
 
     @property
     def per_second(self) -> float:
@@ -149,7 +150,7 @@ def run_closed_loop(
                 failures[name].append(f"round {round_index + 1}: {message}")
                 log(f"[{label}] round {round_index + 1}/{rounds} {name}: FAILED {message}")
                 continue
-            samples[name].append(sample)
+            samples[name].append(attrs.evolve(sample, round_index=round_index))
             log(
                 f"[{label}] round {round_index + 1}/{rounds} {name:<17} "
                 f"{sample.per_second:8.0f} req/s {sample.cpu_us_per_request:7.0f} us/req "
@@ -160,6 +161,19 @@ def run_closed_loop(
         name: ClosedLoopResult(name, tuple(samples[name]), tuple(failures[name]))
         for name in contenders
     }
+
+
+def paired_ratio(result: ClosedLoopResult, baseline: ClosedLoopResult, what: str) -> float:
+    """The median over rounds of ``result``'s figure over ``baseline``'s in the same round.
+
+    Rounds sit seconds apart, so a pair shares the machine's state; on a machine
+    whose speed drifts this is steadier than the ratio of two medians.
+    """
+    base = {s.round_index: getattr(s, what) for s in baseline.samples}
+    ratios = [
+        getattr(s, what) / base[s.round_index] for s in result.samples if base.get(s.round_index)
+    ]
+    return summarize(ratios).median
 
 
 def ratio(value: float, baseline: float) -> float:

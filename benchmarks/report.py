@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 from ._stats import Summary
-from .closed_loop import ClosedLoopResult, ratio
+from .closed_loop import ClosedLoopResult, paired_ratio
 from .limiter_accuracy import LimiterResult
 from .memory import MemoryResult
 from .open_loop import OpenLoopResult
@@ -35,6 +35,7 @@ class Results:
     memory: list[MemoryResult] = attrs.Factory(list)
     limiters: list[LimiterResult] = attrs.Factory(list)
     codec: Summary | None = None
+    overhead: dict[str, tuple[Summary, Summary]] = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -65,6 +66,12 @@ def _median(results: dict[str, ClosedLoopResult], name: str, what: str) -> float
     return summary.median
 
 
+def _paired(results: dict[str, ClosedLoopResult], name: str, baseline: str, what: str) -> float:
+    if name not in results or baseline not in results:
+        return math.nan
+    return paired_ratio(results[name], results[baseline], what)
+
+
 def memory_growth_mb(memory: Sequence[MemoryResult], mode: str) -> tuple[float, int, int]:
     """(peak RSS growth in MB from the smallest to the largest run, small, large)."""
     runs = sorted((r for r in memory if r.mode == mode), key=lambda r: r.jobs)
@@ -84,11 +91,9 @@ def _limiter(limiters: Sequence[LimiterResult], rate: float) -> LimiterResult | 
 def checks(results: Results) -> list[Check]:
     """Every target of docs/benchmarks.md, evaluated on ``results``."""
     tp = results.throughput
-    cpu_ratio = ratio(
-        _median(tp, OURS, "cpu_us_per_request"), _median(tp, BASELINE, "cpu_us_per_request")
-    )
-    rps_ratio = ratio(_median(tp, OURS, "per_second"), _median(tp, BASELINE, "per_second"))
-    httpx_ratio = ratio(_median(tp, OURS, "per_second"), _median(tp, "httpx", "per_second"))
+    cpu_ratio = _paired(tp, OURS, BASELINE, "cpu_us_per_request")
+    rps_ratio = _paired(tp, OURS, BASELINE, "per_second")
+    httpx_ratio = _paired(tp, OURS, "httpx", "per_second")
     efficiency = _median(results.little, OURS, "per_second") / results.little_ceiling
     growth, small, large = memory_growth_mb(results.memory, "stream")
     found = [
@@ -121,7 +126,9 @@ def checks(results: Results) -> list[Check]:
             f"{efficiency:.1%}",
         ),
         _check(
-            f"stream() peak RSS growth {small:,} -> {large:,} jobs",
+            f"stream() peak RSS growth {small:,} -> {large:,} jobs"
+            if large
+            else "stream() peak RSS growth, smallest -> largest run",
             growth,
             "<= 10 MB",
             lambda v: v <= 10,
@@ -182,29 +189,33 @@ def _fmt_ratio(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}x" if math.isfinite(value) else "-"
 
 
+def _rounds(result: ClosedLoopResult) -> str:
+    failed = f" ({len(result.failures)} failed)" if result.failures else ""
+    return f"{len(result.samples)}{failed}"
+
+
 def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) for each part that was run."""
     out: list[tuple[str, list[str], list[list[str]]]] = []
     tp = results.throughput
     if tp:
-        base_cpu = _median(tp, BASELINE, "cpu_us_per_request")
-        base_rps = _median(tp, BASELINE, "per_second")
         rows = [
             [
                 name,
                 _range(r.per_second),
                 _range(r.cpu_us_per_request),
-                _fmt_ratio(ratio(r.per_second.median, base_rps)),
-                _fmt_ratio(ratio(r.cpu_us_per_request.median, base_cpu)),
+                _fmt_ratio(_paired(tp, name, BASELINE, "per_second")),
+                _fmt_ratio(_paired(tp, name, BASELINE, "cpu_us_per_request")),
                 f"{r.server_busy.median:.0%}" if r.samples else "-",
                 f"{r.other_load.median:.0%}" if r.samples else "-",
-                str(len(r.samples)) + (f" ({len(r.failures)} failed)" if r.failures else ""),
+                _rounds(r),
             ]
             for name, r in tp.items()
         ]
         out.append(
             (
-                "Closed loop: zero-latency server, concurrency 64 (median [min-max] of rounds)",
+                "Closed loop: zero-latency server, concurrency 64 (median [min-max] of rounds; "
+                "vs raw: median of the per-round ratios)",
                 [
                     "contender",
                     "req/s",
@@ -225,14 +236,16 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                 name,
                 _range(r.per_second),
                 f"{r.per_second.median / ceiling:.1%}" if r.samples else "-",
-                str(len(r.samples)) + (f" ({len(r.failures)} failed)" if r.failures else ""),
+                _range(r.cpu_us_per_request),
+                f"{r.other_load.median:.0%}" if r.samples else "-",
+                _rounds(r),
             ]
             for name, r in results.little.items()
         ]
         out.append(
             (
                 f"Little's law: 50 ms server, concurrency 64, ceiling {ceiling:,.0f} req/s",
-                ["contender", "req/s", "efficiency", "rounds"],
+                ["contender", "req/s", "efficiency", "client CPU us/req", "other load", "rounds"],
                 rows,
             )
         )
@@ -292,15 +305,35 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                 r.limiter,
                 r.config,
                 f"{r.long_run_error:+.2%}" if math.isfinite(r.long_run_error) else "n/a",
-                f"{r.busiest_window} (bound {r.rate + r.burst - 1:g})",
+                f"{r.busiest_window} (limit {r.rate + r.burst:g})",
                 str(r.first_second),
             ]
             for r in results.limiters
         ]
         out.append(
             (
-                "Rate limiters: pure acquire loops; long-run rate after the first second",
+                "Rate limiters: pure acquire loops; long-run rate after the first second; "
+                "limit = rate + the burst the configuration allows",
                 ["rate", "limiter", "config", "long-run error", "busiest 1 s", "first 1 s"],
+                rows,
+            )
+        )
+    if results.overhead:
+        by_hand = next(iter(results.overhead.values()))[0].median
+        rows = [
+            [
+                name,
+                _range(cpu, digits=1),
+                f"{cpu.median - by_hand:+.1f}" if math.isfinite(by_hand) else "-",
+                _fmt_ratio(paired.median),
+            ]
+            for name, (cpu, paired) in results.overhead.items()
+        ]
+        out.append(
+            (
+                "Library overhead, network left out: in-process fake transport, concurrency 64 "
+                "(CPU us/job, median [min-max] of rounds; ratio: median of per-round ratios)",
+                ["variant", "CPU us/job", "over by hand", "ratio"],
                 rows,
             )
         )
@@ -418,5 +451,9 @@ def write_json(results: Results, path: Path) -> None:
         "memory": results.memory,
         "limiters": results.limiters,
         "codec_payloads_per_s": results.codec,
+        "overhead_cpu_us_per_job": {
+            name: {"cpu_us_per_job": cpu, "ratio_to_by_hand": paired}
+            for name, (cpu, paired) in results.overhead.items()
+        },
     }
     path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")

@@ -1,7 +1,8 @@
 """Run every benchmark in one go: ``python -m benchmarks [--quick] [--only PART,...]``.
 
 Prints the tables and the targets (PASS/MISS), and writes
-``benchmarks/results/latest.json`` and ``latest.md``. Progress goes to stderr.
+``benchmarks/results/latest.json`` and ``latest.md`` (``latest-partial.*`` when
+only some parts ran). Progress goes to stderr.
 Every part is bounded in count and in time; everything listens on 127.0.0.1.
 """
 
@@ -12,6 +13,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from typing import Any, Final
 
 import attrs
 
+from ._cpu import machine_busy_seconds
 from ._server import ROOT, ServerProcess, pin, split_cores
 from .closed_loop import run_closed_loop
 from .codec import run_codec
@@ -27,11 +30,12 @@ from .contenders import CONTENDERS, OPEN_LOOP_CONTENDERS
 from .limiter_accuracy import run_limiters
 from .memory import run_memory
 from .open_loop import run_open_loop
+from .overhead import run_overhead
 from .report import Results, render_markdown, render_text, write_json
 
 __all__ = ["PARTS", "Plan", "main"]
 
-PARTS: Final = ("throughput", "little", "open_loop", "memory", "limiters", "codec")
+PARTS: Final = ("throughput", "little", "open_loop", "memory", "limiters", "codec", "overhead")
 CONCURRENCY: Final = 64
 LITTLE_LATENCY_S: Final = 0.05
 OPEN_LOOP_LATENCY_S: Final = 0.02
@@ -47,16 +51,18 @@ class Plan:
     """How much of everything to run; ``Plan.quick()`` fits in about two minutes."""
 
     mode: str = "full"
-    rounds: int = 5
+    rounds: int = 7
     throughput_requests: int = 6_000
-    throughput_target_s: float = 3.0
+    throughput_target_s: float = 2.0
     little_waves: int = 30
-    open_loop_rounds: int = 4
+    open_loop_rounds: int = 3
     open_loop_s: float = 4.0
     memory_sizes: tuple[int, ...] = (10_000, 100_000)
     limiter_s: float = 8.0
     codec_count: int = 200_000
     codec_repeats: int = 7
+    overhead_jobs: int = 10_000
+    overhead_rounds: int = 7
 
     @classmethod
     def quick(cls) -> Plan:
@@ -66,12 +72,14 @@ class Plan:
             throughput_requests=2_000,
             throughput_target_s=1.0,
             little_waves=12,
-            open_loop_rounds=2,
+            open_loop_rounds=1,
             open_loop_s=2.0,
-            memory_sizes=(2_000, 20_000),
-            limiter_s=3.0,
+            memory_sizes=(1_000, 10_000),
+            limiter_s=2.5,
             codec_count=50_000,
             codec_repeats=5,
+            overhead_jobs=5_000,
+            overhead_rounds=3,
         )
 
 
@@ -105,11 +113,29 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _client_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return []
+
+
 def _loadavg() -> str:
     try:
         return " ".join(f"{value:.2f}" for value in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def _git(*args: str) -> str:
+    """Read-only git queries (which commit, which files differ); '' when unavailable."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip()
 
 
 def machine() -> dict[str, Any]:
@@ -123,6 +149,8 @@ def machine() -> dict[str, Any]:
         "client_cores": sorted(client_cores),
         "versions": _versions(),
         "loadavg_start": _loadavg(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_changed_files": _git("status", "--porcelain", "--", "nebula_async").splitlines(),
     }
 
 
@@ -151,6 +179,7 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
     started = time.perf_counter()
     if "throughput" in parts:
         with ServerProcess(0.0) as server:
+            log(f"server pinned to cores {sorted(server.affinity())}, client to {_client_cores()}")
             results.throughput = run_closed_loop(
                 CONTENDERS,
                 server,
@@ -199,6 +228,10 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
         )
     if "codec" in parts:
         results.codec = run_codec(count=plan.codec_count, repeats=plan.codec_repeats, log=log)
+    if "overhead" in parts:
+        results.overhead = run_overhead(
+            jobs=plan.overhead_jobs, rounds=plan.overhead_rounds, log=log
+        )
     results.meta["duration_s"] = time.perf_counter() - started
     results.meta["loadavg_end"] = _loadavg()
     return results
@@ -229,15 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
     log = _Log()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > 0.5:
-        log(f"warning: load average {load:.2f} before the run; other work skews the figures")
+    busy = machine_busy_seconds()
+    time.sleep(1.0)
+    busy = machine_busy_seconds() - busy
+    if busy > 0.25:
+        log(f"warning: {busy:.2f} cores busy with other work just before the run; it skews figures")
     results = run(plan, args.only, log)
     print(render_text(results))
+    # A run of some parts only must not overwrite the record of a whole run.
+    stem = "latest" if set(args.only) == set(PARTS) else "latest-partial"
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    write_json(results, args.results_dir / "latest.json")
-    (args.results_dir / "latest.md").write_text(render_markdown(results))
-    print(f"\nwrote {args.results_dir / 'latest.json'} and {args.results_dir / 'latest.md'}")
+    json_path, md_path = args.results_dir / f"{stem}.json", args.results_dir / f"{stem}.md"
+    write_json(results, json_path)
+    md_path.write_text(render_markdown(results))
+    print(f"\nwrote {json_path} and {md_path}")
     return 0
 
 
