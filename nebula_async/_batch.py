@@ -177,6 +177,14 @@ async def run_pipeline(
     """
     if isinstance(jobs, str | bytes):
         raise ValidationError("jobs: expected an iterable of jobs, got a string", field="jobs")
+    if isinstance(jobs, Mapping):
+        # Iterating a dict yields its keys: almost surely one job passed as the list.
+        raise ValidationError(
+            "jobs: expected an iterable of jobs, got a mapping (one job? wrap it in a list)",
+            field="jobs",
+        )
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValidationError(f"window: must be an integer >= 1, got {window!r}", field="window")
     if not isinstance(jobs, Iterable | AsyncIterable):
         raise ValidationError(
             f"jobs: expected an iterable or async iterable, got {type(jobs).__name__}",

@@ -55,6 +55,7 @@ from ._protocol import (
     IMG2IMG_PATH,
     JSON_HEADERS,
     HttpRequest,
+    authorization_value,
     decipher_img2img,
     normalize_base_url,
 )
@@ -67,9 +68,29 @@ __all__ = ["NebulaClient"]
 # Log records carry error classes, messages and delays: never a header or a secret.
 _log = logging.getLogger("nebula_async")
 
-# A caller may repeat after a refused token at most this often (the stale-token
-# repeat plus one re-login of its own), so a token refused at once never loops.
-_MAX_AUTH_REPEATS: Final = 2
+# After a refused token a caller logs in again itself at most once; it may also
+# repeat this often with a token another caller fetched, so that a service
+# refusing every token never loops.
+_MAX_STALE_REPEATS: Final = 3
+
+
+def _detach(error: BaseException) -> None:
+    """Drop the tracebacks of a stored error and its causes.
+
+    A traceback pins every frame it passed through, request bodies (data: URIs of
+    megabytes) included, for as long as the result is kept.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current.__context__ = None if current.__cause__ is not None else current.__context__
+        current = current.__cause__ or current.__context__
+
+
+def _closed_error() -> RuntimeError:
+    return RuntimeError("NebulaClient was closed while this request was retrying")
 
 
 class _Tally:
@@ -125,8 +146,8 @@ class NebulaClient:
 
     Credentials: ``token`` (with or without ``Bearer ``), or ``username`` and
     ``password`` to log in through getToken (both may be given: the token is used
-    first, the login renews it). Unset, they come from ``NEBULA_TOKEN``,
-    ``NEBULA_USERNAME`` and ``NEBULA_PASSWORD``; ``base_url`` from
+    first, the login renews it). Each one not passed comes from its variable,
+    ``NEBULA_TOKEN``, ``NEBULA_USERNAME`` or ``NEBULA_PASSWORD``; ``base_url`` from
     ``NEBULA_BASE_URL``. Secrets never appear in a repr, a log line or an error.
     """
 
@@ -144,11 +165,21 @@ class NebulaClient:
         payload_style: str = "dotted",
         random: Callable[[], float] | None = None,
     ) -> None:
-        if token is None and username is None and password is None:
+        # Each credential falls back to its own variable: a token passed in code may
+        # still be renewed by a login whose password comes from the environment.
+        if token is None:
             token = _env("NEBULA_TOKEN")
-            username, password = _env("NEBULA_USERNAME"), _env("NEBULA_PASSWORD")
+        if username is None:
+            username = _env("NEBULA_USERNAME")
+        if password is None:
+            password = _env("NEBULA_PASSWORD")
         if (username is None) != (password is None):
-            raise ValidationError("username and password must be given together", field="password")
+            missing = "password" if password is None else "username"
+            raise ValidationError(
+                f"username and password must be given together: {missing} is missing "
+                f"(pass {missing}= or set NEBULA_{missing.upper()})",
+                field=missing,
+            )
         if not token and username is None:
             raise ValidationError(
                 "no credentials: pass token= or username=/password=, or set NEBULA_TOKEN "
@@ -169,6 +200,8 @@ class NebulaClient:
             raise ValidationError(f"retry: must be a RetryPolicy, got {retry!r}", field="retry")
         self._base_url = normalize_base_url(base_url or _env("NEBULA_BASE_URL") or DEFAULT_BASE_URL)
         self._url = self._base_url + IMG2IMG_PATH
+        if token:
+            authorization_value(token)  # a bad token fails here, not mid-batch
         self._token = token or None
         self._username = username
         self._password = password
@@ -318,13 +351,18 @@ class NebulaClient:
             self._headers_for = authorization
         return self._headers
 
-    async def _exchange(self, body: bytes) -> tuple[RawResponse, int, float]:
-        """One HTTP attempt under the limits: (response, token generation, send time)."""
+    async def _exchange(self, body: bytes, tally: _Tally) -> tuple[RawResponse, int, float]:
+        """One HTTP attempt under the limits: (response, token generation, send time).
+
+        The attempt is counted only once it is about to be sent.
+        """
         assert self._concurrency is not None
         assert self._gate is not None
         assert self._auth is not None
         counters = self._counters
         concurrency = self._concurrency
+        gate = self._gate
+        rate = self._rate
         # Fast path without a checkpoint (an extra event-loop round trip per request);
         # the send below is the cancellation point.
         try:
@@ -332,11 +370,22 @@ class NebulaClient:
         except anyio.WouldBlock:
             await concurrency.acquire()
         try:
-            if self._gate.is_paused():
-                await self._gate.wait()
-            sent_at = await self._rate.acquire() if self._rate is not None else 0.0
+            if gate.is_paused():
+                await gate.wait()
+            sent_at = 0.0
+            if rate is not None:
+                sent_at = await rate.acquire()
+                # A Retry-After may have come in while this caller waited for its slot:
+                # the slot is forfeited (erring slow) and a new one taken after the pause.
+                while gate.is_paused():
+                    await gate.wait()
+                    sent_at = await rate.acquire()
             authorization, generation = await self._auth.authorization()
+            if self._state != "open":
+                raise _closed_error()
             request = HttpRequest("POST", self._url, self._request_headers(authorization), body)
+            tally.attempts += 1
+            counters.attempts += 1
             counters.in_flight += 1
             try:
                 response = await self._transport.send(request)
@@ -346,58 +395,74 @@ class NebulaClient:
             concurrency.release()
         return response, generation, sent_at
 
+    def _pause(self, seconds: float) -> None:
+        """Honour a ``Retry-After``: hold every caller, and push the rate schedule past it."""
+        assert self._gate is not None
+        self._gate.pause_for(seconds)
+        if self._rate is not None:
+            self._rate.defer_until(self._gate.resume_at)
+
     async def _submit(self, body: bytes, tally: _Tally) -> ImageResult:
         """Attempt until success, a final error, or attempts run out."""
-        assert self._auth is not None
-        assert self._gate is not None
+        auth = self._auth
+        assert auth is not None
         counters = self._counters
-        counted_attempts = 0  # attempts that use up max_attempts (re-login repeats do not)
-        auth_repeats = 0
+        policy = self._retry
+        counted_attempts = 0  # tries that use up max_attempts (re-login repeats do not)
+        logged_in = False  # this call logs in again at most once
+        stale_repeats = 0
         while True:
-            tally.attempts += 1
-            counters.attempts += 1
+            if self._state != "open":
+                raise _closed_error()
             counted_attempts += 1
             generation: int | None = None
             sent_at = 0.0
             try:
-                (status, headers, data), generation, sent_at = await self._exchange(body)
+                (status, headers, data), generation, sent_at = await self._exchange(body, tally)
                 return decipher_img2img(status, headers, data)
             except AuthenticationError as exc:
                 error: NebulaError = exc
-                if (
-                    exc.effective_code == 401
-                    and generation is not None
-                    and self._auth.can_login
-                    and auth_repeats < _MAX_AUTH_REPEATS
-                ):
-                    auth_repeats += 1
-                    counted_attempts -= 1
-                    _log.info("token refused (%s); logging in again", exc.msg or exc.status_code)
-                    try:
-                        await self._auth.refresh(generation)
-                    except AuthenticationError:
-                        raise
-                    except NebulaError as login_error:
-                        error = login_error  # a transient login failure: retry below
-                    else:
+                if exc.effective_code == 401 and generation is not None and auth.can_login:
+                    auth.mark_refused(generation)
+                    if auth.is_current(generation) and not logged_in:
+                        _log.info("token refused (%s); logging in again", exc.msg or exc.code)
+                        try:
+                            logged_in = await auth.refresh(generation)
+                        except AuthenticationError:
+                            raise
+                        except NebulaError as login_error:
+                            error = login_error  # a transient login failure: retry below
+                        else:
+                            # False: another caller logged in meanwhile (a stale repeat).
+                            if logged_in or stale_repeats < _MAX_STALE_REPEATS:
+                                stale_repeats += not logged_in
+                                counted_attempts -= 1
+                                continue
+                    elif not auth.is_current(generation) and stale_repeats < _MAX_STALE_REPEATS:
+                        # Another caller already logged in again: repeat with its token.
+                        stale_repeats += 1
+                        counted_attempts -= 1
                         continue
             except NebulaError as exc:
                 error = exc
 
-            if isinstance(error, APIStatusError) and error.effective_code == 429:
-                tally.rate_limited += 1
-                counters.rate_limited += 1
-                if self._rate is not None and generation is not None:
-                    self._rate.on_rate_limited(sent_at)
+            retry_after: float | None = None
+            if isinstance(error, APIStatusError):
+                retry_after = error.retry_after
+                if error.effective_code == 429:
+                    tally.rate_limited += 1
+                    counters.rate_limited += 1
+                    if self._rate is not None and generation is not None:
+                        self._rate.on_rate_limited(sent_at)
+            if retry_after is not None and retry_after <= policy.retry_after_max:
+                # The service asked every caller to wait, whether or not this one retries.
+                self._pause(retry_after)
             decision = decide_retry(
-                error, attempts_made=counted_attempts, policy=self._retry, random=self._random
+                error, attempts_made=counted_attempts, policy=policy, random=self._random
             )
             if not decision.retry:
                 _log.debug("giving up: %s (%s)", decision.reason, error)
                 raise error
-            retry_after = error.retry_after if isinstance(error, APIStatusError) else None
-            if retry_after is not None:
-                self._gate.pause_for(retry_after)
             tally.retries += 1
             counters.retries += 1
             _log.debug("retrying in %.3fs: %s (%s)", decision.delay, decision.reason, error)
@@ -405,10 +470,25 @@ class NebulaClient:
 
     # -- jobs and batches ----------------------------------------------------------------
 
-    async def _run_item(self, index: int, item: object) -> JobResult:
-        """One input item of a batch: a bad item fails its own job, nothing is sent."""
+    async def _run_item(
+        self, index: int, item: object, seen_ids: set[str] | None = None
+    ) -> JobResult:
+        """One input item of a batch: a bad item fails its own job, nothing is sent.
+
+        With ``seen_ids``, a job whose id came earlier in the batch is refused too:
+        its URLs would merge with the other job's in ``BatchReport.urls_by_job``.
+        """
         try:
             job = coerce_job(item, index)
+            if seen_ids is not None:
+                job_id = job.id or ""
+                if job_id in seen_ids:
+                    raise ValidationError(
+                        f"job {index}: id {job_id!r} is already used by an earlier job "
+                        "of this batch; ids must be unique",
+                        field="id",
+                    )
+                seen_ids.add(job_id)
         except ValidationError as exc:
             self._counters.jobs_failed += 1
             return JobResult(job_id=job_id_of(item, index), errors=[exc])
@@ -427,17 +507,23 @@ class NebulaClient:
             outcomes.append(await self._submission(request, tallies[0]))
         else:
             slots: list[ImageResult | NebulaError | None] = [None] * len(sizes)
+            pending = iter(enumerate(sizes))
 
-            async def one(index: int, request: Img2ImgRequest) -> None:
-                slots[index] = await self._submission(request, tallies[index])
-
-            async with anyio.create_task_group() as task_group:
-                for index, size in enumerate(sizes):
+            async def submit_pending() -> None:
+                # Shared iterator: a job of 1,000 submissions runs on a few tasks, not 1,000.
+                for index, size in pending:
                     request = (
                         job.request if size == job.request.n else attrs.evolve(job.request, n=size)
                     )
-                    task_group.start_soon(one, index, request)
+                    slots[index] = await self._submission(request, tallies[index])
+
+            async with anyio.create_task_group() as task_group:
+                for _ in range(min(len(sizes), self._max_concurrency)):
+                    task_group.start_soon(submit_pending)
             outcomes = [outcome for outcome in slots if outcome is not None]
+        for outcome in outcomes:
+            if isinstance(outcome, NebulaError):
+                _detach(outcome)
         result = aggregate(
             job.id or "",
             outcomes,
@@ -459,14 +545,15 @@ class NebulaClient:
         *,
         ordered: bool,
         window: int | None,
+        run_item: Callable[[int, object], Awaitable[JobResult]] | None = None,
     ) -> AsyncGenerator[tuple[int, JobResult]]:
         self._require_open()
         return run_pipeline(
             jobs,
-            self._run_item,
+            run_item or self._run_item,
             workers=worker_count(self._max_concurrency),
             ordered=ordered,
-            window=window or default_window(self._max_concurrency),
+            window=default_window(self._max_concurrency) if window is None else window,
             track=self._track,
         )
 
@@ -514,11 +601,18 @@ class NebulaClient:
         """Run every job and return a :class:`BatchReport` with results in input order.
 
         ``on_result`` (plain or async function) is called as each job finishes,
-        for progress or to write results out as they come.
+        for progress or to write results out as they come. Job ids must be unique
+        within a batch (they key ``BatchReport.urls_by_job``): a job repeating an
+        earlier id fails with a :class:`ValidationError` on ``id`` and is not sent.
         """
         started = time.perf_counter()
         by_index: dict[int, JobResult] = {}
-        pipeline = self._pipeline(jobs, ordered=False, window=None)
+        seen_ids: set[str] = set()
+
+        def run_item(index: int, item: object) -> Awaitable[JobResult]:
+            return self._run_item(index, item, seen_ids)
+
+        pipeline = self._pipeline(jobs, ordered=False, window=None, run_item=run_item)
         try:
             async for index, result in pipeline:
                 by_index[index] = result

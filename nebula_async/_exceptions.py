@@ -37,7 +37,21 @@ __all__ = [
 
 
 class NebulaError(Exception):
-    """Base class of every error raised by nebula-async."""
+    """Base class of every error raised by nebula-async.
+
+    Every one pickles with its attributes (for multiprocessing and task queues).
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # The default rebuilds with cls(*args), which our keyword-only fields break.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[NebulaError], args: tuple[object, ...], state: dict[str, object]) -> object:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ValidationError(NebulaError, ValueError):

@@ -182,6 +182,23 @@ class GcraSchedule:
         self._tau = (self._burst - 1) * interval
         self._last_slot = math.nan  # the give-back arithmetic was for the old interval
 
+    def defer_until(self, until: float) -> None:
+        """Hand out no new slot before ``until`` (a server-requested pause).
+
+        The schedule resumes at ``until`` as if busy up to then, without a burst:
+        right after a ``Retry-After`` is no time to spend banked credit.
+        Slots already handed out are not moved.
+
+        >>> s = GcraSchedule(10.0, burst=3)
+        >>> s.defer_until(5.0)
+        >>> [round(s.reserve(1.0), 9) for _ in range(2)]
+        [5.0, 5.1]
+        """
+        busy_until = until + self._tau
+        if self._tat < busy_until:
+            self._tat = busy_until
+            self._last_slot = math.nan
+
     def horizon(self, now: float) -> float:
         """The latest slot handed out so far, or ``now`` if that is later."""
         return self._latest if self._latest > now else now
@@ -370,6 +387,10 @@ class RateLimiter:
         schedule = self._schedule
         if self._adaptive.on_rate_limited(sent_at, now, horizon=schedule.horizon(now)):
             schedule.set_rate(self._adaptive.rate_at(now), now)
+
+    def defer_until(self, until: float) -> None:
+        """Hand out no slot before ``until`` per ``clock`` (a ``Retry-After`` pause)."""
+        self._schedule.defer_until(until)
 
     def statistics(self) -> RateLimiterStatistics:
         """A snapshot of the counters."""

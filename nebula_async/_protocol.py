@@ -28,6 +28,7 @@ from ._exceptions import (
     RateLimitError,
     ResponseDecodeError,
     ServerError,
+    ValidationError,
 )
 from ._models import ImageResult
 
@@ -52,6 +53,17 @@ LOGIN_PATH: Final = "/prod-api/v3/auth/getToken"
 JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
 _SNIPPET = 200
 _TAGS = re.compile(r"<[^>]+>")
+# C0 controls and DEL: a CR or LF in a header value would split the HTTP message.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def _redacted_headers(headers: Mapping[str, str]) -> str:
+    shown = {
+        name: "<redacted>" if name.lower() in _SECRET_HEADERS else value
+        for name, value in headers.items()
+    }
+    return repr(shown)
 _SPACES = re.compile(r"\s+")
 
 
@@ -61,16 +73,27 @@ class HttpRequest:
 
     method: str
     url: str
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] = attrs.field(repr=_redacted_headers)
     body: bytes = attrs.field(repr=lambda body: f"<{len(body)} bytes>")
 
 
 def normalize_base_url(base_url: str) -> str:
-    """``https://host/`` -> ``https://host``; only http(s) URLs are accepted."""
-    from ._exceptions import ValidationError
+    """``https://host/`` -> ``https://host``; only http(s) URLs without credentials.
 
-    url = base_url.strip().rstrip("/")
-    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url, re.IGNORECASE):
+    >>> normalize_base_url("https://ai-nebula.com/")
+    'https://ai-nebula.com'
+    """
+    url = base_url.strip().rstrip("/") if isinstance(base_url, str) else ""
+    match = re.fullmatch(r"(https?://)([^\s/?#]+)((?:/[^\s?#]*)?)", url, re.IGNORECASE)
+    if match is not None and "@" in match.group(2):
+        # Never echo it: the part before "@" is a secret.
+        shown = match.group(1) + "***@" + match.group(2).rpartition("@")[2] + match.group(3)
+        raise ValidationError(
+            f"base_url: must not hold credentials (user:password@host), got {shown!r}; "
+            "pass username= and password= instead",
+            field="base_url",
+        )
+    if match is None:
         raise ValidationError(
             f"base_url: must be an http(s) URL, got {base_url!r}", field="base_url"
         )
@@ -80,12 +103,21 @@ def normalize_base_url(base_url: str) -> str:
 def authorization_value(token: str) -> str:
     """The ``Authorization`` header for a token given with or without ``Bearer ``.
 
+    A token that is empty or holds control characters (a CR or LF would split
+    the HTTP message) is a :class:`ValidationError` naming ``token``.
+
     >>> authorization_value("abc"), authorization_value("Bearer abc")
     ('Bearer abc', 'Bearer abc')
     """
-    token = token.strip()
+    token = token.strip() if isinstance(token, str) else ""
     if token[:7].lower() == "bearer ":
         token = token[7:].lstrip()
+    if not token or _CONTROL.search(token):
+        raise ValidationError(
+            "token: must be a non-empty string without control characters "
+            "(a line break or tab inside the token?)",
+            field="token",
+        )
     return "Bearer " + token
 
 
@@ -201,6 +233,11 @@ def _envelope(
     raw_msg = envelope.get("msg") if is_object else None
     msg = raw_msg if isinstance(raw_msg, str) else ("" if is_object else _snippet(body))
 
+    if 300 <= status < 400:
+        # Redirects are not followed: a POST must not turn into a GET elsewhere, nor
+        # carry the token to another host.
+        location = _header(headers, "Location") or "no Location"
+        msg = f"redirected to {location[:_SNIPPET]}; set base_url to the final address"
     if not 200 <= status < 300:
         raise _status_error(status, code, msg, headers, now)
     if problem is not None:
@@ -264,10 +301,13 @@ def decipher_login(
                 msg=exc.msg,
             ) from None
         raise
-    if not isinstance(data, str) or not data.strip():
-        raise ResponseDecodeError(
-            "malformed login answer: expected the token string @ $.data",
-            status_code=status,
-            path="$.data",
-        )
-    return authorization_value(data)
+    if isinstance(data, str):
+        try:
+            return authorization_value(data)
+        except ValidationError:
+            pass
+    raise ResponseDecodeError(
+        "malformed login answer: expected the token string (no control characters) @ $.data",
+        status_code=status,
+        path="$.data",
+    )

@@ -2,7 +2,8 @@
 
 What is retried (DESIGN section 4): connection errors, timeouts, HTTP
 408/429/500/502/503/504, body codes 429 and 5xx, and malformed answers. Never a
-refusal of the request itself (400, 403, 422...) nor a ``ValidationError``.
+refusal of the request itself (400, 403, 422...), an ``AuthenticationError`` or
+a ``ValidationError``.
 With ``retry_ambiguous=False`` only failures where the request surely was not
 processed are repeated (a failed connect, 429, 503): a generation that may have
 run would be billed twice.
@@ -24,6 +25,7 @@ import attrs
 from ._exceptions import (
     APIConnectionError,
     APIStatusError,
+    AuthenticationError,
     NebulaError,
     ResponseDecodeError,
 )
@@ -47,6 +49,10 @@ class RetryDecision:
 
 def _classify(error: NebulaError) -> tuple[bool, bool]:
     """(retryable at all, surely not processed by the server)."""
+    if isinstance(error, AuthenticationError):
+        # Refused credentials stay refused, whatever code the backend chose for them
+        # (a refused login may say 500); a 401 re-login is the client's business.
+        return False, False
     if isinstance(error, APIConnectionError):
         return True, not error.request_sent
     if isinstance(error, ResponseDecodeError):

@@ -17,7 +17,7 @@ from typing import Final
 import aiohttp
 import anyio
 
-from ._exceptions import APIConnectionError, APITimeoutError
+from ._exceptions import APIConnectionError, APITimeoutError, ValidationError
 from ._models import Timeout
 from ._protocol import HttpRequest
 
@@ -71,7 +71,11 @@ class AiohttpTransport:
             # times more per attempt, and this sits on the hot path.
             async with asyncio.timeout(self._attempt_timeout):
                 async with session.request(
-                    request.method, request.url, data=request.body, headers=request.headers
+                    request.method,
+                    request.url,
+                    data=request.body,
+                    headers=request.headers,
+                    allow_redirects=False,
                 ) as response:
                     body = await response.read()
                     return response.status, response.headers, body
@@ -88,3 +92,11 @@ class AiohttpTransport:
             raise APIConnectionError(
                 f"connection failed: {type(exc).__name__}: {exc}".rstrip(": ")
             ) from exc
+        except ValueError as exc:
+            # aiohttp refuses, before sending, a header or URL it cannot write. Its
+            # message may quote the header, so it is not passed on (secrets).
+            raise ValidationError(
+                "request cannot be sent: a header or the URL holds characters HTTP "
+                f"cannot carry ({type(exc).__name__})",
+                field="request",
+            ) from None
