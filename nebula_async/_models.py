@@ -380,8 +380,15 @@ class BatchReport:
 
     @property
     def urls_by_job(self) -> dict[str, list[str]]:
-        """Job id -> the job's URLs, in input order."""
-        return {result.job_id: list(result.urls) for result in self.results}
+        """Job id -> the job's URLs, in input order.
+
+        Ids are unique within a batch (``run_batch`` refuses a repeated id without
+        sending it); should results be combined by hand, the first one of an id wins.
+        """
+        by_job: dict[str, list[str]] = {}
+        for result in self.results:
+            by_job.setdefault(result.job_id, list(result.urls))
+        return by_job
 
     @property
     def succeeded(self) -> int:

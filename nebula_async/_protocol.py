@@ -64,6 +64,8 @@ def _redacted_headers(headers: Mapping[str, str]) -> str:
         for name, value in headers.items()
     }
     return repr(shown)
+
+
 _SPACES = re.compile(r"\s+")
 
 
@@ -110,7 +112,7 @@ def authorization_value(token: str) -> str:
     ('Bearer abc', 'Bearer abc')
     """
     token = token.strip() if isinstance(token, str) else ""
-    if token[:7].lower() == "bearer ":
+    if token[:7].lower() == "bearer " or token.lower() == "bearer":
         token = token[7:].lstrip()
     if not token or _CONTROL.search(token):
         raise ValidationError(
