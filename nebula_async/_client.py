@@ -149,6 +149,10 @@ class NebulaClient:
     first, the login renews it). Each one not passed comes from its variable,
     ``NEBULA_TOKEN``, ``NEBULA_USERNAME`` or ``NEBULA_PASSWORD``; ``base_url`` from
     ``NEBULA_BASE_URL``. Secrets never appear in a repr, a log line or an error.
+
+    ``trust_env=True`` lets aiohttp take proxies from ``HTTP_PROXY`` /
+    ``HTTPS_PROXY`` / ``NO_PROXY`` (and ``~/.netrc``), as behind a corporate proxy;
+    off by default, so that an environment variable never reroutes the token.
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class NebulaClient:
         retry: RetryPolicy | None = None,
         timeout: float | Timeout | None = 120.0,
         payload_style: str = "dotted",
+        trust_env: bool = False,
         random: Callable[[], float] | None = None,
     ) -> None:
         # Each credential falls back to its own variable: a token passed in code may
@@ -221,7 +226,7 @@ class NebulaClient:
         # One connection beyond the cap for a re-login, which runs outside a slot:
         # requests never wait in aiohttp's pool, so the attempt timeout never counts a wait.
         self._transport = AiohttpTransport(
-            connection_limit=max_concurrency + 1, timeout=self._timeout
+            connection_limit=max_concurrency + 1, timeout=self._timeout, trust_env=trust_env
         )
         self._auth: Authenticator | None = None
         self._concurrency: anyio.CapacityLimiter | None = None

@@ -31,8 +31,9 @@ RawResponse = tuple[int, Mapping[str, str], bytes]
 class AiohttpTransport:
     """Sends :class:`HttpRequest` objects over one aiohttp session."""
 
-    def __init__(self, *, connection_limit: int, timeout: Timeout) -> None:
+    def __init__(self, *, connection_limit: int, timeout: Timeout, trust_env: bool = False) -> None:
         self._connection_limit = connection_limit
+        self._trust_env = trust_env
         self._attempt_timeout = timeout.attempt
         self._client_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeout.connect, sock_read=timeout.read
@@ -51,6 +52,7 @@ class AiohttpTransport:
             timeout=self._client_timeout,
             headers={"User-Agent": USER_AGENT},
             raise_for_status=False,
+            trust_env=self._trust_env,
         )
 
     async def aclose(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -341,3 +342,34 @@ def test_every_exception_pickles_with_its_fields(error: na.NebulaError) -> None:
     assert type(copy) is type(error)
     assert str(copy) == str(error)
     assert vars(copy) == vars(error)
+
+
+async def test_trust_env_sends_through_the_proxy_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen_by_proxy: list[str] = []
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        # A forward proxy gets the absolute URL; this one answers in the target's place.
+        seen_by_proxy.append(str(request.url))
+        await request.read()
+        return web.json_response(OK_BODY)
+
+    async with tiny_server({SUBMIT: proxy}) as (proxy_url, _):
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        # A loopback port nobody listens on: only the proxy can answer for it.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            target = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        async with client_for(target, trust_env=True) as client:
+            result = await client.img2img(REQUEST)
+        assert result.urls == ["https://x/1.png"]
+        assert seen_by_proxy == [target + SUBMIT]
+        async with client_for(
+            target, trust_env=False, retry=na.RetryPolicy(max_attempts=1)
+        ) as client:
+            with pytest.raises(na.APIConnectionError):
+                await client.img2img(REQUEST)
+        assert len(seen_by_proxy) == 1
