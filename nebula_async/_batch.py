@@ -29,6 +29,7 @@ from collections.abc import (
 from typing import Any, Final, TypeVar
 
 import anyio
+import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._codec import from_payload
@@ -37,6 +38,7 @@ from ._models import GeneratedImage, ImageResult, Img2ImgRequest, Job, JobResult
 
 __all__ = [
     "JobInput",
+    "RefusedItem",
     "aggregate",
     "coerce_job",
     "default_window",
@@ -50,6 +52,14 @@ _JOB_KEYS: Final = frozenset({"id", "images"})
 # Closing a cancelled pipeline is prompt (aiohttp aborts at once); this only
 # guards against a run_job that ignores cancellation.
 _CLOSE_GRACE_S: Final = 10.0
+
+
+@attrs.frozen
+class RefusedItem:
+    """An input item refused as it was read (``admit``): fails as its job, unsent."""
+
+    job_id: str
+    error: ValidationError
 
 
 def coerce_job(item: object, index: int) -> Job:
@@ -166,8 +176,13 @@ async def run_pipeline(
     ordered: bool,
     window: int,
     track: Callable[[asyncio.Task[None]], None],
+    admit: Callable[[int, object], object] | None = None,
 ) -> AsyncGenerator[tuple[int, JobResult]]:
     """Yield ``(input index, JobResult)`` for every job, as they finish or in order.
+
+    ``admit(index, item)``, if given, sees every item in input order as it is read
+    and returns what the workers get in its place (a check that needs input order,
+    such as refusing a repeated id, belongs here, not in the workers).
 
     ``run_item(index, item)`` turns one input item into its result and never raises
     for a bad job. With ``ordered=True`` at most ``window`` jobs are started beyond
@@ -203,6 +218,8 @@ async def run_pipeline(
             source = _iterate(jobs)
             try:
                 async for item in source:
+                    if admit is not None:
+                        item = admit(index, item)
                     if window_slots is not None:
                         await window_slots.acquire()
                     await _send(send_jobs, (index, item))

@@ -25,6 +25,7 @@ import orjson
 
 from ._auth import Authenticator
 from ._batch import (
+    RefusedItem,
     aggregate,
     coerce_job,
     default_window,
@@ -232,6 +233,7 @@ class NebulaClient:
         self._concurrency: anyio.CapacityLimiter | None = None
         self._rate: RateLimiter | None = None
         self._gate: PauseGate | None = None
+        self._closed: anyio.Event | None = None
 
     def __repr__(self) -> str:
         rate = "None" if self._rate_limit is None else f"{self._rate_limit.per_second:g}/s"
@@ -248,8 +250,14 @@ class NebulaClient:
         if self._state != "new":
             raise RuntimeError(f"this NebulaClient is {self._state}; create a new one")
         self._concurrency = anyio.CapacityLimiter(self._max_concurrency)
-        self._gate = PauseGate()
-        self._rate = RateLimiter(self._rate_limit) if self._rate_limit is not None else None
+        # Waits for a pause, a rate slot or a backoff end early when the client closes.
+        self._closed = anyio.Event()
+        self._gate = PauseGate(sleep=self._sleep)
+        self._rate = (
+            RateLimiter(self._rate_limit, sleep=self._sleep)
+            if self._rate_limit is not None
+            else None
+        )
         await self._transport.open()
         self._auth = Authenticator(
             base_url=self._base_url,
@@ -277,6 +285,10 @@ class NebulaClient:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        # After the cancels, so batch tasks end cancelled; this wakes direct callers
+        # sleeping in a backoff, a pause or a rate wait.
+        if self._closed is not None:
+            self._closed.set()
         with anyio.CancelScope(shield=True):
             if tasks:
                 await asyncio.wait(tasks)
@@ -368,6 +380,7 @@ class NebulaClient:
         concurrency = self._concurrency
         gate = self._gate
         rate = self._rate
+        auth = self._auth
         # Fast path without a checkpoint (an extra event-loop round trip per request);
         # the send below is the cancellation point.
         try:
@@ -375,30 +388,50 @@ class NebulaClient:
         except anyio.WouldBlock:
             await concurrency.acquire()
         try:
-            if gate.is_paused():
-                await gate.wait()
             sent_at = 0.0
-            if rate is not None:
-                sent_at = await rate.acquire()
-                # A Retry-After may have come in while this caller waited for its slot:
-                # the slot is forfeited (erring slow) and a new one taken after the pause.
-                while gate.is_paused():
+            while True:
+                if gate.is_paused():
                     await gate.wait()
-                    sent_at = await rate.acquire()
-            authorization, generation = await self._auth.authorization()
+                if auth.needs_login:
+                    # Wait for the token before the rate slot: a slot held through a
+                    # login would be sent, with all the others, the moment it ends.
+                    await auth.authorization()
+                    continue
+                if rate is None:
+                    break
+                sent_at = await rate.acquire()
+                # A Retry-After or a refused token may have come in while this caller
+                # waited for its slot: the slot is forfeited (erring slow) and taken anew.
+                if not gate.is_paused() and not auth.needs_login:
+                    break
             if self._state != "open":
                 raise _closed_error()
+            authorization, generation = auth.current()  # no await from here to the send
             request = HttpRequest("POST", self._url, self._request_headers(authorization), body)
             tally.attempts += 1
             counters.attempts += 1
             counters.in_flight += 1
             try:
                 response = await self._transport.send(request)
+            except ValidationError:
+                # Refused by aiohttp before anything went out: not an attempt.
+                tally.attempts -= 1
+                counters.attempts -= 1
+                raise
             finally:
                 counters.in_flight -= 1
         finally:
             concurrency.release()
         return response, generation, sent_at
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once, with the closed-client error, when :meth:`aclose` runs."""
+        closed = self._closed
+        assert closed is not None
+        with anyio.move_on_after(seconds):
+            await closed.wait()
+        if closed.is_set():
+            raise _closed_error()
 
     def _pause(self, seconds: float) -> None:
         """Honour a ``Retry-After``: hold every caller, and push the rate schedule past it."""
@@ -471,30 +504,19 @@ class NebulaClient:
             tally.retries += 1
             counters.retries += 1
             _log.debug("retrying in %.3fs: %s (%s)", decision.delay, decision.reason, error)
-            await anyio.sleep(decision.delay)
+            await self._sleep(decision.delay)
 
     # -- jobs and batches ----------------------------------------------------------------
 
-    async def _run_item(
-        self, index: int, item: object, seen_ids: set[str] | None = None
-    ) -> JobResult:
-        """One input item of a batch: a bad item fails its own job, nothing is sent.
-
-        With ``seen_ids``, a job whose id came earlier in the batch is refused too:
-        its URLs would merge with the other job's in ``BatchReport.urls_by_job``.
-        """
+    async def _run_item(self, index: int, item: object) -> JobResult:
+        """One input item of a batch: a bad item fails its own job, nothing is sent."""
+        if isinstance(item, RefusedItem):
+            self._counters.jobs_failed += 1
+            return JobResult(job_id=item.job_id, errors=[item.error])
         try:
             job = coerce_job(item, index)
-            if seen_ids is not None:
-                job_id = job.id or ""
-                if job_id in seen_ids:
-                    raise ValidationError(
-                        f"job {index}: id {job_id!r} is already used by an earlier job "
-                        "of this batch; ids must be unique",
-                        field="id",
-                    )
-                seen_ids.add(job_id)
         except ValidationError as exc:
+            _detach(exc)  # its frames hold the raw item
             self._counters.jobs_failed += 1
             return JobResult(job_id=job_id_of(item, index), errors=[exc])
         return await self._run_job(job)
@@ -550,12 +572,13 @@ class NebulaClient:
         *,
         ordered: bool,
         window: int | None,
-        run_item: Callable[[int, object], Awaitable[JobResult]] | None = None,
+        admit: Callable[[int, object], object] | None = None,
     ) -> AsyncGenerator[tuple[int, JobResult]]:
         self._require_open()
         return run_pipeline(
             jobs,
-            run_item or self._run_item,
+            self._run_item,
+            admit=admit,
             workers=worker_count(self._max_concurrency),
             ordered=ordered,
             window=default_window(self._max_concurrency) if window is None else window,
@@ -614,10 +637,20 @@ class NebulaClient:
         by_index: dict[int, JobResult] = {}
         seen_ids: set[str] = set()
 
-        def run_item(index: int, item: object) -> Awaitable[JobResult]:
-            return self._run_item(index, item, seen_ids)
+        def refuse_repeated_ids(index: int, item: object) -> object:
+            # In the feeder, so "earlier" means earlier in the input, not first run.
+            job_id = job_id_of(item, index)
+            if job_id in seen_ids:
+                error = ValidationError(
+                    f"job {index}: id {job_id!r} is already used by an earlier job of this "
+                    "batch; ids must be unique",
+                    field="id",
+                )
+                return RefusedItem(job_id, error)
+            seen_ids.add(job_id)
+            return item
 
-        pipeline = self._pipeline(jobs, ordered=False, window=None, run_item=run_item)
+        pipeline = self._pipeline(jobs, ordered=False, window=None, admit=refuse_repeated_ids)
         try:
             async for index, result in pipeline:
                 by_index[index] = result

@@ -86,16 +86,18 @@ def normalize_base_url(base_url: str) -> str:
     'https://ai-nebula.com'
     """
     url = base_url.strip().rstrip("/") if isinstance(base_url, str) else ""
-    match = re.fullmatch(r"(https?://)([^\s/?#]+)((?:/[^\s?#]*)?)", url, re.IGNORECASE)
-    if match is not None and "@" in match.group(2):
-        # Never echo it: the part before "@" is a secret.
-        shown = match.group(1) + "***@" + match.group(2).rpartition("@")[2] + match.group(3)
+    if "@" in url:
+        # user:password@host. Never echo what precedes the last "@": a password may
+        # hold "/", "?" or "#", so no URL parser can be trusted to find its end.
+        scheme = url.partition("://")[0].lower()
+        shown = (scheme + "://" if scheme in ("http", "https") else "") + "***@"
+        shown += url.rpartition("@")[2]
         raise ValidationError(
             f"base_url: must not hold credentials (user:password@host), got {shown!r}; "
             "pass username= and password= instead",
             field="base_url",
         )
-    if match is None:
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url, re.IGNORECASE):
         raise ValidationError(
             f"base_url: must be an http(s) URL, got {base_url!r}", field="base_url"
         )

@@ -16,6 +16,9 @@ from typing import Final
 
 import aiohttp
 import anyio
+from aiohttp import BasicAuth
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from ._exceptions import APIConnectionError, APITimeoutError, ValidationError
 from ._models import Timeout
@@ -39,6 +42,10 @@ class AiohttpTransport:
             total=None, sock_connect=timeout.connect, sock_read=timeout.read
         )
         self._session: aiohttp.ClientSession | None = None
+        # (scheme, host, port) -> (proxy URL, proxy auth), or None for a direct line.
+        self._proxies: dict[
+            tuple[str, str | None, int | None], tuple[URL, BasicAuth | None] | None
+        ] = {}
 
     @property
     def is_open(self) -> bool:
@@ -52,7 +59,6 @@ class AiohttpTransport:
             timeout=self._client_timeout,
             headers={"User-Agent": USER_AGENT},
             raise_for_status=False,
-            trust_env=self._trust_env,
         )
 
     async def aclose(self) -> None:
@@ -63,11 +69,31 @@ class AiohttpTransport:
             with anyio.CancelScope(shield=True):
                 await session.close()
 
+    def _proxy_for(self, url: str) -> tuple[URL | None, BasicAuth | None]:
+        """The proxy for ``url`` from ``HTTP(S)_PROXY`` / ``NO_PROXY``, with ``trust_env``.
+
+        Looked up here rather than by the session's own ``trust_env``, which would
+        also send ``~/.netrc`` credentials for the API host and then refuse our
+        ``Authorization`` header ("Cannot combine AUTHORIZATION header with AUTH").
+        """
+        if not self._trust_env:
+            return None, None
+        target = URL(url)
+        key = (target.scheme, target.host, target.port)
+        if key not in self._proxies:
+            try:
+                self._proxies[key] = get_env_proxy_for_url(target)
+            except LookupError:
+                self._proxies[key] = None
+        found = self._proxies[key]
+        return (None, None) if found is None else found
+
     async def send(self, request: HttpRequest) -> RawResponse:
         """One HTTP exchange: (status, headers, body), or an ``APIConnectionError``."""
         session = self._session
         if session is None:
             raise APIConnectionError("transport is closed", request_sent=False)
+        proxy, proxy_auth = self._proxy_for(request.url)
         try:
             # asyncio.timeout is one timer handle; an anyio cancel scope costs several
             # times more per attempt, and this sits on the hot path.
@@ -78,6 +104,8 @@ class AiohttpTransport:
                     data=request.body,
                     headers=request.headers,
                     allow_redirects=False,
+                    proxy=proxy,
+                    proxy_auth=proxy_auth,
                 ) as response:
                     body = await response.read()
                     return response.status, response.headers, body
