@@ -18,8 +18,8 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -32,8 +32,10 @@ from ._jobfile import sniff_image_mime
 from ._models import GeneratedImage
 
 __all__ = [
+    "DownloadError",
     "DownloadOutcome",
     "ImageDownloader",
+    "describe_failures",
     "extension_for",
     "image_file_name",
     "safe_file_stem",
@@ -123,10 +125,20 @@ class _RetryableDownloadError(DownloadError):
 
 @dataclass(frozen=True, slots=True)
 class DownloadOutcome:
-    """The files written for one job (None where an image failed) and what went wrong."""
+    """The files written for one job (None where an image failed) and what went wrong.
+
+    ``failures`` maps the position k (from 1) of each image not saved to the reason;
+    ``error`` joins them into one message (None when every image was saved).
+    """
 
     files: list[str | None]
     error: str | None
+    failures: Mapping[int, str] = field(default_factory=dict)
+
+
+def describe_failures(failures: Mapping[int, str]) -> str | None:
+    """``"image 2: HTTP 404; image 3: ..."`` in image order, or None when there are none."""
+    return "; ".join(f"image {k}: {failures[k]}" for k in sorted(failures)) or None
 
 
 class ImageDownloader:
@@ -179,20 +191,33 @@ class ImageDownloader:
 
     async def download_job(self, job_id: str, images: Sequence[GeneratedImage]) -> DownloadOutcome:
         """Save every image of a job concurrently; never raises for a failed image."""
-        files: list[str | None] = [None] * len(images)
-        problems: dict[int, str] = {}
+        saved, failures = await self.save_images(job_id, dict(enumerate(images, start=1)))
+        files: list[str | None] = [saved.get(k) for k in range(1, len(images) + 1)]
+        return DownloadOutcome(files, describe_failures(failures), failures)
+
+    async def save_images(
+        self, job_id: str, images: Mapping[int, GeneratedImage]
+    ) -> tuple[dict[int, str], dict[int, str]]:
+        """Save some images of a job, keyed by their position k (from 1), concurrently.
+
+        Returns the paths written and the reasons for the images not saved, both by
+        k. Never raises for a failed image (only cancellation gets through).
+        """
+        saved: dict[int, str] = {}
+        failures: dict[int, str] = {}
 
         async def save(k: int, image: GeneratedImage) -> None:
             try:
-                files[k - 1] = str(await self._save_one(job_id, k, image))
+                saved[k] = str(await self._save_one(job_id, k, image))
             except DownloadError as exc:
-                problems[k] = f"image {k}: {exc}"
+                failures[k] = str(exc)
+            except Exception as exc:  # one odd image never stops the run
+                failures[k] = f"{type(exc).__name__}: {exc}".rstrip(": ")
 
         async with anyio.create_task_group() as tasks:
-            for k, image in enumerate(images, start=1):
+            for k, image in images.items():
                 tasks.start_soon(save, k, image)
-        error = "; ".join(problems[k] for k in sorted(problems)) or None
-        return DownloadOutcome(files, error)
+        return saved, failures
 
     async def _save_one(self, job_id: str, k: int, image: GeneratedImage) -> Path:
         if image.url is not None:
@@ -212,7 +237,11 @@ class ImageDownloader:
             raise DownloadError(f"cannot write {self.directory / name}: {exc.strerror}") from None
 
     async def _fetch(self, url: str) -> tuple[bytes, str | None]:
-        if urlsplit(url).scheme.lower() not in ("http", "https"):
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError as exc:
+            raise DownloadError(f"bad URL {url[:80]!r}: {exc}") from None
+        if scheme not in ("http", "https"):
             raise DownloadError(f"not an http(s) URL: {url[:80]!r}")
         last_problem = ""
         for attempt in range(1, self._attempts + 1):
@@ -223,6 +252,8 @@ class ImageDownloader:
                 last_problem = str(exc)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 last_problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            except ValueError as exc:  # a URL aiohttp cannot even parse
+                raise DownloadError(f"bad URL {url[:80]!r}: {exc}") from None
             if attempt < self._attempts:
                 await anyio.sleep(self._backoff_s * 2 ** (attempt - 1))
         raise DownloadError(f"{last_problem} (after {self._attempts} attempts)")

@@ -9,32 +9,45 @@ costs a finished job:
 3. stream the remaining jobs through :meth:`NebulaClient.stream`, appending one
    line per finished job as it finishes (after downloading its images with
    ``--download``).
+
+With ``--download`` a job counts as ok only once all its images are saved. A job
+generated but with images not saved gets a line listing them (``pending_downloads``),
+and a rerun saves them from there (:func:`repair_downloads`) rather than
+generating the job again: generations are billed, downloads are not.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Final
 
 import anyio
+import anyio.abc
 
 from ._client import NebulaClient
 from ._download import ImageDownloader
 from ._exceptions import ValidationError
 from ._jobfile import BadLine, JobLine, iter_job_lines
-from ._models import Job, JobResult, RetryPolicy
+from ._models import GeneratedImage, Job, JobResult, RetryPolicy
 from ._progress import JobProgress
 from ._results import (
+    PENDING_DOWNLOADS,
     ResultsFileError,
+    ResultsWriteError,
     ResultWriter,
     ResumeState,
     bad_line_record,
+    download_record,
     job_result_record,
     load_resume_state,
+    parse_pending_downloads,
+    read_record_at,
 )
 
 __all__ = [
@@ -42,17 +55,22 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_SOME_FAILED",
+    "EXIT_WRITE_FAILED",
     "ClientSettings",
     "RunOptions",
+    "Repair",
     "RunTally",
     "execute_jobs",
     "job_results",
+    "prepare_download_dir",
+    "repair_downloads",
     "run_command",
 ]
 
 EXIT_OK: Final = 0
 EXIT_SOME_FAILED: Final = 1
 EXIT_BAD_INPUT: Final = 2
+EXIT_WRITE_FAILED: Final = 3
 EXIT_INTERRUPTED: Final = 130
 
 # Bad lines shown on stderr before "... and N more" (all of them are counted).
@@ -60,6 +78,13 @@ _BAD_LINES_SHOWN: Final = 20
 # Finished jobs waiting for their downloads at once; beyond it the results
 # stream is not read, which in turn holds back the client (backpressure).
 _PENDING_DOWNLOADS: Final = 64
+# What the line written before a generated job's images are fetched says about them
+# (seen only when the run stops before the job's final line).
+_NOT_DOWNLOADED_YET: Final = "not downloaded yet"
+_STOPPED_MESSAGE: Final = (
+    "generated, but the run stopped before its images were saved; "
+    "a rerun with --download saves them without sending the job again"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +135,20 @@ class RunTally:
     images: int = 0
     latencies: list[float] | None = None
     download_failures: int = 0
+    repaired: int = 0
 
     @property
     def finished(self) -> int:
         """Jobs that got a results line in this execution."""
         return self.ok + self.failed
+
+    def add(self, other: RunTally) -> None:
+        """Count ``other``'s jobs in this tally too (latencies are not merged)."""
+        self.ok += other.ok
+        self.failed += other.failed
+        self.images += other.images
+        self.download_failures += other.download_failures
+        self.repaired += other.repaired
 
 
 @dataclass(slots=True)
@@ -123,6 +157,8 @@ class _CheckReport:
     already_ok: int = 0
     to_send: int = 0
     bad: list[BadLine] = field(default_factory=list)
+    # Generated jobs with images still to save: job id -> input line.
+    repair_lines: dict[str, int] = field(default_factory=dict)
 
 
 def _err(message: str) -> None:
@@ -140,6 +176,8 @@ def _check_jobs(options: RunOptions, state: ResumeState) -> _CheckReport:
         report.good += 1
         if item.job_id in state.ok_ids:
             report.already_ok += 1
+        elif item.job_id in state.repair:
+            report.repair_lines[item.job_id] = item.line_no
         else:
             report.to_send += 1
     return report
@@ -167,6 +205,19 @@ async def job_results(
             await aclose()
 
 
+async def _save_into(
+    downloader: ImageDownloader,
+    job_id: str,
+    files: list[str | None],
+    images: Mapping[int, GeneratedImage],
+) -> dict[int, str]:
+    """Save ``images`` (by position k), filling ``files``; returns the failures by k."""
+    saved, failures = await downloader.save_images(job_id, images)
+    for k, path in saved.items():
+        files[k - 1] = path
+    return failures
+
+
 async def execute_jobs(
     client: NebulaClient,
     job_lines: Iterable[JobLine | BadLine],
@@ -180,6 +231,11 @@ async def execute_jobs(
 
     A :class:`BadLine` met on the way (the jobs file changed since it was checked)
     is recorded as a failed job. The jobs iterable is read lazily by the client.
+
+    With a ``downloader``, a generated job's inline (``b64_json``) images are saved
+    at once; if it has URL images, a line listing them as pending downloads is
+    written before they are fetched (so an interrupt or a crash while fetching
+    never costs the generation: a rerun fetches them), then the job's final line.
     """
     tally = RunTally(latencies=[] if keep_latencies else None)
     # Job id -> input line, only for jobs in flight (bounded by the client's window).
@@ -209,17 +265,72 @@ async def execute_jobs(
 
     download_slots = anyio.Semaphore(_PENDING_DOWNLOADS)
 
-    async def download_then_finish(result: JobResult, record: dict[str, object]) -> None:
+    async def fetch_then_finish(
+        record: dict[str, object],
+        files: list[str | None],
+        to_fetch: dict[int, GeneratedImage],
+        failures: dict[int, str],
+        images: dict[int, GeneratedImage],
+        *,
+        generated: bool,
+    ) -> None:
         assert downloader is not None
         try:
-            outcome = await downloader.download_job(result.job_id, result.images)
+            failures = failures | await _save_into(downloader, str(record["id"]), files, to_fetch)
         finally:
             download_slots.release()
-        record["files"] = outcome.files
-        record["download_error"] = outcome.error
-        if outcome.error is not None:
+        final = download_record(
+            record, generated=generated, files=files, failures=failures, images=images
+        )
+        if failures:
             tally.download_failures += 1
-        finish(record, ok=result.ok, images=len(result.images))
+        finish(final, ok=bool(final["ok"]), images=len(images))
+
+    async def handle(
+        result: JobResult, record: dict[str, object], downloads: anyio.abc.TaskGroup
+    ) -> None:
+        assert downloader is not None
+        images = dict(enumerate(result.images, start=1))
+        files: list[str | None] = [None] * len(images)
+        if not result.ok:
+            # Sent again on a rerun anyway; what it made is saved, for a look.
+            await download_slots.acquire()
+            downloads.start_soon(
+                partial(fetch_then_finish, generated=False), record, files, images, {}, images
+            )
+            return
+        inline = {k: image for k, image in images.items() if image.url is None}
+        remote = {k: image for k, image in images.items() if image.url is not None}
+        failures: dict[int, str] = {}
+        if inline:
+            # Local and quick; shielded, so that an interrupt cannot drop these images.
+            with anyio.CancelScope(shield=True):
+                failures = await _save_into(downloader, result.job_id, files, inline)
+        if not remote:
+            final = download_record(
+                record, generated=True, files=files, failures=failures, images=images
+            )
+            if failures:
+                tally.download_failures += 1
+            finish(final, ok=bool(final["ok"]), images=len(images))
+            return
+        # Recorded before fetching (no await in between): a rerun fetches what this
+        # line lists, instead of generating the job again.
+        not_yet = dict.fromkeys(remote, _NOT_DOWNLOADED_YET)
+        writer.write(
+            download_record(
+                record,
+                generated=True,
+                files=files,
+                failures=failures | not_yet,
+                images=images,
+                message=_STOPPED_MESSAGE,
+            )
+        )
+        await download_slots.acquire()
+        downloads.start_soon(
+            partial(fetch_then_finish, generated=True), record, files, remote, failures, images
+        )
 
     async with anyio.create_task_group() as downloads, job_results(client, jobs()) as results:
         async for result in results:
@@ -227,11 +338,76 @@ async def execute_jobs(
             if downloader is None:
                 finish(record, ok=result.ok, images=len(result.images))
             elif not result.images:
-                record["files"], record["download_error"] = [], None
+                record = download_record(
+                    record, generated=result.ok, files=[], failures={}, images={}
+                )
                 finish(record, ok=result.ok, images=0)
             else:
-                await download_slots.acquire()
-                downloads.start_soon(download_then_finish, result, record)
+                await handle(result, record, downloads)
+    return tally
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """A generated job whose images are not all saved: its id, input line, results line."""
+
+    job_id: str
+    line_no: int
+    offset: int
+
+
+def _recorded_files(record: Mapping[str, object], length: int) -> list[str | None]:
+    raw = record.get("files")
+    files: list[str | None] = (
+        [item if isinstance(item, str) else None for item in raw] if isinstance(raw, list) else []
+    )
+    return files + [None] * (length - len(files))
+
+
+async def repair_downloads(
+    repairs: Iterable[Repair],
+    *,
+    results_path: Path,
+    writer: ResultWriter,
+    progress: JobProgress,
+    downloader: ImageDownloader,
+) -> RunTally:
+    """Save the pending images of generated jobs, from the URLs (or data) their latest
+    results line records, and append each job's new line. Nothing is sent to the API.
+
+    The new line is ok when every image is now saved; otherwise it lists what is
+    still pending, for the next rerun.
+    """
+    tally = RunTally()
+    slots = anyio.Semaphore(_PENDING_DOWNLOADS)
+
+    async def repair(record: dict[str, object], images: dict[int, GeneratedImage]) -> None:
+        try:
+            files = _recorded_files(record, max(images))
+            failures = await _save_into(downloader, str(record["id"]), files, images)
+        finally:
+            slots.release()
+        final = download_record(
+            record, generated=True, files=files, failures=failures, images=images
+        )
+        writer.write(final)
+        if failures:
+            tally.failed += 1
+            tally.download_failures += 1
+        else:
+            tally.ok += 1
+            tally.repaired += 1
+        progress.job_finished(ok=not failures, images=0)
+
+    async with anyio.create_task_group() as tasks:
+        for item in repairs:
+            record = read_record_at(results_path, item.offset)
+            images = parse_pending_downloads(record.get(PENDING_DOWNLOADS))
+            # The resume state only lists lines with valid, non-empty pending downloads.
+            assert images, f"no pending downloads at byte {item.offset}"
+            record["line"] = item.line_no
+            await slots.acquire()
+            tasks.start_soon(repair, record, images)
     return tally
 
 
@@ -241,8 +417,10 @@ async def _send_pending(
     state: ResumeState,
     client: NebulaClient,
     writer: ResultWriter,
+    progress: JobProgress,
+    downloader: ImageDownloader | None,
 ) -> RunTally:
-    """The second pass: every good line whose job is not ok yet, through the client."""
+    """The second pass: every good line whose job is neither ok nor generated yet."""
     lines = iter_job_lines(
         options.jobs_path,
         load_images=True,
@@ -250,20 +428,73 @@ async def _send_pending(
         skip_lines={bad.line_no for bad in check.bad},
         check_duplicates=False,
     )
-    pending = (item for item in lines if item.job_id not in state.ok_ids)
+    pending = (
+        item
+        for item in lines
+        if item.job_id not in state.ok_ids and item.job_id not in state.repair
+    )
     # closing(): the jobs file is closed at once even when the run stops early.
-    with closing(lines), JobProgress(check.to_send, enabled=options.progress) as progress:
+    with closing(lines):
         async with client:
-            if options.download_dir is None:
-                return await execute_jobs(client, pending, writer=writer, progress=progress)
-            async with ImageDownloader(options.download_dir) as downloader:
-                return await execute_jobs(
-                    client, pending, writer=writer, progress=progress, downloader=downloader
+            return await execute_jobs(
+                client, pending, writer=writer, progress=progress, downloader=downloader
+            )
+
+
+async def _work(
+    options: RunOptions,
+    check: _CheckReport,
+    state: ResumeState,
+    client: NebulaClient | None,
+    writer: ResultWriter,
+    repairs: list[Repair],
+) -> RunTally:
+    """Repair pending downloads (with ``--download``), then send the jobs not done."""
+    with JobProgress(check.to_send + len(repairs), enabled=options.progress) as progress:
+        if options.download_dir is None:
+            assert client is not None
+            return await _send_pending(options, check, state, client, writer, progress, None)
+        async with ImageDownloader(options.download_dir) as downloader:
+            tally = await repair_downloads(
+                repairs,
+                results_path=options.out_path,
+                writer=writer,
+                progress=progress,
+                downloader=downloader,
+            )
+            if client is not None:
+                tally.add(
+                    await _send_pending(options, check, state, client, writer, progress, downloader)
                 )
+            return tally
+
+
+def prepare_download_dir(directory: Path) -> str | None:
+    """Create ``--download DIR`` if needed; a reason when it cannot hold the images."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the --download directory {directory}: {exc.strerror or exc}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"the --download directory {directory} is not writable"
+    return None
+
+
+def _write_error_in(exc: BaseException) -> ResultsWriteError | None:
+    """The :class:`ResultsWriteError` behind ``exc``, which task groups may have wrapped."""
+    if isinstance(exc, ResultsWriteError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _write_error_in(inner)
+            if found is not None:
+                return found
+    return None
 
 
 async def run_command(options: RunOptions) -> int:
-    """``nebula-async run``; returns the exit code (0 all ok, 1 some failed, 2 bad input)."""
+    """``nebula-async run``; returns the exit code (0 all ok, 1 some failed, 2 bad input,
+    3 the results file could not be written)."""
     if not options.jobs_path.is_file():
         _err(f"jobs file not found: {options.jobs_path}")
         return EXIT_BAD_INPUT
@@ -276,6 +507,9 @@ async def run_command(options: RunOptions) -> int:
     except ResultsFileError as exc:
         _err(f"cannot resume from {exc}; fix or move that file")
         return EXIT_BAD_INPUT
+    except OSError as exc:
+        _err(f"cannot read the results file {options.out_path}: {exc.strerror or exc}")
+        return EXIT_BAD_INPUT
 
     check = _check_jobs(options, preview)
     if check.bad and not options.skip_invalid:
@@ -284,6 +518,11 @@ async def run_command(options: RunOptions) -> int:
         return EXIT_BAD_INPUT
     if check.bad:
         _report_bad_lines(options, check.bad)
+    if options.download_dir is not None:
+        problem = prepare_download_dir(options.download_dir)
+        if problem is not None:
+            _err(f"{problem}; nothing was sent")
+            return EXIT_BAD_INPUT
 
     client: NebulaClient | None = None
     if check.to_send:
@@ -299,21 +538,45 @@ async def run_command(options: RunOptions) -> int:
     except (ResultsFileError, OSError) as exc:
         _err(f"cannot write results: {exc}")
         return EXIT_BAD_INPUT
-    with writer:
-        # A bad line never overrides a job that is already ok (e.g. a duplicate of it).
-        for bad in check.bad:
-            if bad.job_id not in state.ok_ids:
-                writer.write(bad_line_record(bad))
-        tally = RunTally()
-        if client is not None:
-            tally = await _send_pending(options, check, state, client, writer)
+    # Generated jobs of this jobs file whose images are not all saved (read under the lock).
+    repairs = [
+        Repair(job_id, line_no, state.repair[job_id])
+        for job_id, line_no in check.repair_lines.items()
+        if job_id in state.repair
+    ]
+    not_downloaded = 0
+    if options.download_dir is None and repairs:
+        not_downloaded, repairs = len(repairs), []
+        _err(
+            f"{not_downloaded} job(s) were generated but their images are not all saved; "
+            "they are not sent again: rerun with --download DIR to save them"
+        )
+    tally = RunTally()
+    try:
+        with writer:
+            # A bad line never overrides a job already ok or generated (e.g. a duplicate).
+            for bad in check.bad:
+                if bad.job_id not in state.ok_ids and bad.job_id not in state.repair:
+                    writer.write(bad_line_record(bad))
+            if client is not None or repairs:
+                tally = await _work(options, check, state, client, writer, repairs)
+    except Exception as exc:
+        write_error = _write_error_in(exc)
+        if write_error is None:
+            raise
+        _err(f"{write_error}; the run stopped (rerun to resume once it can be written)")
+        _err(f"this result was not recorded: {write_error.record.decode(errors='replace')}")
+        return EXIT_WRITE_FAILED
 
-    failed = tally.failed + len(check.bad)
+    failed = tally.failed + len(check.bad) + not_downloaded
     summary = (
         f"{check.good + len(check.bad)} jobs: {check.already_ok + tally.ok} ok "
-        f"({check.already_ok} done before, {tally.ok} now), {failed} failed"
+        f"({check.already_ok} done before, {tally.ok} now"
     )
+    if tally.repaired:
+        summary += f", {tally.repaired} of them by saving their images"
+    summary += f"), {failed} failed"
     if tally.download_failures:
-        summary += f", {tally.download_failures} with failed downloads"
+        summary += f", {tally.download_failures} with images not saved"
     _err(f"{summary}; results in {options.out_path}")
     return EXIT_SOME_FAILED if failed else EXIT_OK

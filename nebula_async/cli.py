@@ -4,8 +4,10 @@ Credentials and the API address come from the environment (``NEBULA_TOKEN``, or
 ``NEBULA_USERNAME`` and ``NEBULA_PASSWORD``; ``NEBULA_BASE_URL``), never from
 flags, so they stay out of shell history and process listings.
 
-Exit codes: 0 every job ok, 1 some job failed (all recorded), 2 bad usage or bad
-input (nothing sent), 130 interrupted (results so far are on disk).
+Exit codes: 0 every job ok, 1 some job failed (all recorded; with ``--download``
+a job whose images are not all saved counts as failed), 2 bad usage or bad input
+(nothing sent), 3 the results file could not be written (the run stopped),
+130 interrupted (results so far are on disk).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ._download import ImageDownloader
 from ._exceptions import ValidationError
 from ._jobfile import job_from_fields
 from ._models import Job
-from ._results import error_record, job_result_record
+from ._results import download_record, error_record, job_result_record
 from ._runner import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -34,6 +36,7 @@ from ._runner import (
     ClientSettings,
     RunOptions,
     job_results,
+    prepare_download_dir,
     run_command,
 )
 
@@ -201,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="Bulk, rate-limited, fault-tolerant client for the Nebula v4 img2img API.",
-        epilog="exit codes: 0 all ok, 1 some jobs failed, 2 bad usage or input, 130 interrupted",
+        epilog=(
+            "exit codes: 0 all ok, 1 some jobs failed (or their images not saved), "
+            "2 bad usage or input, 3 results file not writable, 130 interrupted"
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -289,16 +295,35 @@ async def _submit(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"{_PROG} submit: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.download is not None:  # checked before anything is sent (and billed)
+        problem = prepare_download_dir(args.download)
+        if problem is not None:
+            print(f"{_PROG} submit: {problem}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     async with client, job_results(client, [job]) as results:
         result = await anext(results)
     record = job_result_record(result, line_no=None)
     del record["line"]
+    not_saved = False
     if args.download is not None:
-        async with ImageDownloader(args.download) as downloader:
-            outcome = await downloader.download_job(result.job_id, result.images)
-        record["files"], record["download_error"] = outcome.files, outcome.error
+        images = dict(enumerate(result.images, start=1))
+        try:
+            async with ImageDownloader(args.download) as downloader:
+                outcome = await downloader.download_job(result.job_id, result.images)
+        except BaseException:  # interrupted: the generated images are still to be had
+            _print_unsaved_urls(result.urls)
+            raise
+        record = download_record(
+            record,
+            generated=result.ok,
+            files=outcome.files,
+            failures=outcome.failures,
+            images=images,
+        )
         if outcome.error:
+            not_saved = True
             print(f"{_PROG} submit: download failed: {outcome.error}", file=sys.stderr)
+            _print_unsaved_urls([images[k].url for k in sorted(outcome.failures)])
     if args.json:
         sys.stdout.write(orjson.dumps(record).decode() + "\n")
     else:
@@ -309,7 +334,13 @@ async def _submit(args: argparse.Namespace) -> int:
         error = error_record(result.error) or {}
         print(f"{_PROG} submit: {error.get('type')}: {error.get('message')}", file=sys.stderr)
         return EXIT_SOME_FAILED
-    return EXIT_OK
+    return EXIT_SOME_FAILED if not_saved else EXIT_OK
+
+
+def _print_unsaved_urls(urls: Sequence[str | None]) -> None:
+    shown = [url for url in urls if url is not None]
+    if shown:
+        print(f"{_PROG} submit: images not saved, at:", *shown, sep="\n  ", file=sys.stderr)
 
 
 async def _mock_server(args: argparse.Namespace) -> int:
@@ -332,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_COMMANDS[args.command](args))
     except KeyboardInterrupt:
-        print(f"\n{_PROG}: interrupted; results so far are on disk", file=sys.stderr)
+        on_disk = "; results so far are on disk" if args.command == "run" else ""
+        print(f"\n{_PROG}: interrupted{on_disk}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ class ImageHost:
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
         self.base_url = ""
+        self.release = asyncio.Event()  # ends the answers to /hang
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
@@ -48,6 +50,9 @@ class ImageHost:
             return web.Response(body=PNG, content_type="image/png")
         if path == "/always-500.png":
             return web.Response(status=500, text="broken")
+        if path == "/hang.png":
+            await self.release.wait()
+            return web.Response(status=503)
         return web.Response(status=404, text="no such image")
 
 
@@ -63,6 +68,7 @@ async def image_host() -> AsyncIterator[ImageHost]:
     try:
         yield host
     finally:
+        host.release.set()
         await runner.cleanup()
 
 
@@ -171,3 +177,35 @@ async def test_connection_refused_is_retried_then_reported(tmp_path: Path) -> No
     assert outcome.files == [None]
     assert outcome.error is not None
     assert "after 2 attempts" in outcome.error
+
+
+@pytest.mark.anyio
+async def test_a_hanging_image_times_out_each_attempt_then_is_reported(tmp_path: Path) -> None:
+    async with (
+        image_host() as host,
+        ImageDownloader(tmp_path, attempts=2, backoff_s=0.01, timeout_s=0.2) as dl,
+    ):
+        outcome = await dl.download_job("j", [GeneratedImage(url=f"{host.base_url}/hang.png")])
+        hits = host.hits["/hang.png"]
+    assert outcome.files == [None]
+    assert outcome.failures.keys() == {1}
+    assert "(after 2 attempts)" in outcome.failures[1]
+    assert "Timeout" in outcome.failures[1]
+    assert hits >= 2
+
+
+@pytest.mark.anyio
+async def test_save_images_by_position_never_raises_for_a_bad_image(tmp_path: Path) -> None:
+    async with image_host() as host, ImageDownloader(tmp_path, backoff_s=0.01) as dl:
+        saved, failures = await dl.save_images(
+            "j",
+            {
+                2: GeneratedImage(url=f"{host.base_url}/photo.jpg"),
+                5: GeneratedImage(url="http://[::1"),  # aiohttp cannot parse it
+                7: GeneratedImage(),
+            },
+        )
+    assert saved == {2: str(tmp_path / "j-2.jpg")}
+    assert failures.keys() == {5, 7}
+    assert failures[5].startswith("bad URL")
+    assert failures[7] == "the image has neither a url nor b64_json"

@@ -12,11 +12,15 @@ from nebula_async._jobfile import BadLine
 from nebula_async._results import (
     ResultsFileBusy,
     ResultsFileError,
+    ResultsWriteError,
     ResultWriter,
     bad_line_record,
+    download_record,
     error_record,
     job_result_record,
     load_resume_state,
+    parse_pending_downloads,
+    read_record_at,
 )
 
 
@@ -146,3 +150,120 @@ def test_record_shapes() -> None:
     assert bad["error"]["message"] == "line 7: n: must be from 1 to 15"
     assert bad["error"]["field"] == "n"
     assert bad["attempts"] == 0
+
+
+# -- pending downloads ------------------------------------------------------------------------
+
+
+def pending(job_id: str, *, ok: bool = False, entries: object = None) -> bytes:
+    if entries is None:
+        entries = [{"image": 1, "url": "https://x/1.png", "error": "HTTP 404"}]
+    line = {"id": job_id, "ok": ok, "urls": ["https://x/1.png"], "pending_downloads": entries}
+    return orjson.dumps(line) + b"\n"
+
+
+def test_a_latest_line_with_pending_downloads_marks_a_job_to_repair(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    lines = [
+        record("a", False),  # generation failed, then generated with a download pending
+        pending("a"),
+        pending("b"),  # pending, then repaired
+        record("b", True),
+        pending("c"),  # pending, then (by hand) a plain failure: sent again
+        record("c", False),
+        pending("d", entries=[]),  # nothing pending: an ordinary failure
+        pending("e", ok=True),  # ok wins whatever it lists
+    ]
+    out.write_bytes(b"".join(lines))
+    state = load_resume_state(out)
+    assert state.ok_ids == {"b", "e"}
+    assert state.failed_ids == {"a", "c", "d"}
+    assert state.repair == {"a": len(lines[0])}
+    assert read_record_at(out, state.repair["a"])["pending_downloads"][0]["url"] == (
+        "https://x/1.png"
+    )
+
+
+def test_a_torn_line_after_a_pending_one_leaves_the_job_to_repair(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    good = pending("a")
+    out.write_bytes(good + b'{"id": "a", "ok": true, "fi')
+    state = load_resume_state(out)
+    assert state.repair == {"a": 0}
+    assert state.ok_ids == set()
+    assert state.keep_bytes == len(good)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        "nope",
+        [{"image": 0, "url": "u"}],
+        [{"image": True, "url": "u"}],
+        [{"image": 1}],
+        [{"image": 1, "url": "u", "b64_json": "x"}],
+        [{"image": 1, "url": "u"}, {"image": 1, "url": "v"}],
+    ],
+)
+def test_malformed_pending_downloads_are_not_a_record(tmp_path: Path, entries: object) -> None:
+    assert parse_pending_downloads(entries) is None
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(pending("a", entries=entries) + record("b", True))
+    with pytest.raises(ResultsFileError, match="line 1"):
+        load_resume_state(out)
+    out.write_bytes(record("b", True) + pending("a", entries=entries))  # last: cut as torn
+    assert load_resume_state(out).torn_line_no == 2
+
+
+def test_download_record_shapes() -> None:
+    base = {"id": "j", "line": 1, "ok": True, "urls": ["https://x/1", "https://x/2"],
+            "error": None, "attempts": 1, "submissions": 1, "elapsed_s": 0.5}  # fmt: skip
+    images = {1: GeneratedImage(url="https://x/1"), 2: GeneratedImage(url="https://x/2")}
+    done = download_record(
+        base, generated=True, files=["d/j-1.png", "d/j-2.png"], failures={}, images=images
+    )
+    assert done == {**base, "files": ["d/j-1.png", "d/j-2.png"], "download_error": None,
+                    "pending_downloads": []}  # fmt: skip
+    partial = download_record(
+        base, generated=True, files=["d/j-1.png", None], failures={2: "HTTP 404"}, images=images
+    )
+    assert partial["ok"] is False
+    assert partial["error"] == {
+        "type": "DownloadError",
+        "message": "1 of 2 images not saved: image 2: HTTP 404",
+        "status_code": None,
+        "code": None,
+        "field": None,
+    }
+    assert partial["download_error"] == "image 2: HTTP 404"
+    assert partial["pending_downloads"] == [{"image": 2, "url": "https://x/2", "error": "HTTP 404"}]
+    inline = download_record(
+        base,
+        generated=True,
+        files=[None],
+        failures={1: "cannot write"},
+        images={1: GeneratedImage(b64_json="QUJD")},
+    )
+    assert inline["pending_downloads"] == [
+        {"image": 1, "b64_json": "QUJD", "error": "cannot write"}
+    ]
+    assert parse_pending_downloads(inline["pending_downloads"]) == {
+        1: GeneratedImage(b64_json="QUJD")
+    }
+    # A job whose generation failed keeps its error and lists nothing: it is sent again.
+    failed = {**base, "ok": False, "error": {"type": "ServerError"}}
+    again = download_record(failed, generated=False, files=[None], failures={1: "x"}, images=images)
+    assert (again["ok"], again["error"], again["pending_downloads"]) == (
+        False,
+        {"type": "ServerError"},
+        [],
+    )
+    assert again["download_error"] == "image 1: x"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_failed_write_raises_with_the_line() -> None:
+    with ResultWriter("/dev/full", resume=False) as writer:  # every write: ENOSPC
+        with pytest.raises(ResultsWriteError, match="cannot write to /dev/full") as caught:
+            writer.write({"id": "1", "ok": True})
+    assert caught.value.record == b'{"id":"1","ok":true}\n'
