@@ -10,6 +10,7 @@ server answers instead.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import pickle
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from aiohttp import web
 
@@ -373,3 +375,98 @@ async def test_trust_env_sends_through_the_proxy_from_the_environment(
             with pytest.raises(na.APIConnectionError):
                 await client.img2img(REQUEST)
         assert len(seen_by_proxy) == 1
+
+
+# -- review round 2 --------------------------------------------------------------------
+
+
+async def test_a_rate_slot_is_not_held_through_a_login() -> None:
+    async def slow_login(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await asyncio.sleep(0.5)
+        return web.json_response({"code": 200, "msg": "ok", "data": "Bearer good"})
+
+    routes = {LOGIN: slow_login, SUBMIT: answer(OK_BODY)}
+    async with tiny_server(routes) as (base_url, received):
+        limit = na.RateLimit(10, burst=1, adaptive=False)
+        async with client_for(
+            base_url, token=None, username="u", password="p", rate_limit=limit, max_concurrency=6
+        ) as client:
+            sent: list[float] = []
+
+            async def call(i: int) -> None:
+                await client.img2img(na.Img2ImgRequest(model="m", prompt=f"p{i}"))
+                sent.append(anyio.current_time())
+
+            async with anyio.create_task_group() as group:
+                for i in range(6):
+                    group.start_soon(call, i)
+    assert received.count(LOGIN) == 1
+    finished = sorted(sent)
+    gaps = [b - a for a, b in itertools.pairwise(finished)]
+    # Slots taken during the login would all be sent the moment it ends.
+    assert min(gaps) >= 0.07, gaps
+
+
+async def test_repeated_ids_are_refused_in_input_order() -> None:
+    async def jobs() -> AsyncIterator[na.Job]:
+        for i in range(400):
+            if i % 3 == 0:
+                await anyio.lowlevel.checkpoint()  # lets workers interleave with the feeder
+            yield na.Job(na.Img2ImgRequest(model="m", prompt=f"p{i}"), id=str(i // 2))
+
+    async with MockNebulaServer(latency=(0.0, 0.003)) as server:
+        async with client_for(server.base_url, max_concurrency=16) as client:
+            report = await client.run_batch(jobs())
+    firsts, seconds = report.results[0::2], report.results[1::2]
+    assert all(r.ok for r in firsts)
+    assert not any(r.ok for r in seconds)
+    assert all(urls for urls in report.urls_by_job.values())
+    assert len(server.requests) == 200
+
+
+async def test_aclose_wakes_a_caller_sleeping_through_a_retry_after() -> None:
+    async with MockNebulaServer(retry_after=5, faults={"http_429": 1.0}) as server:
+        client = client_for(server.base_url, retry=na.RetryPolicy(max_attempts=3))
+        async with client:
+            task = asyncio.get_running_loop().create_task(client.img2img(REQUEST))
+            with anyio.fail_after(2):
+                while server.request_count < 1:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.05)
+        with anyio.fail_after(1), pytest.raises(RuntimeError, match="closed"):
+            await task
+    assert server.request_count == 1
+
+
+async def test_trust_env_does_not_add_netrc_credentials_for_the_api_host(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login corp password corp-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    seen: list[str | None] = []
+
+    async def submit(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization"))
+        await request.read()
+        return web.json_response(OK_BODY)
+
+    async with tiny_server({SUBMIT: submit}) as (base_url, _):
+        async with client_for(base_url, token="tok", trust_env=True) as client:
+            result = await client.img2img(REQUEST)
+    assert result.urls
+    assert seen == ["Bearer tok"]
+
+
+async def test_a_bad_item_error_does_not_pin_the_item() -> None:
+    async with MockNebulaServer() as server:
+        async with client_for(server.base_url) as client:
+            report = await client.run_batch([{"model": "m", "prompt": "p", "n": 99}])
+    error = report.results[0].error
+    assert isinstance(error, na.ValidationError)
+    assert error.__traceback__ is None
