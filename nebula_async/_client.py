@@ -1,7 +1,7 @@
 """``NebulaClient``: the public face of the library.
 
-Each HTTP attempt takes, in this order: a concurrency slot (anyio
-``CapacityLimiter``), the client-wide pause gate (``Retry-After``), a rate slot
+Each HTTP attempt takes, in this order: a concurrency slot (``FifoLimiter``,
+first come first served), the client-wide pause gate (``Retry-After``), a rate slot
 (GCRA), then sends at once. Taking the rate slot last, while holding the
 concurrency slot, is what keeps sends spaced: slots freed together by answers
 that arrive together cannot turn into a burst. Backoff sleeps hold no slot.
@@ -39,7 +39,7 @@ from ._exceptions import (
     NebulaError,
     ValidationError,
 )
-from ._limits import PauseGate, RateLimiter
+from ._limits import FifoLimiter, PauseGate, RateLimiter
 from ._models import (
     BatchReport,
     ImageResult,
@@ -191,7 +191,7 @@ class NebulaClient:
             connection_limit=max_concurrency + 1, timeout=self._timeout
         )
         self._auth: Authenticator | None = None
-        self._concurrency: anyio.CapacityLimiter | None = None
+        self._concurrency: FifoLimiter | None = None
         self._rate: RateLimiter | None = None
         self._gate: PauseGate | None = None
 
@@ -209,7 +209,7 @@ class NebulaClient:
     async def __aenter__(self) -> Self:
         if self._state != "new":
             raise RuntimeError(f"this NebulaClient is {self._state}; create a new one")
-        self._concurrency = anyio.CapacityLimiter(self._max_concurrency)
+        self._concurrency = FifoLimiter(self._max_concurrency)
         self._gate = PauseGate()
         self._rate = RateLimiter(self._rate_limit) if self._rate_limit is not None else None
         await self._transport.open()
@@ -327,9 +327,7 @@ class NebulaClient:
         concurrency = self._concurrency
         # Fast path without a checkpoint (an extra event-loop round trip per request);
         # the send below is the cancellation point.
-        try:
-            concurrency.acquire_nowait()
-        except anyio.WouldBlock:
+        if not concurrency.try_acquire():
             await concurrency.acquire()
         try:
             if self._gate.is_paused():
