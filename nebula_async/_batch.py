@@ -7,7 +7,20 @@
       -> [memory stream, buffer = workers] -> the caller, unordered or reordered
 
 Both streams are bounded, so the feeder only reads a job when a worker is about
-to take it: memory stays flat in the number of jobs (backpressure). The pipeline
+to take it: memory stays flat in the number of jobs (backpressure).
+
+Workers and backoff: ``workers`` (the client's concurrency) workers run jobs, each
+holding one of the pool's permits (:class:`WorkerPermits`) across jobs, so with
+no retries every request finds a concurrency slot free and nothing is handed from
+task to task. Spare workers (half as many again) wait for a permit. A submission
+that sleeps in a retry backoff lends a permit out for the sleep
+(:func:`backoff_sleep`): a spare takes it and runs another job meanwhile, so a
+backoff never idles a concurrency slot. Awake again, the submission takes a
+permit back at once, on credit if none is free, so its retry waits for nothing
+but the concurrency slot; the next worker to finish a job while the pool is in
+debt repays it and waits as a spare.
+
+The pipeline
 runs in a task of its own that the client tracks, not inside the caller's async
 generator frame: a task group entered in an async generator and closed by the
 garbage collector would exit its cancel scope in another task. Leaving the
@@ -17,7 +30,9 @@ stream (break, cancellation, error) cancels the pipeline and waits for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -26,6 +41,7 @@ from collections.abc import (
     Iterable,
     Mapping,
 )
+from contextvars import ContextVar
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -37,11 +53,14 @@ from ._models import GeneratedImage, ImageResult, Img2ImgRequest, Job, JobResult
 
 __all__ = [
     "JobInput",
+    "WorkerPermits",
     "aggregate",
+    "backoff_sleep",
     "coerce_job",
     "default_window",
     "job_id_of",
     "run_pipeline",
+    "spare_worker_count",
     "worker_count",
 ]
 
@@ -125,6 +144,91 @@ def aggregate(
 _T = TypeVar("_T")
 
 
+class WorkerPermits:
+    """Which workers of a batch may run a job: ``workers`` permits, lent out on backoff.
+
+    ``acquire()`` waits for a permit while none is free (FIFO); ``release()`` gives
+    one back or lends it: it repays a debt first, else hands it to the first waiter,
+    else frees it. ``take()`` takes one at once, running into debt (``in_debt``)
+    when none is free. Unlike a limiter, a release needs no earlier acquire: every
+    sleeping submission lends one permit, so the free count can briefly exceed
+    ``workers`` (the spare workers bound what that starts).
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, workers: int) -> None:
+        self._free = workers
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def available(self) -> int:
+        """Free permits; negative while in debt."""
+        return self._free
+
+    @property
+    def in_debt(self) -> bool:
+        """Whether a permit was taken on credit and not yet repaid."""
+        return self._free < 0
+
+    async def acquire(self) -> None:
+        """Wait for a permit, first come first served; cancellation leaks none."""
+        if self._free > 0:
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release()  # handed a permit, but will not use it
+            else:
+                with contextlib.suppress(ValueError):  # already dropped by release()
+                    self._waiters.remove(future)
+            raise
+
+    def release(self) -> None:
+        """Give back or lend a permit: repay a debt, else wake a waiter, else free it."""
+        if self._free >= 0:
+            waiters = self._waiters
+            while waiters:
+                future = waiters.popleft()
+                if not future.done():
+                    future.set_result(None)
+                    return
+        self._free += 1
+
+    def take(self) -> None:
+        """Take a permit now, on credit when none is free."""
+        self._free -= 1
+
+
+#: The worker permits of the batch whose worker runs the current task (and the
+#: tasks of its job), for :func:`backoff_sleep` to lend out; None outside a batch.
+_WORKER_PERMITS: ContextVar[WorkerPermits | None] = ContextVar(
+    "nebula_async_worker_permits", default=None
+)
+
+
+async def backoff_sleep(delay: float) -> None:
+    """Sleep ``delay`` seconds before a retry, lending a worker permit meanwhile.
+
+    Inside a batch the permit goes to a spare worker, which runs another job during
+    the sleep; afterwards the permit is taken back at once (on credit if need be,
+    repaid by the next worker to finish a job). Outside a batch (``img2img``) this
+    is a plain sleep.
+    """
+    permits = _WORKER_PERMITS.get()
+    if permits is None:
+        await anyio.sleep(delay)
+        return
+    permits.release()
+    # Cancelled in the sleep, the pipeline is going away: nothing to take back.
+    await anyio.sleep(delay)
+    permits.take()
+
+
 # anyio's send()/receive() checkpoint on every call, an extra event-loop round trip
 # per item; try the non-blocking call first and wait only when the stream is full
 # (or empty). Every job still reaches a real await (its HTTP request).
@@ -205,15 +309,26 @@ async def run_pipeline(
                 with anyio.CancelScope(shield=True):
                     await source.aclose()
 
+    permits = WorkerPermits(workers)
+
     async def work(
         receive: MemoryObjectReceiveStream[tuple[int, object]],
         send: MemoryObjectSendStream[tuple[int, JobResult]],
     ) -> None:
         async with receive, send:
+            # Every worker (its job's tasks included) lends this pool's permit on backoff.
+            _WORKER_PERMITS.set(permits)
+            await permits.acquire()  # spares wait here until a backoff lends a permit
             while True:
+                if permits.in_debt:
+                    # A job back from a backoff took a permit on credit: repay it with
+                    # this worker's, and wait as a spare.
+                    permits.release()
+                    await permits.acquire()
                 try:
                     index, item = await _receive(receive)
                 except anyio.EndOfStream:
+                    permits.release()  # repays a debt, or lets a spare find the end too
                     return
                 result = await run_item(index, item)
                 await _send(send, (index, result))
@@ -221,7 +336,7 @@ async def run_pipeline(
     async def pipeline() -> None:
         async with send_results, receive_jobs, anyio.create_task_group() as task_group:
             task_group.start_soon(feed)
-            for _ in range(workers):
+            for _ in range(workers + spare_worker_count(workers)):
                 task_group.start_soon(work, receive_jobs.clone(), send_results.clone())
 
     task = asyncio.get_running_loop().create_task(pipeline())
@@ -270,6 +385,10 @@ def default_window(max_concurrency: int) -> int:
 
 
 def worker_count(max_concurrency: int) -> int:
-    """Workers per batch: more than the concurrency, so that slots freed by jobs
-    sleeping in a retry backoff are taken by other jobs at once."""
-    return max(2, math.ceil(max_concurrency * 1.5))
+    """Workers running jobs at a time in a batch: one per concurrency slot."""
+    return max_concurrency
+
+
+def spare_worker_count(workers: int) -> int:
+    """Spare workers of a batch, which run jobs only while others sleep in a backoff."""
+    return max(1, math.ceil(workers / 2))

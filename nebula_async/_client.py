@@ -26,6 +26,7 @@ import orjson
 from ._auth import Authenticator
 from ._batch import (
     aggregate,
+    backoff_sleep,
     coerce_job,
     default_window,
     job_id_of,
@@ -399,7 +400,7 @@ class NebulaClient:
             tally.retries += 1
             counters.retries += 1
             _log.debug("retrying in %.3fs: %s (%s)", decision.delay, decision.reason, error)
-            await anyio.sleep(decision.delay)
+            await backoff_sleep(decision.delay)  # lends a batch worker's slot meanwhile
 
     # -- jobs and batches ----------------------------------------------------------------
 
