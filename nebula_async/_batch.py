@@ -2,12 +2,15 @@
 
 ::
 
-    jobs (any iterable / async iterable, read lazily)
-      -> feeder --[memory stream, buffer = workers]--> N workers --run_job-->
+    plain iterable  --next(), by the worker that is free-->  N workers --run_job-->
+    async iterable  -> feeder --[memory stream, buffer = workers]--> N workers --run_job-->
       -> [memory stream, buffer = workers] -> the caller, unordered or reordered
 
-Both streams are bounded, so the feeder only reads a job when a worker is about
-to take it: memory stays flat in the number of jobs (backpressure).
+A plain iterable is read by the workers themselves, one item when a worker is
+free (no feeder task, no hand-off); an async iterable by one feeder task
+through a bounded stream, since its ``__anext__`` must not run concurrently.
+Either way a job is read only when a worker is about to take it, and the results
+stream is bounded too: memory stays flat in the number of jobs (backpressure).
 
 Workers and backoff: ``workers`` (the client's concurrency) workers run jobs, each
 holding one of the pool's permits (:class:`WorkerPermits`) across jobs, so with
@@ -20,8 +23,7 @@ permit back at once, on credit if none is free, so its retry waits for nothing
 but the concurrency slot; the next worker to finish a job while the pool is in
 debt repays it and waits as a spare.
 
-The pipeline
-runs in a task of its own that the client tracks, not inside the caller's async
+The pipeline runs in a task of its own that the client tracks, not inside the caller's async
 generator frame: a task group entered in an async generator and closed by the
 garbage collector would exit its cancel scope in another task. Leaving the
 stream (break, cancellation, error) cancels the pipeline and waits for it.
@@ -39,6 +41,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Mapping,
 )
 from contextvars import ContextVar
@@ -142,6 +145,7 @@ def aggregate(
 
 
 _T = TypeVar("_T")
+_END: Final = object()  # the end of a plain iterable
 
 
 class WorkerPermits:
@@ -289,33 +293,15 @@ async def run_pipeline(
     send_results, receive_results = anyio.create_memory_object_stream[tuple[int, JobResult]](
         workers
     )
-    send_jobs, receive_jobs = anyio.create_memory_object_stream[tuple[int, object]](workers)
     window_slots = anyio.Semaphore(window) if ordered else None
     input_failure: list[BaseException] = []
-
-    async def feed() -> None:
-        async with send_jobs:
-            index = 0
-            source = _iterate(jobs)
-            try:
-                async for item in source:
-                    if window_slots is not None:
-                        await window_slots.acquire()
-                    await _send(send_jobs, (index, item))
-                    index += 1
-            except Exception as exc:  # the caller's iterable failed: stop feeding, keep results
-                input_failure.append(exc)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await source.aclose()
-
     permits = WorkerPermits(workers)
 
     async def work(
-        receive: MemoryObjectReceiveStream[tuple[int, object]],
+        take: Callable[[], Awaitable[tuple[int, object] | None]],
         send: MemoryObjectSendStream[tuple[int, JobResult]],
     ) -> None:
-        async with receive, send:
+        async with send:
             # Every worker (its job's tasks included) lends this pool's permit on backoff.
             _WORKER_PERMITS.set(permits)
             await permits.acquire()  # spares wait here until a backoff lends a permit
@@ -325,19 +311,86 @@ async def run_pipeline(
                     # this worker's, and wait as a spare.
                     permits.release()
                     await permits.acquire()
-                try:
-                    index, item = await _receive(receive)
-                except anyio.EndOfStream:
+                taken = await take()
+                if taken is None:
                     permits.release()  # repays a debt, or lets a spare find the end too
                     return
+                index, item = taken
                 result = await run_item(index, item)
                 await _send(send, (index, result))
 
-    async def pipeline() -> None:
-        async with send_results, receive_jobs, anyio.create_task_group() as task_group:
-            task_group.start_soon(feed)
-            for _ in range(workers + spare_worker_count(workers)):
-                task_group.start_soon(work, receive_jobs.clone(), send_results.clone())
+    if isinstance(jobs, AsyncIterable):
+        # An async iterable is read by one feeder task (its __anext__ must not run
+        # concurrently), through a stream bounded by the workers.
+        send_jobs, receive_jobs = anyio.create_memory_object_stream[tuple[int, object]](workers)
+
+        async def feed() -> None:
+            async with send_jobs:
+                index = 0
+                source = _iterate(jobs)
+                try:
+                    async for item in source:
+                        if window_slots is not None:
+                            await window_slots.acquire()
+                        await _send(send_jobs, (index, item))
+                        index += 1
+                except Exception as exc:  # the caller's iterable failed: stop, keep results
+                    input_failure.append(exc)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await source.aclose()
+
+        async def work_on_stream(receive: MemoryObjectReceiveStream[tuple[int, object]]) -> None:
+            async def take() -> tuple[int, object] | None:
+                try:
+                    return await _receive(receive)
+                except anyio.EndOfStream:
+                    return None
+
+            async with receive:
+                await work(take, send_results.clone())
+
+        async def pipeline() -> None:
+            async with send_results, receive_jobs, anyio.create_task_group() as task_group:
+                task_group.start_soon(feed)
+                for _ in range(workers + spare_worker_count(workers)):
+                    task_group.start_soon(work_on_stream, receive_jobs.clone())
+
+    else:
+        # A plain iterable is read by the workers themselves, each taking the next
+        # item when it is free (next() never runs concurrently: it does not await).
+        # No feeder task and no job stream: one task switch less per job.
+        iterator: Iterator[object] | None = None
+        read_index = 0
+
+        async def take() -> tuple[int, object] | None:
+            nonlocal iterator, read_index
+            if read_index < 0:  # the input ended or failed
+                return None
+            if window_slots is not None:
+                await window_slots.acquire()
+            try:
+                if iterator is None:
+                    iterator = iter(jobs)
+                item = next(iterator) if read_index >= 0 else _END
+            except StopIteration:
+                item = _END
+            except Exception as exc:  # the caller's iterable failed: stop, keep results
+                input_failure.append(exc)
+                item = _END
+            if item is _END:
+                read_index = -1
+                if window_slots is not None:
+                    window_slots.release()
+                return None
+            index = read_index
+            read_index += 1
+            return index, item
+
+        async def pipeline() -> None:
+            async with send_results, anyio.create_task_group() as task_group:
+                for _ in range(workers + spare_worker_count(workers)):
+                    task_group.start_soon(work, take, send_results.clone())
 
     task = asyncio.get_running_loop().create_task(pipeline())
     track(task)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 
 import anyio
 import anyio.lowlevel
@@ -211,3 +211,36 @@ async def test_ordered_stream_with_backoffs_keeps_input_order() -> None:
         run_pipeline(range(40), run_item, workers=2, ordered=True, window=8, track=_track)
     )
     assert finished == list(range(40))
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_plain_iterable_is_read_by_the_workers_one_item_per_free_worker(
+    ordered: bool,
+) -> None:
+    # No feeder: an item is read only when a worker takes it, never ahead.
+    read: list[int] = []
+    running: list[int] = []
+    most_ahead = 0
+
+    def source() -> Iterator[int]:
+        for index in range(30):
+            read.append(index)
+            yield index
+        raise OSError("input broke")
+
+    async def run_item(index: int, item: object) -> JobResult:
+        nonlocal most_ahead
+        running.append(index)
+        most_ahead = max(most_ahead, len(read) - (len(finished_so_far) + len(running)))
+        await anyio.lowlevel.checkpoint()
+        running.remove(index)
+        finished_so_far.append(index)
+        return JobResult(job_id=str(index))
+
+    finished_so_far: list[int] = []
+    with pytest.raises(OSError, match="input broke"):
+        await _collect(
+            run_pipeline(source(), run_item, workers=3, ordered=ordered, window=4, track=_track)
+        )
+    assert sorted(finished_so_far) == list(range(30))
+    assert most_ahead == 0
