@@ -215,21 +215,23 @@ _WORKER_PERMITS: ContextVar[WorkerPermits | None] = ContextVar(
 )
 
 
-async def backoff_sleep(delay: float) -> None:
-    """Sleep ``delay`` seconds before a retry, lending a worker permit meanwhile.
+async def backoff_sleep(
+    delay: float, sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+) -> None:
+    """``sleep(delay)`` before a retry, lending a worker permit meanwhile.
 
     Inside a batch the permit goes to a spare worker, which runs another job during
     the sleep; afterwards the permit is taken back at once (on credit if need be,
-    repaid by the next worker to finish a job). Outside a batch (``img2img``) this
-    is a plain sleep.
+    repaid by the next worker to finish a job), however the sleep ended. Outside a
+    batch (``img2img``) this is a plain sleep.
     """
     permits = _WORKER_PERMITS.get()
     if permits is None:
-        await anyio.sleep(delay)
+        await sleep(delay)
         return
     permits.release()
     # Cancelled in the sleep, the pipeline is going away: nothing to take back.
-    await anyio.sleep(delay)
+    await sleep(delay)
     permits.take()
 
 

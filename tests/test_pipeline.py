@@ -52,6 +52,38 @@ def test_worker_counts() -> None:
 
 async def test_backoff_outside_a_batch_is_a_plain_sleep() -> None:
     await backoff_sleep(0.0)  # no worker permits in this task: nothing to lend
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    await backoff_sleep(1.5, sleep)
+    assert slept == [1.5]
+
+
+async def test_backoff_in_a_batch_uses_the_given_sleep_and_still_lends() -> None:
+    slept: list[float] = []
+    finished_during_sleep: list[int] = []
+    finished: list[int] = []
+
+    async def sleep(seconds: float) -> None:  # e.g. one that ends early on close
+        slept.append(seconds)
+        while len(finished) < 3:
+            await anyio.sleep(0.001)
+        finished_during_sleep.extend(finished)
+
+    async def run_item(index: int, item: object) -> JobResult:
+        if index == 0:
+            await backoff_sleep(7.0, sleep)
+        finished.append(index)
+        return JobResult(job_id=str(index))
+
+    await _collect(
+        run_pipeline(range(4), run_item, workers=1, ordered=False, window=64, track=_track)
+    )
+    assert slept == [7.0]
+    assert finished_during_sleep == [1, 2, 3]
+    assert finished == [1, 2, 3, 0]
 
 
 async def test_a_job_in_backoff_lends_its_slot_to_the_other_jobs() -> None:
