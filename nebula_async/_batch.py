@@ -2,13 +2,28 @@
 
 ::
 
-    jobs (any iterable / async iterable, read lazily)
-      -> feeder --[memory stream, buffer = workers]--> N workers --run_job-->
+    plain iterable  --next(), by the worker that is free-->  N workers --run_job-->
+    async iterable  -> feeder --[memory stream, buffer = workers]--> N workers --run_job-->
       -> [memory stream, buffer = workers] -> the caller, unordered or reordered
 
-Both streams are bounded, so the feeder only reads a job when a worker is about
-to take it: memory stays flat in the number of jobs (backpressure). The pipeline
-runs in a task of its own that the client tracks, not inside the caller's async
+A plain iterable is read by the workers themselves, one item when a worker is
+free (no feeder task, no hand-off); an async iterable by one feeder task
+through a bounded stream, since its ``__anext__`` must not run concurrently.
+Either way a job is read only when a worker is about to take it, and the results
+stream is bounded too: memory stays flat in the number of jobs (backpressure).
+
+Workers and backoff: ``workers`` (the client's concurrency) workers run jobs, each
+holding one of the pool's permits (:class:`WorkerPermits`) across jobs, so with
+no retries every request finds a concurrency slot free and nothing is handed from
+task to task. Spare workers (half as many again) wait for a permit. A submission
+that sleeps in a retry backoff lends a permit out for the sleep
+(:func:`backoff_sleep`): a spare takes it and runs another job meanwhile, so a
+backoff never idles a concurrency slot. Awake again, the submission takes a
+permit back at once, on credit if none is free, so its retry waits for nothing
+but the concurrency slot; the next worker to finish a job while the pool is in
+debt repays it and waits as a spare.
+
+The pipeline runs in a task of its own that the client tracks, not inside the caller's async
 generator frame: a task group entered in an async generator and closed by the
 garbage collector would exit its cancel scope in another task. Leaving the
 stream (break, cancellation, error) cancels the pipeline and waits for it.
@@ -17,15 +32,19 @@ stream (break, cancellation, error) cancels the pipeline and waits for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Mapping,
 )
+from contextvars import ContextVar
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -39,11 +58,14 @@ from ._models import GeneratedImage, ImageResult, Img2ImgRequest, Job, JobResult
 __all__ = [
     "JobInput",
     "RefusedItem",
+    "WorkerPermits",
     "aggregate",
+    "backoff_sleep",
     "coerce_job",
     "default_window",
     "job_id_of",
     "run_pipeline",
+    "spare_worker_count",
     "worker_count",
 ]
 
@@ -133,6 +155,94 @@ def aggregate(
 
 
 _T = TypeVar("_T")
+_END: Final = object()  # the end of a plain iterable
+
+
+class WorkerPermits:
+    """Which workers of a batch may run a job: ``workers`` permits, lent out on backoff.
+
+    ``acquire()`` waits for a permit while none is free (FIFO); ``release()`` gives
+    one back or lends it: it repays a debt first, else hands it to the first waiter,
+    else frees it. ``take()`` takes one at once, running into debt (``in_debt``)
+    when none is free. Unlike a limiter, a release needs no earlier acquire: every
+    sleeping submission lends one permit, so the free count can briefly exceed
+    ``workers`` (the spare workers bound what that starts).
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, workers: int) -> None:
+        self._free = workers
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def available(self) -> int:
+        """Free permits; negative while in debt."""
+        return self._free
+
+    @property
+    def in_debt(self) -> bool:
+        """Whether a permit was taken on credit and not yet repaid."""
+        return self._free < 0
+
+    async def acquire(self) -> None:
+        """Wait for a permit, first come first served; cancellation leaks none."""
+        if self._free > 0:
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release()  # handed a permit, but will not use it
+            else:
+                with contextlib.suppress(ValueError):  # already dropped by release()
+                    self._waiters.remove(future)
+            raise
+
+    def release(self) -> None:
+        """Give back or lend a permit: repay a debt, else wake a waiter, else free it."""
+        if self._free >= 0:
+            waiters = self._waiters
+            while waiters:
+                future = waiters.popleft()
+                if not future.done():
+                    future.set_result(None)
+                    return
+        self._free += 1
+
+    def take(self) -> None:
+        """Take a permit now, on credit when none is free."""
+        self._free -= 1
+
+
+#: The worker permits of the batch whose worker runs the current task (and the
+#: tasks of its job), for :func:`backoff_sleep` to lend out; None outside a batch.
+_WORKER_PERMITS: ContextVar[WorkerPermits | None] = ContextVar(
+    "nebula_async_worker_permits", default=None
+)
+
+
+async def backoff_sleep(
+    delay: float, sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+) -> None:
+    """``sleep(delay)`` before a retry, lending a worker permit meanwhile.
+
+    Inside a batch the permit goes to a spare worker, which runs another job during
+    the sleep; afterwards the permit is taken back at once (on credit if need be,
+    repaid by the next worker to finish a job). Outside a
+    batch (``img2img``) this is a plain sleep.
+    """
+    permits = _WORKER_PERMITS.get()
+    if permits is None:
+        await sleep(delay)
+        return
+    permits.release()
+    # Cancelled in the sleep, the pipeline is going away: nothing to take back.
+    await sleep(delay)
+    permits.take()
 
 
 # anyio's send()/receive() checkpoint on every call, an extra event-loop round trip
@@ -208,46 +318,107 @@ async def run_pipeline(
     send_results, receive_results = anyio.create_memory_object_stream[tuple[int, JobResult]](
         workers
     )
-    send_jobs, receive_jobs = anyio.create_memory_object_stream[tuple[int, object]](workers)
     window_slots = anyio.Semaphore(window) if ordered else None
     input_failure: list[BaseException] = []
-
-    async def feed() -> None:
-        async with send_jobs:
-            index = 0
-            source = _iterate(jobs)
-            try:
-                async for item in source:
-                    if admit is not None:
-                        item = admit(index, item)
-                    if window_slots is not None:
-                        await window_slots.acquire()
-                    await _send(send_jobs, (index, item))
-                    index += 1
-            except Exception as exc:  # the caller's iterable failed: stop feeding, keep results
-                input_failure.append(exc)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await source.aclose()
+    permits = WorkerPermits(workers)
 
     async def work(
-        receive: MemoryObjectReceiveStream[tuple[int, object]],
+        take: Callable[[], Awaitable[tuple[int, object] | None]],
         send: MemoryObjectSendStream[tuple[int, JobResult]],
     ) -> None:
-        async with receive, send:
+        async with send:
+            # Every worker (its job's tasks included) lends this pool's permit on backoff.
+            _WORKER_PERMITS.set(permits)
+            await permits.acquire()  # spares wait here until a backoff lends a permit
             while True:
-                try:
-                    index, item = await _receive(receive)
-                except anyio.EndOfStream:
+                if permits.in_debt:
+                    # A job back from a backoff took a permit on credit: repay it with
+                    # this worker's, and wait as a spare.
+                    permits.release()
+                    await permits.acquire()
+                taken = await take()
+                if taken is None:
+                    permits.release()  # repays a debt, or lets a spare find the end too
                     return
+                index, item = taken
                 result = await run_item(index, item)
                 await _send(send, (index, result))
 
-    async def pipeline() -> None:
-        async with send_results, receive_jobs, anyio.create_task_group() as task_group:
-            task_group.start_soon(feed)
-            for _ in range(workers):
-                task_group.start_soon(work, receive_jobs.clone(), send_results.clone())
+    if isinstance(jobs, AsyncIterable):
+        # An async iterable is read by one feeder task (its __anext__ must not run
+        # concurrently), through a stream bounded by the workers.
+        send_jobs, receive_jobs = anyio.create_memory_object_stream[tuple[int, object]](workers)
+
+        async def feed() -> None:
+            async with send_jobs:
+                index = 0
+                source = _iterate(jobs)
+                try:
+                    async for item in source:
+                        if admit is not None:
+                            item = admit(index, item)
+                        if window_slots is not None:
+                            await window_slots.acquire()
+                        await _send(send_jobs, (index, item))
+                        index += 1
+                except Exception as exc:  # the caller's iterable failed: stop, keep results
+                    input_failure.append(exc)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await source.aclose()
+
+        async def work_on_stream(receive: MemoryObjectReceiveStream[tuple[int, object]]) -> None:
+            async def take() -> tuple[int, object] | None:
+                try:
+                    return await _receive(receive)
+                except anyio.EndOfStream:
+                    return None
+
+            async with receive:
+                await work(take, send_results.clone())
+
+        async def pipeline() -> None:
+            async with send_results, receive_jobs, anyio.create_task_group() as task_group:
+                task_group.start_soon(feed)
+                for _ in range(workers + spare_worker_count(workers)):
+                    task_group.start_soon(work_on_stream, receive_jobs.clone())
+
+    else:
+        # A plain iterable is read by the workers themselves, each taking the next
+        # item when it is free (next() never runs concurrently: it does not await).
+        # No feeder task and no job stream: one task switch less per job.
+        iterator: Iterator[object] | None = None
+        read_index = 0
+
+        async def take() -> tuple[int, object] | None:
+            nonlocal iterator, read_index
+            if read_index < 0:  # the input ended or failed
+                return None
+            if window_slots is not None:
+                await window_slots.acquire()
+            try:
+                if iterator is None:
+                    iterator = iter(jobs)
+                item = next(iterator) if read_index >= 0 else _END
+            except StopIteration:
+                item = _END
+            except Exception as exc:  # the caller's iterable failed: stop, keep results
+                input_failure.append(exc)
+                item = _END
+            if item is _END:
+                read_index = -1
+                if window_slots is not None:
+                    window_slots.release()
+                return None
+            index = read_index
+            read_index += 1
+            # No await since next(): items are admitted in input order.
+            return index, (item if admit is None else admit(index, item))
+
+        async def pipeline() -> None:
+            async with send_results, anyio.create_task_group() as task_group:
+                for _ in range(workers + spare_worker_count(workers)):
+                    task_group.start_soon(work, take, send_results.clone())
 
     task = asyncio.get_running_loop().create_task(pipeline())
     track(task)
@@ -295,6 +466,10 @@ def default_window(max_concurrency: int) -> int:
 
 
 def worker_count(max_concurrency: int) -> int:
-    """Workers per batch: more than the concurrency, so that slots freed by jobs
-    sleeping in a retry backoff are taken by other jobs at once."""
-    return max(2, math.ceil(max_concurrency * 1.5))
+    """Workers running jobs at a time in a batch: one per concurrency slot."""
+    return max_concurrency
+
+
+def spare_worker_count(workers: int) -> int:
+    """Spare workers of a batch, which run jobs only while others sleep in a backoff."""
+    return max(1, math.ceil(workers / 2))

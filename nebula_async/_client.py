@@ -1,8 +1,8 @@
 """``NebulaClient``: the public face of the library.
 
-Each HTTP attempt takes, in this order: a concurrency slot (anyio
-``CapacityLimiter``), the client-wide pause gate (``Retry-After``), a rate slot
-(GCRA), then sends at once. Taking the rate slot last, while holding the
+Each HTTP attempt takes, in this order: a concurrency slot (``FifoLimiter``,
+first come first served), the client-wide pause gate (``Retry-After``), the token
+(waiting out a re-login), a rate slot (GCRA), then sends at once. Taking the rate slot last, while holding the
 concurrency slot, is what keeps sends spaced: slots freed together by answers
 that arrive together cannot turn into a burst. Backoff sleeps hold no slot.
 """
@@ -27,6 +27,7 @@ from ._auth import Authenticator
 from ._batch import (
     RefusedItem,
     aggregate,
+    backoff_sleep,
     coerce_job,
     default_window,
     job_id_of,
@@ -40,7 +41,7 @@ from ._exceptions import (
     NebulaError,
     ValidationError,
 )
-from ._limits import PauseGate, RateLimiter
+from ._limits import FifoLimiter, PauseGate, RateLimiter
 from ._models import (
     BatchReport,
     ImageResult,
@@ -230,7 +231,7 @@ class NebulaClient:
             connection_limit=max_concurrency + 1, timeout=self._timeout, trust_env=trust_env
         )
         self._auth: Authenticator | None = None
-        self._concurrency: anyio.CapacityLimiter | None = None
+        self._concurrency: FifoLimiter | None = None
         self._rate: RateLimiter | None = None
         self._gate: PauseGate | None = None
         self._closed: anyio.Event | None = None
@@ -249,7 +250,7 @@ class NebulaClient:
     async def __aenter__(self) -> Self:
         if self._state != "new":
             raise RuntimeError(f"this NebulaClient is {self._state}; create a new one")
-        self._concurrency = anyio.CapacityLimiter(self._max_concurrency)
+        self._concurrency = FifoLimiter(self._max_concurrency)
         # Waits for a pause, a rate slot or a backoff end early when the client closes.
         self._closed = anyio.Event()
         self._gate = PauseGate(sleep=self._sleep)
@@ -383,9 +384,7 @@ class NebulaClient:
         auth = self._auth
         # Fast path without a checkpoint (an extra event-loop round trip per request);
         # the send below is the cancellation point.
-        try:
-            concurrency.acquire_nowait()
-        except anyio.WouldBlock:
+        if not concurrency.try_acquire():
             await concurrency.acquire()
         try:
             sent_at = 0.0
@@ -504,7 +503,8 @@ class NebulaClient:
             tally.retries += 1
             counters.retries += 1
             _log.debug("retrying in %.3fs: %s (%s)", decision.delay, decision.reason, error)
-            await self._sleep(decision.delay)
+            # Lends a batch worker's slot meanwhile; wakes early if the client closes.
+            await backoff_sleep(decision.delay, self._sleep)
 
     # -- jobs and batches ----------------------------------------------------------------
 

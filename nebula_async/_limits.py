@@ -1,4 +1,4 @@
-"""Request-rate limiting: an anchored GCRA schedule, AIMD on 429, and a client-wide pause.
+"""Limits: a FIFO concurrency limiter, an anchored GCRA schedule, AIMD on 429, a pause.
 
 GCRA
 ----
@@ -39,14 +39,27 @@ linearly. :class:`RateLimiter` joins the schedule and the controller behind one
 ``Retry-After``; callers wait on it *before* taking a rate slot, so a pause does
 not leave a pile of expired slots that would all fire at once when it ends.
 
+Concurrency
+-----------
+:class:`FifoLimiter` is a counting limiter on bare asyncio futures, first come
+first served. It replaces anyio's ``CapacityLimiter`` on the hot path: that one raises
+``WouldBlock`` twice, makes an ``Event`` and checks for cancellation on every
+contended acquire, several times the cost of one future. A release hands the
+permit straight to the first waiter, so a newcomer's non-blocking acquire can
+never overtake a queued task; a waiter cancelled after it was handed a permit
+passes it on, so cancellation never leaks one.
+
 :class:`GcraSchedule` and :class:`AdaptiveRate` are sans-I/O: they take the time
 as an argument and never await, so they are tested on simulated timelines.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -57,6 +70,7 @@ from ._models import RateLimit
 
 __all__ = [
     "AdaptiveRate",
+    "FifoLimiter",
     "GcraSchedule",
     "PauseGate",
     "RateLimiter",
@@ -455,3 +469,95 @@ class PauseGate:
                 self._resume_at = _NEVER
                 return
             await self._sleep(resume_at - now)
+
+
+class FifoLimiter:
+    """A counting limiter for asyncio: at most ``total`` holders, served in arrival order.
+
+    ``try_acquire()`` takes a permit without waiting when one is free (never ahead
+    of a queued caller); ``await acquire()`` waits its turn (it is not a checkpoint
+    when a permit is free at once). ``release()`` hands the permit to the first
+    waiter, or frees it. Not thread-safe; use it from one event loop.
+
+    >>> async def main():
+    ...     limiter = FifoLimiter(1)
+    ...     await limiter.acquire()
+    ...     busy = limiter.try_acquire()
+    ...     limiter.release()
+    ...     return busy, limiter.available
+    >>> asyncio.run(main())
+    (False, 1)
+    """
+
+    __slots__ = ("_free", "_total", "_waiters")
+
+    def __init__(self, total: int) -> None:
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(f"total must be an integer >= 1, got {total!r}")
+        self._total = total
+        self._free = total
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def __repr__(self) -> str:
+        return f"<FifoLimiter total={self._total} available={self._free} waiting={self.waiting}>"
+
+    @property
+    def total(self) -> int:
+        """How many permits there are."""
+        return self._total
+
+    @property
+    def available(self) -> int:
+        """Permits free right now."""
+        return self._free
+
+    @property
+    def borrowed(self) -> int:
+        """Permits held right now."""
+        return self._total - self._free
+
+    @property
+    def waiting(self) -> int:
+        """Callers queued for a permit."""
+        return len(self._waiters)
+
+    def try_acquire(self) -> bool:
+        """Take a permit if one is free (never ahead of a waiter); True when taken."""
+        # A free permit with waiters queued cannot happen: release() hands it over.
+        if self._free:
+            self._free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Take a permit, waiting in line for it when none is free.
+
+        Cancelled while waiting, the caller leaves the line; cancelled after a
+        permit was handed to it, it passes that permit on.
+        """
+        if self._free:
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release()  # handed a permit, but will not use it
+            else:
+                with contextlib.suppress(ValueError):  # already dropped by release()
+                    self._waiters.remove(future)
+            raise
+
+    def release(self) -> None:
+        """Give a permit back: to the first live waiter, or to the free pool."""
+        waiters = self._waiters
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+        if self._free >= self._total:
+            raise RuntimeError("FifoLimiter released more often than acquired")
+        self._free += 1

@@ -786,6 +786,24 @@ async def test_max_concurrency_is_respected_under_a_batch() -> None:
     assert server.max_in_flight >= 6  # the limit was actually used
 
 
+async def test_a_job_in_backoff_does_not_hold_up_the_others() -> None:
+    # One slot: job 0's first attempt fails and it sleeps 0.4 s before retrying. The
+    # other jobs go through that slot meanwhile, and the concurrency still holds.
+    slow_retry = na.RetryPolicy(max_attempts=3, backoff_base=0.4, backoff_max=0.4)
+    async with MockNebulaServer(fault_script=["http_500"]) as server:
+        async with client_for(
+            server, max_concurrency=1, retry=slow_retry, random=lambda: 1.0
+        ) as client:
+            finished = [
+                result.job_id
+                async for result in client.stream(request(f"bo-{i}") for i in range(8))
+            ]
+    assert finished == ["1", "2", "3", "4", "5", "6", "7", "0"]
+    prompts = [record.field("prompt") for record in server.requests]
+    assert prompts == ["bo-0", *(f"bo-{i}" for i in range(1, 8)), "bo-0"]
+    assert server.max_in_flight == 1
+
+
 # --------------------------------------------------------------------------- known bugs
 
 

@@ -1,4 +1,5 @@
-"""The limits module: anchored GCRA, AIMD on 429, the limiter shell and the pause gate.
+"""The limits module: anchored GCRA, AIMD on 429, the limiter shell, the pause gate and
+the FIFO concurrency limiter.
 
 Pure parts run on simulated timelines; the async shell runs on a virtual clock that
 advances only when every task is blocked; one slow test uses the real clock.
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from nebula_async import RateLimit
 from nebula_async._limits import (
     AdaptiveRate,
+    FifoLimiter,
     GcraSchedule,
     PauseGate,
     RateLimiter,
@@ -753,3 +755,189 @@ async def test_concurrent_waiters_all_resume_after_the_extended_pause() -> None:
 
     await with_virtual_time(vt, body)
     assert resumed == [4.0, 4.0, 4.0]
+
+
+# -- FifoLimiter ----------------------------------------------------------------------------
+
+
+async def spin(times: int = 5) -> None:
+    """Let every ready task run a few steps."""
+    for _ in range(times):
+        await asyncio.sleep(0)
+
+
+def test_fifo_limiter_rejects_bad_totals() -> None:
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="total"):
+            FifoLimiter(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_fifo_limiter_counts_and_refuses_an_extra_release() -> None:
+    limiter = FifoLimiter(2)
+    assert (limiter.total, limiter.available, limiter.borrowed, limiter.waiting) == (2, 2, 0, 0)
+    assert limiter.try_acquire()
+    await limiter.acquire()  # free: returns without waiting
+    assert not limiter.try_acquire()
+    assert (limiter.available, limiter.borrowed) == (0, 2)
+    assert "available=0" in repr(limiter)
+    limiter.release()
+    limiter.release()
+    assert limiter.available == 2
+    with pytest.raises(RuntimeError, match="released more often"):
+        limiter.release()
+
+
+@pytest.mark.anyio
+async def test_fifo_limiter_serves_waiters_in_arrival_order() -> None:
+    limiter = FifoLimiter(1)
+    await limiter.acquire()
+    served: list[int] = []
+
+    async def waiter(number: int) -> None:
+        await limiter.acquire()
+        served.append(number)
+
+    tasks = []
+    for number in range(6):
+        tasks.append(asyncio.create_task(waiter(number)))
+        await spin()  # queued in this order
+    assert limiter.waiting == 6
+    for _ in range(6):
+        limiter.release()
+        # A newcomer never overtakes the line: the permit went to the first waiter.
+        assert not limiter.try_acquire()
+        await spin()
+    await asyncio.gather(*tasks)
+    assert served == list(range(6))
+    limiter.release()
+    assert (limiter.available, limiter.waiting) == (1, 0)
+
+
+@pytest.mark.anyio
+async def test_cancelled_waiter_leaves_the_line_and_takes_no_permit() -> None:
+    limiter = FifoLimiter(1)
+    await limiter.acquire()
+    served: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await limiter.acquire()
+        served.append(name)
+        limiter.release()
+
+    first = asyncio.create_task(waiter("first"))
+    await spin()
+    doomed = asyncio.create_task(waiter("doomed"))
+    await spin()
+    last = asyncio.create_task(waiter("last"))
+    await spin()
+    assert limiter.waiting == 3
+    doomed.cancel()
+    await spin()
+    assert doomed.cancelled()
+    assert limiter.waiting == 2
+    limiter.release()
+    await asyncio.gather(first, last)
+    assert served == ["first", "last"]
+    assert (limiter.available, limiter.borrowed, limiter.waiting) == (1, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_waiter_cancelled_after_it_was_handed_a_permit_passes_it_on() -> None:
+    limiter = FifoLimiter(1)
+    await limiter.acquire()
+    served: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await limiter.acquire()
+        served.append(name)
+
+    doomed = asyncio.create_task(waiter("doomed"))
+    await spin()
+    other = asyncio.create_task(waiter("other"))
+    await spin()
+    limiter.release()  # hands the permit to "doomed", which has not resumed yet
+    doomed.cancel()  # ... and is cancelled before it does
+    await spin()
+    assert doomed.cancelled()
+    await other
+    assert served == ["other"]  # the permit went on to the next in line
+    limiter.release()
+    assert (limiter.available, limiter.waiting) == (1, 0)
+
+
+@pytest.mark.anyio
+async def test_waiter_cancelled_after_a_handover_with_nobody_behind_frees_the_permit() -> None:
+    limiter = FifoLimiter(2)
+    await limiter.acquire()
+    await limiter.acquire()
+    doomed = asyncio.create_task(limiter.acquire())
+    await spin()
+    limiter.release()
+    doomed.cancel()
+    await spin()
+    assert doomed.cancelled()
+    assert (limiter.available, limiter.borrowed, limiter.waiting) == (1, 1, 0)
+
+
+@pytest.mark.anyio
+async def test_move_on_after_a_waiting_acquire_leaks_no_permit() -> None:
+    limiter = FifoLimiter(1)
+    await limiter.acquire()
+    with anyio.move_on_after(0.01) as scope:
+        await limiter.acquire()
+    assert scope.cancelled_caught
+    assert limiter.waiting == 0
+    limiter.release()
+    assert limiter.available == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    total=st.integers(1, 4),
+    plans=st.lists(
+        st.tuples(
+            st.integers(0, 6),  # spins before asking
+            st.integers(0, 4),  # spins holding the permit
+            st.one_of(st.none(), st.integers(0, 12)),  # cancelled after this many spins
+        ),
+        min_size=1,
+        max_size=16,
+    ),
+)
+def test_fifo_limiter_never_overcommits_nor_leaks_under_random_cancellations(
+    total: int, plans: list[tuple[int, int, int | None]]
+) -> None:
+    async def scenario() -> None:
+        limiter = FifoLimiter(total)
+        holders = [0]
+        most = [0]
+
+        async def user(before: int, hold: int) -> None:
+            await spin(before)
+            await limiter.acquire()
+            holders[0] += 1
+            most[0] = max(most[0], holders[0])
+            try:
+                await spin(hold)
+            finally:
+                holders[0] -= 1
+                limiter.release()
+
+        tasks = [asyncio.create_task(user(before, hold)) for before, hold, _ in plans]
+        cancels = sorted((at, index) for index, (*_, at) in enumerate(plans) if at is not None)
+        step = 0
+        for at, index in cancels:
+            while step < at:
+                await asyncio.sleep(0)
+                step += 1
+            tasks[index].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert most[0] <= total
+        assert holders[0] == 0
+        assert (limiter.available, limiter.waiting) == (total, 0)
+        for index, (*_, at) in enumerate(plans):
+            if at is None:
+                assert not tasks[index].cancelled()  # everyone not cancelled got through
+
+    asyncio.run(scenario())

@@ -5,14 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nebula_async as na
 from nebula_async._protocol import (
     IMG2IMG_PATH,
     LOGIN_PATH,
+    _common_img2img,
+    _decipher_img2img_strict,
     authorization_value,
     build_img2img_request,
     build_login_request,
@@ -194,3 +199,144 @@ def test_base_url_must_be_http(url: str) -> None:
 
 def test_base_url_trailing_slash_removed() -> None:
     assert normalize_base_url("https://ai-nebula.com/") == "https://ai-nebula.com"
+
+
+# -- the fast path for the common answer gives what the strict path gives ------------------
+
+
+def outcome(fast: bool, status: int, headers: dict[str, str], raw: bytes) -> tuple[Any, ...]:
+    """A comparable summary of a decipher: the result, or the error and all it carries."""
+    try:
+        if fast:
+            result = decipher_img2img(status, headers, raw, now=lambda: NOW)
+        else:
+            result = _decipher_img2img_strict(status, headers, raw, lambda: NOW)
+    except na.NebulaError as exc:
+        return ("error", type(exc), str(exc), exc.args, vars(exc))
+    return ("ok", result)
+
+
+def assert_same(status: int, headers: dict[str, str], raw: bytes) -> None:
+    assert outcome(True, status, headers, raw) == outcome(False, status, headers, raw)
+
+
+STATUSES = [200, 201, 400, 401, 429, 500, 502, 503]
+HEADERS: list[dict[str, str]] = [{}, {"Retry-After": "3"}]
+URL = "https://cdn.example/a.png"
+# Shapes at and around the common answer: each differs from it in one way.
+EDGE_BODIES: list[Any] = [
+    {"code": 200, "msg": "ok", "data": {"images": [{"url": URL}]}},
+    {"code": 200, "data": {"images": [{"url": URL}, {"url": URL + "?2"}]}},  # no msg
+    {"code": 200, "msg": None, "data": {"images": [{"url": URL}]}},
+    {"code": 200, "msg": 7, "data": {"images": [{"url": URL}]}},
+    {"code": 200, "msg": "ok", "data": {"images": []}},
+    {"code": 200, "msg": "ok", "data": {"images": [{"url": URL, "b64_json": None}]}},
+    {"code": 200, "msg": "ok", "data": {"images": [{"url": URL, "b64_json": "aGk="}]}},
+    {"code": 200, "msg": "ok", "data": {"images": [{"b64_json": "aGk="}]}},
+    {"code": 200, "msg": "ok", "data": {"images": [{"url": URL, "size": "1K"}], "usage": {}}},
+    {"code": 200, "msg": "ok", "data": {"images": [{"url": URL}]}, "traceId": "t"},
+    {"code": 200, "msg": "ok", "data": {"images": [{"url": None}]}},
+    {"code": 200, "msg": "ok", "data": {"images": [{"url": 5}]}},
+    {"code": 200, "msg": "ok", "data": {"images": [{}]}},
+    {"code": 200, "msg": "ok", "data": {"images": [URL]}},
+    {"code": 200, "msg": "ok", "data": {"images": [[URL]]}},
+    {"code": 200, "msg": "ok", "data": {"images": {"url": URL}}},
+    {"code": 200, "msg": "ok", "data": {"images": URL}},
+    {"code": 200, "msg": "ok", "data": {"images": None}},
+    {"code": 200, "msg": "ok", "data": {}},
+    {"code": 200, "msg": "ok", "data": None},
+    {"code": 200, "msg": "ok", "data": [{"url": URL}]},
+    {"code": 200, "msg": "ok"},
+    {"code": True, "msg": "ok", "data": {"images": [{"url": URL}]}},
+    {"code": 200.0, "msg": "ok", "data": {"images": [{"url": URL}]}},
+    {"code": "200", "msg": "ok", "data": {"images": [{"url": URL}]}},
+    {"code": 201, "msg": "ok", "data": {"images": [{"url": URL}]}},
+    {"code": 500, "msg": "boom", "data": {"images": [{"url": URL}]}},
+    {"msg": "ok", "data": {"images": [{"url": URL}]}},
+    [{"code": 200}],
+    "ok",
+    None,
+]
+EDGE_RAW = [
+    *(orjson.dumps(value) for value in EDGE_BODIES),
+    *(path.read_bytes() for path in sorted(RECORDED.iterdir())),
+    b"",
+    b"  \n",
+    b"{",
+    b'{"code": 200, "data": {"images": [{"url": "x"}]}} trailing',
+    b'{"code": 99999999999999999999999, "data": {}}',
+    b"\xff\xfe",
+]
+
+
+@pytest.mark.parametrize("raw", EDGE_RAW, ids=lambda raw: raw[:50].decode("utf-8", "replace"))
+def test_fast_path_matches_the_strict_path_on_recorded_and_edge_bodies(raw: bytes) -> None:
+    for status in STATUSES:
+        for headers in HEADERS:
+            assert_same(status, headers, raw)
+
+
+def test_fast_path_takes_only_the_common_answer() -> None:
+    common = body("ok_two_urls.json")
+    fast = _common_img2img(common)
+    assert fast is not None
+    assert fast == decipher(200, "ok_two_urls.json")
+    assert fast.urls == ["https://cdn.example/a.png", "https://cdn.example/b.png"]
+    # Everything else goes the strict way, which keeps the JSON paths of its errors.
+    for name in ("ok_b64_extra_fields.json", "body_401.json", "missing_images.json"):
+        assert _common_img2img(body(name)) is None
+    assert _common_img2img(b"") is None
+
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_IMAGE = st.fixed_dictionaries(
+    {},
+    optional={
+        "url": st.text(max_size=12) | _SCALARS,
+        "b64_json": st.none() | st.text(max_size=8) | _VALUES,
+        "extra": _VALUES,
+    },
+)
+_DATA = (
+    st.fixed_dictionaries(
+        {}, optional={"images": st.lists(_IMAGE | _VALUES, max_size=3) | _VALUES, "usage": _VALUES}
+    )
+    | _VALUES
+)
+_ENVELOPE = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "code": st.sampled_from([200, 200, 200, 400, 401, 429, 500]) | _SCALARS,
+            "msg": st.text(max_size=10) | _SCALARS,
+            "data": _DATA,
+            "traceId": _VALUES,
+        },
+    )
+    | _VALUES
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    envelope=_ENVELOPE,
+    status=st.sampled_from([200, 200, 200, 201, 401, 429, 500, 503]),
+    headers=st.sampled_from(HEADERS),
+)
+def test_fast_path_matches_the_strict_path_on_generated_answers(
+    envelope: Any, status: int, headers: dict[str, str]
+) -> None:
+    assert_same(status, headers, orjson.dumps(envelope))
