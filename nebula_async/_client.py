@@ -2,9 +2,10 @@
 
 Each HTTP attempt takes, in this order: a concurrency slot (``FifoLimiter``,
 first come first served), the client-wide pause gate (``Retry-After``), the token
-(waiting out a re-login), a rate slot (GCRA), then sends at once. Taking the rate slot last, while holding the
-concurrency slot, is what keeps sends spaced: slots freed together by answers
-that arrive together cannot turn into a burst. Backoff sleeps hold no slot.
+(waiting out a re-login), a rate slot (GCRA), then sends at once. Taking the rate
+slot last, while holding the concurrency slot, is what keeps sends spaced: slots
+freed together by answers that arrive together cannot turn into a burst. Backoff
+sleeps hold no slot.
 """
 
 from __future__ import annotations
@@ -524,34 +525,56 @@ class NebulaClient:
     async def _run_job(self, job: Job) -> JobResult:
         """All submissions of one job, concurrently under the client's limits."""
         started = time.perf_counter()
+        request = job.request
+        total = job.total_images
+        if total <= request.n:
+            # One submission, the common case: no task group, no per-submission lists.
+            tally = _Tally()
+            if total != request.n:
+                request = attrs.evolve(request, n=total)
+            outcome = await self._submission(request, tally)
+            if isinstance(outcome, NebulaError):
+                _detach(outcome)
+            result = aggregate(
+                job.id or "",
+                [outcome],
+                attempts=tally.attempts,
+                retries=tally.retries,
+                rate_limited=tally.rate_limited,
+                elapsed_s=time.perf_counter() - started,
+                requested_images=total,
+            )
+        else:
+            result = await self._run_fanned_out(job, started)
+        if result.ok:
+            self._counters.jobs_ok += 1
+        else:
+            self._counters.jobs_failed += 1
+        return result
+
+    async def _run_fanned_out(self, job: Job, started: float) -> JobResult:
+        """A job of several submissions, on at most ``max_concurrency`` tasks of its own."""
         sizes = job.submission_sizes()
         tallies = [_Tally() for _ in sizes]
-        outcomes: list[ImageResult | NebulaError] = []
-        if len(sizes) == 1:
-            request = (
-                job.request if sizes[0] == job.request.n else attrs.evolve(job.request, n=sizes[0])
-            )
-            outcomes.append(await self._submission(request, tallies[0]))
-        else:
-            slots: list[ImageResult | NebulaError | None] = [None] * len(sizes)
-            pending = iter(enumerate(sizes))
+        slots: list[ImageResult | NebulaError | None] = [None] * len(sizes)
+        pending = iter(enumerate(sizes))
 
-            async def submit_pending() -> None:
-                # Shared iterator: a job of 1,000 submissions runs on a few tasks, not 1,000.
-                for index, size in pending:
-                    request = (
-                        job.request if size == job.request.n else attrs.evolve(job.request, n=size)
-                    )
-                    slots[index] = await self._submission(request, tallies[index])
+        async def submit_pending() -> None:
+            # Shared iterator: a job of 1,000 submissions runs on a few tasks, not 1,000.
+            for index, size in pending:
+                request = (
+                    job.request if size == job.request.n else attrs.evolve(job.request, n=size)
+                )
+                slots[index] = await self._submission(request, tallies[index])
 
-            async with anyio.create_task_group() as task_group:
-                for _ in range(min(len(sizes), self._max_concurrency)):
-                    task_group.start_soon(submit_pending)
-            outcomes = [outcome for outcome in slots if outcome is not None]
+        async with anyio.create_task_group() as task_group:
+            for _ in range(min(len(sizes), self._max_concurrency)):
+                task_group.start_soon(submit_pending)
+        outcomes = [outcome for outcome in slots if outcome is not None]
         for outcome in outcomes:
             if isinstance(outcome, NebulaError):
                 _detach(outcome)
-        result = aggregate(
+        return aggregate(
             job.id or "",
             outcomes,
             attempts=sum(t.attempts for t in tallies),
@@ -560,11 +583,6 @@ class NebulaClient:
             elapsed_s=time.perf_counter() - started,
             requested_images=job.total_images,
         )
-        if result.ok:
-            self._counters.jobs_ok += 1
-        else:
-            self._counters.jobs_failed += 1
-        return result
 
     def _pipeline(
         self,
