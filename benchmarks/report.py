@@ -36,6 +36,7 @@ class Results:
     limiters: list[LimiterResult] = attrs.Factory(list)
     codec: Summary | None = None
     overhead: dict[str, tuple[Summary, Summary]] = attrs.Factory(dict)
+    instructions: dict[str, float] = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -337,6 +338,25 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                 rows,
             )
         )
+    if results.instructions:
+        by_hand_instructions = next(iter(results.instructions.values()))
+        rows = [
+            [
+                name,
+                f"{count / 1000:,.1f}k",
+                f"{(count - by_hand_instructions) / 1000:+,.1f}k",
+                _fmt_ratio(count / by_hand_instructions),
+            ]
+            for name, count in results.instructions.items()
+        ]
+        out.append(
+            (
+                "Library overhead in instructions (callgrind; deterministic): the overhead "
+                "harness at 200 and 2,200 jobs, difference per job",
+                ["variant", "instructions/job", "over by hand", "ratio"],
+                rows,
+            )
+        )
     if results.codec is not None:
         out.append(
             (
@@ -451,6 +471,7 @@ def write_json(results: Results, path: Path) -> None:
         "memory": results.memory,
         "limiters": results.limiters,
         "codec_payloads_per_s": results.codec,
+        "overhead_instructions_per_job": results.instructions,
         "overhead_cpu_us_per_job": {
             name: {"cpu_us_per_job": cpu, "ratio_to_by_hand": paired}
             for name, (cpu, paired) in results.overhead.items()

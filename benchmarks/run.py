@@ -27,15 +27,28 @@ from ._server import ROOT, ServerProcess, pin, split_cores
 from .closed_loop import run_closed_loop
 from .codec import run_codec
 from .contenders import CONTENDERS, OPEN_LOOP_CONTENDERS
+from .instructions import available as valgrind_available
+from .instructions import run_instructions
 from .limiter_accuracy import run_limiters
 from .memory import run_memory
 from .open_loop import run_open_loop
 from .overhead import run_overhead
 from .report import Results, render_markdown, render_text, write_json
 
-__all__ = ["PARTS", "Plan", "main"]
+__all__ = ["DEFAULT_PARTS", "PARTS", "Plan", "main"]
 
-PARTS: Final = ("throughput", "little", "open_loop", "memory", "limiters", "codec", "overhead")
+PARTS: Final = (
+    "throughput",
+    "little",
+    "open_loop",
+    "memory",
+    "limiters",
+    "codec",
+    "overhead",
+    "instructions",
+)
+#: What a run without --only measures: all but the slow callgrind part (~4.5 min).
+DEFAULT_PARTS: Final = tuple(part for part in PARTS if part != "instructions")
 CONCURRENCY: Final = 64
 LITTLE_LATENCY_S: Final = 0.05
 OPEN_LOOP_LATENCY_S: Final = 0.02
@@ -232,6 +245,11 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
         results.overhead = run_overhead(
             jobs=plan.overhead_jobs, rounds=plan.overhead_rounds, log=log
         )
+    if "instructions" in parts:
+        if valgrind_available():
+            results.instructions = run_instructions(ROOT, small=200, large=2200, log=log)
+        else:
+            log("[instructions] skipped: valgrind is not installed")
     results.meta["duration_s"] = time.perf_counter() - started
     results.meta["loadavg_end"] = _loadavg()
     return results
@@ -252,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a short run (about two minutes)")
     parser.add_argument(
-        "--only", type=_parts, default=PARTS, metavar="PART,...",
-        help=f"run only these parts: {', '.join(PARTS)} (default: all)",
+        "--only", type=_parts, default=DEFAULT_PARTS, metavar="PART,...",
+        help=f"run only these parts: {', '.join(PARTS)} (default: all but instructions)",
     )  # fmt: skip
     parser.add_argument(
         "--results-dir", type=Path, default=ROOT / "benchmarks" / "results",
@@ -270,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(plan, args.only, log)
     print(render_text(results))
     # A run of some parts only must not overwrite the record of a whole run.
-    stem = "latest" if set(args.only) == set(PARTS) else "latest-partial"
+    stem = "latest" if set(args.only) >= set(DEFAULT_PARTS) else "latest-partial"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.results_dir / f"{stem}.json", args.results_dir / f"{stem}.md"
     write_json(results, json_path)
