@@ -15,8 +15,16 @@ import inspect
 import logging
 import os
 import random as _random
+import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -123,6 +131,38 @@ def _rate_limit(value: float | RateLimit | None) -> RateLimit | None:
     return RateLimit(float(value))
 
 
+_OWN_HEADERS: Final = frozenset({"authorization", "content-type", "content-length", "host"})
+
+
+def _default_headers(value: Mapping[str, str] | None) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(
+            f"default_headers: must be a mapping of header names to values, got {value!r}",
+            field="default_headers",
+        )
+    headers: dict[str, str] = {}
+    for name, text in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise ValidationError(
+                f"default_headers: {name!r} is not a valid header name", field="default_headers"
+            )
+        if name.lower() in _OWN_HEADERS:
+            raise ValidationError(
+                f"default_headers: {name} is set by the client (pass token= for Authorization)",
+                field="default_headers",
+            )
+        if not isinstance(text, str) or re.search(r"[\x00-\x1f\x7f]", text):
+            # Not echoed: a header value may be a secret (an API gateway key).
+            raise ValidationError(
+                f"default_headers: the value of {name} must be a string without control characters",
+                field="default_headers",
+            )
+        headers[name] = text
+    return headers
+
+
 def _timeout(value: float | Timeout | None) -> Timeout:
     if isinstance(value, Timeout):
         return value
@@ -153,6 +193,10 @@ class NebulaClient:
     ``NEBULA_TOKEN``, ``NEBULA_USERNAME`` or ``NEBULA_PASSWORD``; ``base_url`` from
     ``NEBULA_BASE_URL``. Secrets never appear in a repr, a log line or an error.
 
+    ``default_headers`` are sent with every request (an API gateway's key, a
+    tracing header; ``User-Agent`` may be replaced); ``Authorization`` and the
+    content headers are the client's own.
+
     ``trust_env=True`` lets aiohttp take proxies from ``HTTP_PROXY`` /
     ``HTTPS_PROXY`` / ``NO_PROXY`` (and ``~/.netrc``), as behind a corporate proxy;
     off by default, so that an environment variable never reroutes the token.
@@ -171,6 +215,7 @@ class NebulaClient:
         timeout: float | Timeout | None = 120.0,
         payload_style: str = "dotted",
         trust_env: bool = False,
+        default_headers: Mapping[str, str] | None = None,
         random: Callable[[], float] | None = None,
     ) -> None:
         # Each credential falls back to its own variable: a token passed in code may
@@ -229,7 +274,10 @@ class NebulaClient:
         # One connection beyond the cap for a re-login, which runs outside a slot:
         # requests never wait in aiohttp's pool, so the attempt timeout never counts a wait.
         self._transport = AiohttpTransport(
-            connection_limit=max_concurrency + 1, timeout=self._timeout, trust_env=trust_env
+            connection_limit=max_concurrency + 1,
+            timeout=self._timeout,
+            trust_env=trust_env,
+            headers=_default_headers(default_headers),
         )
         self._auth: Authenticator | None = None
         self._concurrency: FifoLimiter | None = None

@@ -34,9 +34,17 @@ RawResponse = tuple[int, Mapping[str, str], bytes]
 class AiohttpTransport:
     """Sends :class:`HttpRequest` objects over one aiohttp session."""
 
-    def __init__(self, *, connection_limit: int, timeout: Timeout, trust_env: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        connection_limit: int,
+        timeout: Timeout,
+        trust_env: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._connection_limit = connection_limit
         self._trust_env = trust_env
+        self._headers = {"User-Agent": USER_AGENT, **(headers or {})}
         self._attempt_timeout = timeout.attempt
         self._client_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeout.connect, sock_read=timeout.read
@@ -57,7 +65,7 @@ class AiohttpTransport:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._client_timeout,
-            headers={"User-Agent": USER_AGENT},
+            headers=self._headers,
             raise_for_status=False,
         )
 

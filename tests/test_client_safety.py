@@ -470,3 +470,48 @@ async def test_a_bad_item_error_does_not_pin_the_item() -> None:
     error = report.results[0].error
     assert isinstance(error, na.ValidationError)
     assert error.__traceback__ is None
+
+
+async def test_default_headers_go_with_every_request_login_included() -> None:
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    def recording(body: dict[str, Any]) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            seen.append(
+                (
+                    request.path,
+                    request.headers.get("X-Gateway-Key"),
+                    request.headers.get("User-Agent"),
+                )
+            )
+            await request.read()
+            return web.json_response(body)
+
+        return handle
+
+    login = recording({"code": 200, "msg": "ok", "data": "Bearer good"})
+    routes = {LOGIN: login, SUBMIT: recording(OK_BODY)}
+    async with tiny_server(routes) as (base_url, _):
+        headers = {"X-Gateway-Key": "gw-1", "User-Agent": "pipeline/2"}
+        async with client_for(
+            base_url, token=None, username="u", password="p", default_headers=headers
+        ) as client:
+            await client.img2img(REQUEST)
+    assert seen == [(LOGIN, "gw-1", "pipeline/2"), (SUBMIT, "gw-1", "pipeline/2")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "fragment"),
+    [
+        ({"Authorization": "Bearer x"}, "token="),
+        ({"content-type": "text/plain"}, "set by the client"),
+        ({"Bad Name": "v"}, "not a valid header name"),
+        ({"X-Key": "SECRET\r\nX-Evil: 1"}, "control characters"),
+        (["X-Key"], "mapping"),
+    ],
+)
+def test_bad_default_headers_are_refused_up_front(headers: Any, fragment: str) -> None:
+    with pytest.raises(na.ValidationError, match=fragment) as info:
+        na.NebulaClient(token="t", default_headers=headers)
+    assert info.value.field == "default_headers"
+    assert "SECRET" not in str(info.value)
