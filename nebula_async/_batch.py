@@ -371,6 +371,10 @@ async def run_pipeline(
                         index += 1
                 except Exception as exc:  # the caller's iterable failed: stop, keep results
                     input_failure.append(exc)
+                except asyncio.CancelledError as exc:
+                    if _really_cancelled():
+                        raise
+                    input_failure.append(_stray_cancel(exc))
                 finally:
                     with anyio.CancelScope(shield=True):
                         await source.aclose()
@@ -413,15 +417,24 @@ async def run_pipeline(
             except Exception as exc:  # the caller's iterable failed: stop, keep results
                 input_failure.append(exc)
                 item = _END
+            except asyncio.CancelledError as exc:  # next() never awaits: not ours
+                input_failure.append(_stray_cancel(exc))
+                item = _END
+            if item is not _END and admit is not None:
+                try:
+                    item = admit(read_index, item)
+                except Exception as exc:  # as if the input had failed here
+                    input_failure.append(exc)
+                    item = _END
             if item is _END:
                 read_index = -1
                 if window_slots is not None:
                     window_slots.release()
                 return None
+            # No await since next(): items were admitted in input order.
             index = read_index
             read_index += 1
-            # No await since next(): items are admitted in input order.
-            return index, (item if admit is None else admit(index, item))
+            return index, item
 
         async def pipeline() -> None:
             async with send_results, anyio.create_task_group() as task_group:
@@ -466,6 +479,20 @@ async def run_pipeline(
         if task.done() and not task.cancelled():
             task.exception()  # retrieved: raised above if it matters
         receive_results.close()
+
+
+def _really_cancelled() -> bool:
+    """Whether the current task is being cancelled (not merely handed a CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _stray_cancel(exc: BaseException) -> RuntimeError:
+    """A CancelledError raised by the caller's jobs iterable, not a cancellation of
+    ours: reported as the input's failure rather than silently ending the stream."""
+    error = RuntimeError("the jobs iterable raised CancelledError")
+    error.__cause__ = exc
+    return error
 
 
 def default_window(max_concurrency: int) -> int:

@@ -892,3 +892,68 @@ async def test_leaving_a_busy_stream_early_never_leaves_a_failed_pipeline_behind
                             break
                     await settle()
     assert [repr(c.get("exception") or c.get("message")) for c in reported] == []
+
+
+@pytest.mark.parametrize("kind", ["plain", "async"])
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_cancelled_error_from_the_input_is_its_failure_not_the_end(
+    kind: str, ordered: bool
+) -> None:
+    # An iterable handed a CancelledError (a cancelled future it awaited) must not
+    # end the stream quietly as if the input were exhausted.
+    def plain() -> Iterator[na.Img2ImgRequest]:
+        for i in range(10):
+            if i == 4:
+                raise asyncio.CancelledError
+            yield na.Img2ImgRequest(model="m", prompt=f"p{i}")
+
+    async def from_async() -> AsyncIterator[na.Img2ImgRequest]:
+        for i in range(10):
+            if i == 4:
+                cancelled = asyncio.get_running_loop().create_future()
+                cancelled.cancel()
+                await cancelled
+            yield na.Img2ImgRequest(model="m", prompt=f"p{i}")
+
+    async with MockNebulaServer(latency=0.01) as server:
+        async with client_for(server, max_concurrency=2) as client:
+            got: list[str] = []
+
+            async def consume() -> None:
+                async for result in client.stream(
+                    plain() if kind == "plain" else from_async(), ordered=ordered
+                ):
+                    got.append(result.job_id)
+
+            with pytest.raises(RuntimeError, match="CancelledError"):
+                await consume()
+    assert sorted(got, key=int) == ["0", "1", "2", "3"]
+    assert sorted(r.field("prompt") for r in server.requests) == ["p0", "p1", "p2", "p3"]
+
+
+class _ExplodingMapping(dict[str, Any]):
+    """A job dict whose ``get`` fails: the id check then fails as the input would."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raise KeyError("bad item")
+
+
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_a_failing_id_check_keeps_the_jobs_already_started(kind: str) -> None:
+    items: list[Any] = [na.Img2ImgRequest(model="m", prompt=f"p{i}") for i in range(3)]
+    items.append(_ExplodingMapping(model="m", prompt="p3"))
+
+    async def from_async() -> AsyncIterator[Any]:
+        for item in items:
+            yield item
+
+    async with MockNebulaServer(latency=0.01) as server:
+        async with client_for(server, max_concurrency=4) as client:
+            seen: list[str] = []
+            with pytest.raises(KeyError, match="bad item"):
+                await client.run_batch(
+                    items if kind == "plain" else from_async(),
+                    on_result=lambda result: seen.append(result.job_id),
+                )
+    assert sorted(seen) == ["0", "1", "2"]
+    assert len(server.requests) == 3
