@@ -32,9 +32,7 @@ stream (break, cancellation, error) cancels the pipeline and waits for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -53,6 +51,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._codec import from_payload
 from ._exceptions import NebulaError, ValidationError
+from ._limits import FifoLimiter
 from ._models import GeneratedImage, ImageResult, Img2ImgRequest, Job, JobResult
 
 __all__ = [
@@ -166,60 +165,29 @@ _T = TypeVar("_T")
 _END: Final = object()  # the end of a plain iterable
 
 
-class WorkerPermits:
+class WorkerPermits(FifoLimiter):
     """Which workers of a batch may run a job: ``workers`` permits, lent out on backoff.
 
-    ``acquire()`` waits for a permit while none is free (FIFO); ``release()`` gives
-    one back or lends it: it repays a debt first, else hands it to the first waiter,
-    else frees it. ``take()`` takes one at once, running into debt (``in_debt``)
-    when none is free. Unlike a limiter, a release needs no earlier acquire: every
-    sleeping submission lends one permit, so the free count can briefly exceed
-    ``workers`` (the spare workers bound what that starts).
+    A :class:`FifoLimiter` (``acquire()`` waits its turn for a free permit) that may
+    also run into debt: ``take()`` takes a permit at once, on credit when none is
+    free (``in_debt``), and ``release()`` repays a debt before it hands a permit to
+    a waiter or frees it. Unlike a limiter, a release needs no earlier acquire:
+    every sleeping submission lends one permit, so the free count can briefly
+    exceed ``workers`` (the spare workers bound what that starts).
     """
 
-    __slots__ = ("_free", "_waiters")
-
-    def __init__(self, workers: int) -> None:
-        self._free = workers
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def available(self) -> int:
-        """Free permits; negative while in debt."""
-        return self._free
+    __slots__ = ()
 
     @property
     def in_debt(self) -> bool:
         """Whether a permit was taken on credit and not yet repaid."""
         return self._free < 0
 
-    async def acquire(self) -> None:
-        """Wait for a permit, first come first served; cancellation leaks none."""
-        if self._free > 0:
-            self._free -= 1
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        try:
-            await future
-        except BaseException:
-            if future.done() and not future.cancelled():
-                self.release()  # handed a permit, but will not use it
-            else:
-                with contextlib.suppress(ValueError):  # already dropped by release()
-                    self._waiters.remove(future)
-            raise
-
     def release(self) -> None:
         """Give back or lend a permit: repay a debt, else wake a waiter, else free it."""
-        if self._free >= 0:
-            waiters = self._waiters
-            while waiters:
-                future = waiters.popleft()
-                if not future.done():
-                    future.set_result(None)
-                    return
-        self._free += 1
+        # No over-release check: a lent permit is released without an acquire.
+        if self._free < 0 or not self._hand_over():
+            self._free += 1
 
     def take(self) -> None:
         """Take a permit now, on credit when none is free."""

@@ -524,7 +524,7 @@ class FifoLimiter:
     def try_acquire(self) -> bool:
         """Take a permit if one is free (never ahead of a waiter); True when taken."""
         # A free permit with waiters queued cannot happen: release() hands it over.
-        if self._free:
+        if self._free > 0:
             self._free -= 1
             return True
         return False
@@ -535,7 +535,7 @@ class FifoLimiter:
         Cancelled while waiting, the caller leaves the line; cancelled after a
         permit was handed to it, it passes that permit on.
         """
-        if self._free:
+        if self._free > 0:
             self._free -= 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -552,12 +552,18 @@ class FifoLimiter:
 
     def release(self) -> None:
         """Give a permit back: to the first live waiter, or to the free pool."""
+        if self._hand_over():
+            return
+        if self._free >= self._total:
+            raise RuntimeError("FifoLimiter released more often than acquired")
+        self._free += 1
+
+    def _hand_over(self) -> bool:
+        """Pass a permit straight to the first live waiter; False when none waits."""
         waiters = self._waiters
         while waiters:
             future = waiters.popleft()
             if not future.done():
                 future.set_result(None)
-                return
-        if self._free >= self._total:
-            raise RuntimeError("FifoLimiter released more often than acquired")
-        self._free += 1
+                return True
+        return False
