@@ -20,7 +20,16 @@ from ._jobfile import JobLine
 from ._models import Img2ImgRequest, Job, RetryPolicy
 from ._progress import JobProgress
 from ._results import ResultWriter
-from ._runner import EXIT_OK, EXIT_SOME_FAILED, RunTally, execute_jobs
+from ._runner import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_WRITE_FAILED,
+    RunTally,
+    err,
+    execute_jobs,
+    write_error_in,
+)
 from ._stats import percentile
 from .testing import MockNebulaServer
 
@@ -113,19 +122,29 @@ async def demo_command(options: DemoOptions) -> int:
             timeout=10.0,
         )
         started = time.perf_counter()
-        with (
-            # The demo starts afresh each time: the results file is emptied, not resumed.
-            ResultWriter(options.out_path, resume=False) as writer,
-            JobProgress(options.jobs, enabled=options.progress) as progress,
-        ):
-            async with client:
-                tally = await execute_jobs(
-                    client,
-                    demo_jobs(options.jobs),
-                    writer=writer,
-                    progress=progress,
-                    keep_latencies=True,
-                )
+        try:
+            with (
+                # The demo starts afresh each time: the results file is emptied, not resumed.
+                ResultWriter(options.out_path, resume=False) as writer,
+                JobProgress(options.jobs, enabled=options.progress) as progress,
+            ):
+                async with client:
+                    tally = await execute_jobs(
+                        client,
+                        demo_jobs(options.jobs),
+                        writer=writer,
+                        progress=progress,
+                        keep_latencies=True,
+                    )
+        except Exception as exc:
+            write_error = write_error_in(exc)
+            if write_error is not None:
+                err(f"{write_error}; the demo stopped")
+                return EXIT_WRITE_FAILED
+            if isinstance(exc, OSError):  # the results file cannot be created at all
+                err(f"cannot write {options.out_path}: {exc.strerror or exc}; pass --out PATH")
+                return EXIT_BAD_INPUT
+            raise
         elapsed_s = time.perf_counter() - started
         print(_summary(tally, client, elapsed_s, options.out_path))
     return EXIT_OK if tally.failed == 0 else EXIT_SOME_FAILED

@@ -57,14 +57,16 @@ __all__ = [
     "EXIT_SOME_FAILED",
     "EXIT_WRITE_FAILED",
     "ClientSettings",
-    "RunOptions",
     "Repair",
+    "RunOptions",
     "RunTally",
+    "err",
     "execute_jobs",
     "job_results",
     "prepare_download_dir",
     "repair_downloads",
     "run_command",
+    "write_error_in",
 ]
 
 EXIT_OK: Final = 0
@@ -161,7 +163,8 @@ class _CheckReport:
     repair_lines: dict[str, int] = field(default_factory=dict)
 
 
-def _err(message: str) -> None:
+def err(message: str) -> None:
+    """Print ``message`` to stderr as the command's own complaint."""
     print(f"nebula-async: {message}", file=sys.stderr)
 
 
@@ -185,9 +188,9 @@ def _check_jobs(options: RunOptions, state: ResumeState) -> _CheckReport:
 
 def _report_bad_lines(options: RunOptions, bad: list[BadLine]) -> None:
     for item in bad[:_BAD_LINES_SHOWN]:
-        _err(f"{options.jobs_path}: {item.describe()}")
+        err(f"{options.jobs_path}: {item.describe()}")
     if len(bad) > _BAD_LINES_SHOWN:
-        _err(f"... and {len(bad) - _BAD_LINES_SHOWN} more bad lines")
+        err(f"... and {len(bad) - _BAD_LINES_SHOWN} more bad lines")
 
 
 @asynccontextmanager
@@ -480,13 +483,13 @@ def prepare_download_dir(directory: Path) -> str | None:
     return None
 
 
-def _write_error_in(exc: BaseException) -> ResultsWriteError | None:
+def write_error_in(exc: BaseException) -> ResultsWriteError | None:
     """The :class:`ResultsWriteError` behind ``exc``, which task groups may have wrapped."""
     if isinstance(exc, ResultsWriteError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _write_error_in(inner)
+            found = write_error_in(inner)
             if found is not None:
                 return found
     return None
@@ -496,32 +499,32 @@ async def run_command(options: RunOptions) -> int:
     """``nebula-async run``; returns the exit code (0 all ok, 1 some failed, 2 bad input,
     3 the results file could not be written)."""
     if not options.jobs_path.is_file():
-        _err(f"jobs file not found: {options.jobs_path}")
+        err(f"jobs file not found: {options.jobs_path}")
         return EXIT_BAD_INPUT
     if not options.out_path.parent.is_dir():
-        _err(f"the directory of --out does not exist: {options.out_path.parent}")
+        err(f"the directory of --out does not exist: {options.out_path.parent}")
         return EXIT_BAD_INPUT
     try:
         # A first look, unlocked, only to count; the writer reads it again under its lock.
         preview = load_resume_state(options.out_path)
     except ResultsFileError as exc:
-        _err(f"cannot resume from {exc}; fix or move that file")
+        err(f"cannot resume from {exc}; fix or move that file")
         return EXIT_BAD_INPUT
     except OSError as exc:
-        _err(f"cannot read the results file {options.out_path}: {exc.strerror or exc}")
+        err(f"cannot read the results file {options.out_path}: {exc.strerror or exc}")
         return EXIT_BAD_INPUT
 
     check = _check_jobs(options, preview)
     if check.bad and not options.skip_invalid:
         _report_bad_lines(options, check.bad)
-        _err(f"{len(check.bad)} bad line(s); nothing was sent (use --skip-invalid to run the rest)")
+        err(f"{len(check.bad)} bad line(s); nothing was sent (use --skip-invalid to run the rest)")
         return EXIT_BAD_INPUT
     if check.bad:
         _report_bad_lines(options, check.bad)
     if options.download_dir is not None:
         problem = prepare_download_dir(options.download_dir)
         if problem is not None:
-            _err(f"{problem}; nothing was sent")
+            err(f"{problem}; nothing was sent")
             return EXIT_BAD_INPUT
 
     client: NebulaClient | None = None
@@ -529,14 +532,14 @@ async def run_command(options: RunOptions) -> int:
         try:
             client = options.client.make_client()
         except ValidationError as exc:
-            _err(str(exc))
+            err(str(exc))
             return EXIT_BAD_INPUT
 
     writer = ResultWriter(options.out_path)
     try:
         state = writer.open()
     except (ResultsFileError, OSError) as exc:
-        _err(f"cannot write results: {exc}")
+        err(f"cannot write results: {exc}")
         return EXIT_BAD_INPUT
     # Generated jobs of this jobs file whose images are not all saved (read under the lock).
     repairs = [
@@ -547,7 +550,7 @@ async def run_command(options: RunOptions) -> int:
     not_downloaded = 0
     if options.download_dir is None and repairs:
         not_downloaded, repairs = len(repairs), []
-        _err(
+        err(
             f"{not_downloaded} job(s) were generated but their images are not all saved; "
             "they are not sent again: rerun with --download DIR to save them"
         )
@@ -561,11 +564,11 @@ async def run_command(options: RunOptions) -> int:
             if client is not None or repairs:
                 tally = await _work(options, check, state, client, writer, repairs)
     except Exception as exc:
-        write_error = _write_error_in(exc)
+        write_error = write_error_in(exc)
         if write_error is None:
             raise
-        _err(f"{write_error}; the run stopped (rerun to resume once it can be written)")
-        _err(f"this result was not recorded: {write_error.record.decode(errors='replace')}")
+        err(f"{write_error}; the run stopped (rerun to resume once it can be written)")
+        err(f"this result was not recorded: {write_error.record.decode(errors='replace')}")
         return EXIT_WRITE_FAILED
 
     failed = tally.failed + len(check.bad) + not_downloaded
@@ -578,5 +581,5 @@ async def run_command(options: RunOptions) -> int:
     summary += f"), {failed} failed"
     if tally.download_failures:
         summary += f", {tally.download_failures} with images not saved"
-    _err(f"{summary}; results in {options.out_path}")
+    err(f"{summary}; results in {options.out_path}")
     return EXIT_SOME_FAILED if failed else EXIT_OK

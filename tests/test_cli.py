@@ -357,6 +357,18 @@ def test_demo_runs_and_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFi
     assert any(r["submissions"] > 1 for r in records)  # some jobs were fanned out
 
 
+def test_demo_with_an_unwritable_out_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-dir" / "demo.jsonl"
+    args = ["demo", "--jobs", "3", "--no-progress", "--out"]
+    assert main([*args, str(missing)]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    # A disk that fills up mid-run: the results cannot be recorded (exit 3, no traceback).
+    assert main([*args, "/dev/full"]) == 3
+    assert "cannot write to /dev/full" in capsys.readouterr().err
+
+
 # -- progress -------------------------------------------------------------------------------
 
 
