@@ -20,6 +20,10 @@ are fetched, so a crash or Ctrl-C in between never loses a generation.
 Resuming reads the file back (:func:`load_resume_state`): a job with an ok line
 is done; for others the latest line wins, and a latest line with pending downloads
 makes the job one to repair (:attr:`ResumeState.repair`), not one to send again.
+A failed job whose latest line keeps the URLs of its successful submissions is
+sent again only for the images it lacks (:attr:`ResumeState.partial`); its new
+line lists the old URLs first and says how many it carried over
+(``"resumed_urls"``).
 A torn last line left by a crash is cut off before anything is appended. Each
 record goes out in one ``write`` call on an unbuffered append-only file, so a
 killed process leaves at most one torn line.
@@ -58,6 +62,7 @@ __all__ = [
     "load_resume_state",
     "parse_pending_downloads",
     "read_record_at",
+    "recorded_urls",
 ]
 
 DOWNLOAD_ERROR_TYPE: Final = "DownloadError"
@@ -81,6 +86,9 @@ class ResumeState:
     two ok lines). ``failed_ids``: jobs whose lines are all failures. ``repair``:
     those of them whose latest line has pending downloads (generated, never to be
     sent again), each with the byte offset of that line (:func:`read_record_at`).
+    ``partial``: the other failed jobs whose latest line holds URLs (submissions
+    that succeeded), each with the byte offset of that line, so that a rerun asks
+    only for the images missing (the line is read when the job is sent).
     ``keep_bytes``:
     the length to truncate the file to before appending (cuts a torn last line);
     ``needs_newline``: the last line is a complete record missing its newline.
@@ -89,6 +97,7 @@ class ResumeState:
     ok_ids: set[str] = field(default_factory=set)
     failed_ids: set[str] = field(default_factory=set)
     repair: dict[str, int] = field(default_factory=dict)
+    partial: dict[str, int] = field(default_factory=dict)
     records: int = 0
     keep_bytes: int = 0
     needs_newline: bool = False
@@ -115,8 +124,17 @@ def parse_pending_downloads(value: object) -> dict[int, GeneratedImage] | None:
     return images
 
 
-def _parse_line(raw: bytes) -> tuple[str, bool, bool] | None:
-    """``(id, ok, has pending downloads)`` of a results line, or None if it is not one."""
+def recorded_urls(record: Mapping[str, Any]) -> list[str]:
+    """A record's ``urls`` (empty unless it is a list of strings)."""
+    urls = record.get("urls")
+    if isinstance(urls, list) and all(isinstance(url, str) for url in urls):
+        return urls
+    return []
+
+
+def _parse_line(raw: bytes) -> tuple[str, bool, bool, bool] | None:
+    """``(id, ok, has pending downloads, has urls)`` of a results line, or None if it
+    is not one."""
     try:
         record = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -126,12 +144,13 @@ def _parse_line(raw: bytes) -> tuple[str, bool, bool] | None:
     job_id, ok = record.get("id"), record.get("ok")
     if not isinstance(job_id, str) or not isinstance(ok, bool):
         return None
+    has_urls = bool(recorded_urls(record))
     pending = record.get(PENDING_DOWNLOADS)
     if pending is None:
-        return job_id, ok, False
+        return job_id, ok, False, has_urls
     if parse_pending_downloads(pending) is None:
         return None
-    return job_id, ok, bool(pending) and not ok
+    return job_id, ok, bool(pending) and not ok, has_urls
 
 
 def load_resume_state(path: str | os.PathLike[str]) -> ResumeState:
@@ -167,26 +186,31 @@ def load_resume_state(path: str | os.PathLike[str]) -> ResumeState:
                 state.needs_newline = False
                 state.torn_line_no = line_no
                 continue
-            job_id, ok, to_repair = parsed
+            job_id, ok, to_repair, has_urls = parsed
             state.records += 1
             if ok:
                 state.ok_ids.add(job_id)
                 state.failed_ids.discard(job_id)
                 state.repair.pop(job_id, None)
+                state.partial.pop(job_id, None)
             elif job_id not in state.ok_ids:
                 state.failed_ids.add(job_id)
-                # The latest line decides: pending downloads, or a job to send again.
+                # The latest line decides: pending downloads, or a job to send again
+                # (only for the images it lacks when the line keeps some URLs).
+                state.repair.pop(job_id, None)
+                state.partial.pop(job_id, None)
                 if to_repair:
                     state.repair[job_id] = line_start
-                else:
-                    state.repair.pop(job_id, None)
+                elif has_urls:
+                    state.partial[job_id] = line_start
             state.keep_bytes = offset
             state.needs_newline = not raw.endswith(b"\n")
     return state
 
 
 def read_record_at(path: str | os.PathLike[str], offset: int) -> dict[str, Any]:
-    """The record on the line starting at byte ``offset`` (from :attr:`ResumeState.repair`)."""
+    """The record on the line starting at byte ``offset`` (from :attr:`ResumeState.repair`
+    or :attr:`ResumeState.partial`)."""
     with Path(path).open("rb") as file:
         file.seek(offset)
         record = orjson.loads(file.readline())

@@ -13,14 +13,17 @@ costs a finished job:
 With ``--download`` a job counts as ok only once all its images are saved. A job
 generated but with images not saved gets a line listing them (``pending_downloads``),
 and a rerun saves them from there (:func:`repair_downloads`) rather than
-generating the job again: generations are billed, downloads are not.
+generating the job again: generations are billed, downloads are not. For the
+same reason a failed job whose latest line keeps some URLs (its successful
+submissions) is sent again only for the images it lacks (:class:`Resumed`); its
+new line lists the old URLs first, then the new ones.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,6 +51,7 @@ from ._results import (
     load_resume_state,
     parse_pending_downloads,
     read_record_at,
+    recorded_urls,
 )
 
 __all__ = [
@@ -59,6 +63,7 @@ __all__ = [
     "ClientSettings",
     "Repair",
     "RunOptions",
+    "Resumed",
     "RunTally",
     "err",
     "execute_jobs",
@@ -153,6 +158,43 @@ class RunTally:
         self.repaired += other.repaired
 
 
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """What a failed job's latest line carries over to its next attempt: the URLs of
+    its successful submissions (images 1..k) and the files saved for them (None where
+    not saved; all None when the line has no files)."""
+
+    urls: list[str]
+    files: list[str | None]
+
+    def apply_to(self, job: Job) -> Job:
+        """``job`` asking only for the images not carried over."""
+        return Job(job.request, id=job.id, images=job.total_images - len(self.urls))
+
+
+def resumed_from(record: Mapping[str, object], total_images: int) -> Resumed | None:
+    """What ``record`` (a failed job's latest line) carries over to a job wanting
+    ``total_images``; None when it has no URLs, or as many as the job wants (odd:
+    the whole job is sent again)."""
+    urls = recorded_urls(record)
+    if not urls or len(urls) >= total_images:
+        return None
+    return Resumed(list(urls), _recorded_files(record, len(urls))[: len(urls)])
+
+
+def _saved_file(path: str | None, directory: Path) -> str | None:
+    """``path`` when it is a file saved in ``directory``, else None (to fetch again)."""
+    if path is None:
+        return None
+    file = Path(path)
+    try:
+        if file.is_file() and file.resolve().parent == directory.resolve():
+            return path
+    except OSError:
+        pass
+    return None
+
+
 @dataclass(slots=True)
 class _CheckReport:
     good: int = 0
@@ -229,6 +271,7 @@ async def execute_jobs(
     progress: JobProgress,
     downloader: ImageDownloader | None = None,
     keep_latencies: bool = False,
+    resume: Callable[[JobLine], Resumed | None] | None = None,
 ) -> RunTally:
     """Run the jobs, appending each finished job's line to ``writer`` as it finishes.
 
@@ -239,10 +282,16 @@ async def execute_jobs(
     at once; if it has URL images, a line listing them as pending downloads is
     written before they are fetched (so an interrupt or a crash while fetching
     never costs the generation: a rerun fetches them), then the job's final line.
+
+    ``resume(line)`` tells what a job's previous attempt carries over (read when the
+    job is about to be sent): the job then asks only for the images it lacks, and
+    its line lists the carried URLs (and files, numbered 1..k) before the new ones.
     """
     tally = RunTally(latencies=[] if keep_latencies else None)
-    # Job id -> input line, only for jobs in flight (bounded by the client's window).
+    # Job id -> input line (and what a previous attempt carries over), only for jobs
+    # in flight (bounded by the client's window).
     line_of: dict[str, int] = {}
+    resumed_of: dict[str, Resumed] = {}
 
     def finish(record: dict[str, object], *, ok: bool, images: int) -> None:
         writer.write(record)
@@ -259,12 +308,36 @@ async def execute_jobs(
                 finish(bad_line_record(item), ok=False, images=0)
                 continue
             line_of[item.job_id] = item.line_no
-            yield item.job
+            resumed = resume(item) if resume is not None else None
+            if resumed is None:
+                yield item.job
+            else:
+                resumed_of[item.job_id] = resumed
+                yield resumed.apply_to(item.job)
 
-    def record_of(result: JobResult) -> dict[str, object]:
+    def record_of(result: JobResult, resumed: Resumed | None) -> dict[str, object]:
         if tally.latencies is not None:
             tally.latencies.append(result.elapsed_s)
-        return job_result_record(result, line_no=line_of.pop(result.job_id, None))
+        record = job_result_record(result, line_no=line_of.pop(result.job_id, None))
+        if resumed is not None:
+            record["urls"] = [*resumed.urls, *result.urls]
+            record["resumed_urls"] = len(resumed.urls)
+        return record
+
+    def all_images(
+        result: JobResult, resumed: Resumed | None
+    ) -> tuple[dict[int, GeneratedImage], list[str | None]]:
+        """The job's images by position k (the carried ones first) and their files,
+        None where not saved yet (carried images keep their files when still there)."""
+        assert downloader is not None
+        carried = [] if resumed is None else resumed.urls
+        images = {k: GeneratedImage(url=url) for k, url in enumerate(carried, start=1)}
+        images.update(enumerate(result.images, start=len(carried) + 1))
+        files: list[str | None] = [None] * len(images)
+        if resumed is not None:
+            for k, path in enumerate(resumed.files):
+                files[k] = _saved_file(path, downloader.directory)
+        return images, files
 
     download_slots = anyio.Semaphore(_PENDING_DOWNLOADS)
 
@@ -290,25 +363,29 @@ async def execute_jobs(
         finish(final, ok=bool(final["ok"]), images=len(images))
 
     async def handle(
-        result: JobResult, record: dict[str, object], downloads: anyio.abc.TaskGroup
+        ok: bool,
+        record: dict[str, object],
+        images: dict[int, GeneratedImage],
+        files: list[str | None],
+        downloads: anyio.abc.TaskGroup,
     ) -> None:
         assert downloader is not None
-        images = dict(enumerate(result.images, start=1))
-        files: list[str | None] = [None] * len(images)
-        if not result.ok:
-            # Sent again on a rerun anyway; what it made is saved, for a look.
+        job_id = str(record["id"])
+        unsaved = {k: image for k, image in images.items() if files[k - 1] is None}
+        if not ok:
+            # Its images are carried over to a rerun (by URL); saved now, for a look.
             await download_slots.acquire()
             downloads.start_soon(
-                partial(fetch_then_finish, generated=False), record, files, images, {}, images
+                partial(fetch_then_finish, generated=False), record, files, unsaved, {}, images
             )
             return
-        inline = {k: image for k, image in images.items() if image.url is None}
-        remote = {k: image for k, image in images.items() if image.url is not None}
+        inline = {k: image for k, image in unsaved.items() if image.url is None}
+        remote = {k: image for k, image in unsaved.items() if image.url is not None}
         failures: dict[int, str] = {}
         if inline:
             # Local and quick; shielded, so that an interrupt cannot drop these images.
             with anyio.CancelScope(shield=True):
-                failures = await _save_into(downloader, result.job_id, files, inline)
+                failures = await _save_into(downloader, job_id, files, inline)
         if not remote:
             final = download_record(
                 record, generated=True, files=files, failures=failures, images=images
@@ -337,16 +414,19 @@ async def execute_jobs(
 
     async with anyio.create_task_group() as downloads, job_results(client, jobs()) as results:
         async for result in results:
-            record = record_of(result)
+            resumed = resumed_of.pop(result.job_id, None)
+            record = record_of(result, resumed)
             if downloader is None:
                 finish(record, ok=result.ok, images=len(result.images))
-            elif not result.images:
+                continue
+            images, files = all_images(result, resumed)
+            if not images:
                 record = download_record(
                     record, generated=result.ok, files=[], failures={}, images={}
                 )
                 finish(record, ok=result.ok, images=0)
             else:
-                await handle(result, record, downloads)
+                await handle(result.ok, record, images, files, downloads)
     return tally
 
 
@@ -436,11 +516,24 @@ async def _send_pending(
         for item in lines
         if item.job_id not in state.ok_ids and item.job_id not in state.repair
     )
+
+    def resume(item: JobLine) -> Resumed | None:
+        # Read only now, so memory holds the URLs of the jobs in flight, not of all.
+        offset = state.partial.get(item.job_id)
+        if offset is None:
+            return None
+        return resumed_from(read_record_at(options.out_path, offset), item.job.total_images)
+
     # closing(): the jobs file is closed at once even when the run stops early.
     with closing(lines):
         async with client:
             return await execute_jobs(
-                client, pending, writer=writer, progress=progress, downloader=downloader
+                client,
+                pending,
+                writer=writer,
+                progress=progress,
+                downloader=downloader,
+                resume=resume,
             )
 
 

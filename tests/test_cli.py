@@ -494,3 +494,89 @@ async def test_mock_server_subcommand_listens_and_stops_on_sigint() -> None:
         with anyio.fail_after(10):
             await process.wait()
     assert process.returncode == 0
+
+
+# -- run: a partly failed job is resumed for its missing images only -------------------------
+
+
+@pytest.mark.anyio
+async def test_a_partly_failed_job_is_sent_again_only_for_its_missing_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        {"id": "fan", "model": "m", "prompt": "fan", "n": 2, "images": 5},  # 2 + 2 + 1
+        {"id": "whole", "model": "m", "prompt": "whole", "n": 2, "images": 4},  # 2 + 2
+    )
+    out = tmp_path / "out.jsonl"
+    # One at a time, so the script hits known submissions: fan's 2nd fails for good,
+    # and both of whole's fail (it keeps no URL, so it is sent again whole).
+    async with MockNebulaServer(fault_script=[None, "http_500", None, "http_500", "http_500"]) as (
+        server
+    ):
+        args = run_args(jobs, out, server, "--retries", "0", "--concurrency", "1")
+        assert await cli(*args) == 1
+        assert [r.field("n") for r in server.requests] == [2, 2, 1, 2, 2]
+        first = by_id(read_records(out))
+        fan = first["fan"]
+        assert (fan["ok"], fan["error"]["type"], len(fan["urls"])) == (False, "ServerError", 3)
+        assert "resumed_urls" not in fan
+        assert first["whole"]["urls"] == []
+        capsys.readouterr()
+
+        # The rerun asks only for fan's 5 - 3 = 2 missing images, and all 4 of whole's.
+        server.requests.clear()
+        assert await cli(*args) == 0
+        assert Counter(r.field("prompt") for r in server.requests) == {"fan": 1, "whole": 2}
+        assert sum(r.field("n") for r in server.requests if r.field("prompt") == "fan") == 2
+        second = by_id(read_records(out))
+        fan_now = second["fan"]
+        assert (fan_now["ok"], fan_now["error"], fan_now["resumed_urls"]) == (True, None, 3)
+        assert len(fan_now["urls"]) == 5
+        assert fan_now["urls"][:3] == fan["urls"]  # the old URLs first, then the new ones
+        assert len(set(fan_now["urls"])) == 5
+        assert (fan_now["line"], fan_now["submissions"]) == (1, 1)
+        assert list(fan_now)[: len(RECORD_KEYS)] == RECORD_KEYS
+        assert "resumed_urls" not in second["whole"]
+        assert len(second["whole"]["urls"]) == 4
+        assert "2 jobs: 2 ok (0 done before, 2 now)" in capsys.readouterr().err
+
+        # A third run sends nothing and writes nothing.
+        server.requests.clear()
+        content = out.read_bytes()
+        assert await cli(*args) == 0
+        assert server.requests == []
+        assert out.read_bytes() == content
+    assert Counter(r["id"] for r in read_records(out) if r["ok"]) == {"fan": 1, "whole": 1}
+
+
+@pytest.mark.anyio
+async def test_a_resumed_job_failing_again_keeps_every_url_so_far(tmp_path: Path) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl", {"id": "j", "model": "m", "prompt": "p", "n": 1, "images": 4}
+    )
+    out = tmp_path / "out.jsonl"
+    async with MockNebulaServer(fault_script=[None, "body_400", "body_400", None]) as server:
+        args = run_args(jobs, out, server, "--retries", "0", "--concurrency", "1")
+        assert await cli(*args) == 1  # images 1 and 4 made, 2 and 3 not
+        first = read_records(out)[-1]
+        assert (first["ok"], len(first["urls"])) == (False, 2)
+        # A torn last line (a crash while writing) is cut; the job resumes from the one before.
+        with out.open("ab") as file:
+            file.write(b'{"id": "j", "ok": tr')
+        server.fault_script = ["body_400", None]
+        server.requests.clear()
+        assert await cli(*args) == 1  # one more image made
+        assert [r.field("n") for r in server.requests] == [1, 1]
+        second = read_records(out)[-1]
+        assert (second["ok"], second["resumed_urls"]) == (False, 2)
+        assert second["error"]["type"] == "BadRequestError"
+        assert second["urls"][:2] == first["urls"]
+        assert len(second["urls"]) == 3
+        server.requests.clear()
+        assert await cli(*args) == 0
+        assert [r.field("n") for r in server.requests] == [1]
+        third = read_records(out)[-1]
+        assert (third["ok"], third["resumed_urls"], third["urls"][:3]) == (True, 3, second["urls"])
+        assert len(set(third["urls"])) == 4
+    assert [r["ok"] for r in read_records(out)] == [False, False, True]

@@ -161,6 +161,14 @@ def saved(files: list[str | None]) -> list[bytes]:
     return [Path(file).read_bytes()[:4] for file in files if file is not None]
 
 
+def contents(files: list[str]) -> list[bytes]:
+    return [Path(file).read_bytes() for file in files]
+
+
+def remove(file: str) -> None:
+    Path(file).unlink()
+
+
 # -- failed downloads: exit 1, visible, repaired by a rerun that sends nothing ---------------
 
 
@@ -464,3 +472,97 @@ def test_help_lists_the_exit_codes() -> None:
     done = subprocess.run([*CLI, "--help"], capture_output=True, text=True, check=False)
     assert done.returncode == 0
     assert "3 results file not writable" in " ".join(done.stdout.split())
+
+
+# -- a partly failed job: carried-over images keep their numbers, new ones follow ---------------
+
+
+@pytest.mark.anyio
+async def test_a_partly_failed_job_resumes_with_its_files_numbered_after_the_old_ones(
+    tmp_path: Path,
+) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl", {"id": "fan", "model": "m", "prompt": "fan", "n": 2, "images": 5}
+    )
+    out, images = tmp_path / "out.jsonl", tmp_path / "images"
+    async with image_gate(fault_script=[None, "http_500", None]) as (gate, server):
+        args = run_args(
+            jobs, out, gate, "--retries", "0", "--concurrency", "1", "--download", str(images)
+        )
+        assert await cli(*args) == 1
+        first = latest(out)["fan"]
+        assert (first["ok"], first["error"]["type"], len(first["urls"])) == (
+            False,
+            "ServerError",
+            3,
+        )
+        assert first["files"] == [str(images / f"fan-{k}.png") for k in (1, 2, 3)]
+        assert first["pending_downloads"] == []
+        assert gate.image_hits() == 3
+        old_bytes = contents(first["files"])
+        # One saved image went missing since: it is fetched again from its recorded URL.
+        remove(first["files"][1])
+
+        server.requests.clear()
+        gate.hits.clear()
+        assert await cli(*args) == 0
+        assert [r.field("n") for r in server.requests] == [2]  # only the 5 - 3 missing
+        assert gate.image_hits() == 3  # fan-2 again, and the 2 new images
+        second = latest(out)["fan"]
+        assert (second["ok"], second["error"], second["resumed_urls"]) == (True, None, 3)
+        assert second["urls"][:3] == first["urls"]
+        assert len(set(second["urls"])) == 5
+        assert second["files"] == [str(images / f"fan-{k}.png") for k in range(1, 6)]
+        assert second["pending_downloads"] == []
+        assert contents(second["files"][:3]) == old_bytes
+        assert saved(second["files"]) == [b"\x89PNG"] * 5
+
+        server.requests.clear()
+        content, hits = out.read_bytes(), gate.image_hits()
+        assert await cli(*args) == 0
+        assert (server.requests, gate.image_hits()) == ([], hits)
+        assert out.read_bytes() == content
+    assert ok_lines(out) == {"fan": 1}
+    assert sorted(p.name for p in images.iterdir()) == [f"fan-{k}.png" for k in range(1, 6)]
+
+
+@pytest.mark.anyio
+async def test_a_job_resumed_from_a_run_without_download_saves_all_its_images(
+    tmp_path: Path,
+) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl", {"id": "fan", "model": "m", "prompt": "fan", "n": 2, "images": 4}
+    )
+    out, images = tmp_path / "out.jsonl", tmp_path / "images"
+    async with image_gate(fault_script=["http_500", None]) as (gate, server):
+        args = run_args(jobs, out, gate, "--retries", "0", "--concurrency", "1")
+        assert await cli(*args) == 1
+        first = latest(out)["fan"]
+        assert len(first["urls"]) == 2
+        server.requests.clear()
+        # The new images fail to download: the line keeps every URL, pending from 3 on.
+        gate.policy = lambda prompt, k: "ok" if k == 1 else "404"
+        assert await cli(*args, "--download", str(images)) == 1
+        assert [r.field("n") for r in server.requests] == [2]
+        second = latest(out)["fan"]
+        assert (second["ok"], second["error"]["type"], second["resumed_urls"]) == (
+            False,
+            "DownloadError",
+            2,
+        )
+        assert second["urls"][:2] == first["urls"]
+        assert second["files"][0] == str(images / "fan-1.png")
+        assert [entry["image"] for entry in second["pending_downloads"]] == [2, 4]
+        assert [entry["url"] for entry in second["pending_downloads"]] == [
+            second["urls"][1],
+            second["urls"][3],
+        ]
+        # The pending downloads are repaired as usual, without generating anything.
+        gate.policy = serve_all
+        assert await cli(*args, "--download", str(images)) == 0
+        assert len(server.requests) == 1
+        third = latest(out)["fan"]
+        assert third["ok"] is True
+        assert third["urls"] == second["urls"]
+        assert third["files"] == [str(images / f"fan-{k}.png") for k in range(1, 5)]
+    assert ok_lines(out) == {"fan": 1}

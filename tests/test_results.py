@@ -267,3 +267,27 @@ def test_a_failed_write_raises_with_the_line() -> None:
         with pytest.raises(ResultsWriteError, match="cannot write to /dev/full") as caught:
             writer.write({"id": "1", "ok": True})
     assert caught.value.record == b'{"id":"1","ok":true}\n'
+
+
+def test_a_latest_failed_line_with_urls_marks_a_job_to_resume_partly(tmp_path: Path) -> None:
+    def failed(job_id: str, urls: object) -> bytes:
+        return orjson.dumps({"id": job_id, "ok": False, "urls": urls}) + b"\n"
+
+    out = tmp_path / "out.jsonl"
+    lines = [
+        failed("a", ["https://x/1.png"]),  # partly made, then partly made again
+        failed("a", ["https://x/1.png", "https://x/2.png"]),
+        failed("b", ["https://x/3.png"]),  # partly made, then ok
+        record("b", True),
+        failed("c", ["https://x/4.png"]),  # partly made, then nothing: sent again whole
+        record("c", False),
+        pending("d"),  # pending downloads: repaired, not resumed
+        failed("e", "not a list"),  # no usable URLs
+        failed("f", ["https://x/5.png"]),
+    ]
+    out.write_bytes(b"".join(lines) + b'{"id": "f", "ok": fa')  # and a torn last line
+    state = load_resume_state(out)
+    offset_of = {i: sum(len(line) for line in lines[:i]) for i in range(len(lines))}
+    assert state.partial == {"a": offset_of[1], "f": offset_of[8]}
+    assert state.repair == {"d": offset_of[6]}
+    assert read_record_at(out, state.partial["a"])["urls"][1] == "https://x/2.png"
