@@ -62,6 +62,7 @@ __all__ = [
     "backoff_sleep",
     "coerce_job",
     "default_window",
+    "detach_error",
     "job_id_of",
     "run_pipeline",
     "spare_worker_count",
@@ -123,6 +124,21 @@ def job_id_of(item: object, index: int) -> str:
     return str(index)
 
 
+def detach_error(error: BaseException) -> None:
+    """Drop the tracebacks of an error kept in a result, and of its causes.
+
+    A traceback pins every frame it passed through, request bodies (data: URIs of
+    megabytes) included, for as long as the result is kept.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current.__context__ = None if current.__cause__ is not None else current.__context__
+        current = current.__cause__ or current.__context__
+
+
 def aggregate(
     job_id: str,
     outcomes: list[ImageResult | NebulaError],
@@ -136,7 +152,8 @@ def aggregate(
     """Gather a job's submission outcomes, in submission order, into one result.
 
     Successful submissions give their URLs and images even when others failed, so a
-    partly failed job keeps what it got; every failure is kept in ``errors``.
+    partly failed job keeps what it got; every failure is kept in ``errors``,
+    detached from its traceback (:func:`detach_error`).
     """
     urls: list[str] = []
     images: list[GeneratedImage] = []
@@ -146,6 +163,7 @@ def aggregate(
             images.extend(outcome.images)
             urls.extend(image.url for image in outcome.images if image.url is not None)
         else:
+            detach_error(outcome)
             errors.append(outcome)
     return JobResult(
         job_id=job_id,

@@ -39,6 +39,7 @@ from ._batch import (
     backoff_sleep,
     coerce_job,
     default_window,
+    detach_error,
     job_id_of,
     run_pipeline,
     worker_count,
@@ -68,6 +69,7 @@ from ._protocol import (
     HttpRequest,
     authorization_value,
     decipher_img2img,
+    has_control_characters,
     normalize_base_url,
 )
 from ._retry import decide_retry
@@ -83,21 +85,6 @@ _log = logging.getLogger("nebula_async")
 # repeat this often with a token another caller fetched, so that a service
 # refusing every token never loops.
 _MAX_STALE_REPEATS: Final = 3
-
-
-def _detach(error: BaseException) -> None:
-    """Drop the tracebacks of a stored error and its causes.
-
-    A traceback pins every frame it passed through, request bodies (data: URIs of
-    megabytes) included, for as long as the result is kept.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        current.__traceback__ = None
-        current.__context__ = None if current.__cause__ is not None else current.__context__
-        current = current.__cause__ or current.__context__
 
 
 def _closed_error() -> RuntimeError:
@@ -153,7 +140,7 @@ def _default_headers(value: Mapping[str, str] | None) -> dict[str, str]:
                 f"default_headers: {name} is set by the client (pass token= for Authorization)",
                 field="default_headers",
             )
-        if not isinstance(text, str) or re.search(r"[\x00-\x1f\x7f]", text):
+        if not isinstance(text, str) or has_control_characters(text):
             # Not echoed: a header value may be a secret (an API gateway key).
             raise ValidationError(
                 f"default_headers: the value of {name} must be a string without control characters",
@@ -197,9 +184,10 @@ class NebulaClient:
     tracing header; ``User-Agent`` may be replaced); ``Authorization`` and the
     content headers are the client's own.
 
-    ``trust_env=True`` lets aiohttp take proxies from ``HTTP_PROXY`` /
-    ``HTTPS_PROXY`` / ``NO_PROXY`` (and ``~/.netrc``), as behind a corporate proxy;
-    off by default, so that an environment variable never reroutes the token.
+    ``trust_env=True`` takes proxies from ``HTTP_PROXY`` / ``HTTPS_PROXY`` /
+    ``NO_PROXY`` (a proxy's credentials may come from ``~/.netrc``; the API host's
+    never do), as behind a corporate proxy; off by default, so that an
+    environment variable never reroutes the token.
     """
 
     def __init__(
@@ -565,7 +553,7 @@ class NebulaClient:
         try:
             job = coerce_job(item, index)
         except ValidationError as exc:
-            _detach(exc)  # its frames hold the raw item
+            detach_error(exc)  # its frames hold the raw item
             self._counters.jobs_failed += 1
             return JobResult(job_id=job_id_of(item, index), errors=[exc])
         return await self._run_job(job)
@@ -581,8 +569,6 @@ class NebulaClient:
             if total != request.n:
                 request = attrs.evolve(request, n=total)
             outcome = await self._submission(request, tally)
-            if isinstance(outcome, NebulaError):
-                _detach(outcome)
             result = aggregate(
                 job.id or "",
                 [outcome],
@@ -619,9 +605,6 @@ class NebulaClient:
             for _ in range(min(len(sizes), self._max_concurrency)):
                 task_group.start_soon(submit_pending)
         outcomes = [outcome for outcome in slots if outcome is not None]
-        for outcome in outcomes:
-            if isinstance(outcome, NebulaError):
-                _detach(outcome)
         return aggregate(
             job.id or "",
             outcomes,

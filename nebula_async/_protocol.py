@@ -42,6 +42,7 @@ __all__ = [
     "build_login_request",
     "decipher_img2img",
     "decipher_login",
+    "has_control_characters",
     "normalize_base_url",
     "parse_retry_after",
     "status_error_class",
@@ -56,6 +57,15 @@ _TAGS = re.compile(r"<[^>]+>")
 # C0 controls and DEL: a CR or LF in a header value would split the HTTP message.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds a C0 control or DEL, which no HTTP header value may.
+
+    >>> has_control_characters("abc"), has_control_characters("a\\r\\nb")
+    (False, True)
+    """
+    return _CONTROL.search(text) is not None
 
 
 def _redacted_headers(headers: Mapping[str, str]) -> str:
@@ -116,7 +126,7 @@ def authorization_value(token: str) -> str:
     token = token.strip() if isinstance(token, str) else ""
     if token[:7].lower() == "bearer " or token.lower() == "bearer":
         token = token[7:].lstrip()
-    if not token or _CONTROL.search(token):
+    if not token or has_control_characters(token):
         raise ValidationError(
             "token: must be a non-empty string without control characters "
             "(a line break or tab inside the token?)",

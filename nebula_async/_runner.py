@@ -341,6 +341,21 @@ async def execute_jobs(
 
     download_slots = anyio.Semaphore(_PENDING_DOWNLOADS)
 
+    def finish_downloaded(
+        record: dict[str, object],
+        files: list[str | None],
+        failures: dict[int, str],
+        images: dict[int, GeneratedImage],
+        *,
+        generated: bool,
+    ) -> None:
+        final = download_record(
+            record, generated=generated, files=files, failures=failures, images=images
+        )
+        if failures:
+            tally.download_failures += 1
+        finish(final, ok=bool(final["ok"]), images=len(images))
+
     async def fetch_then_finish(
         record: dict[str, object],
         files: list[str | None],
@@ -355,12 +370,7 @@ async def execute_jobs(
             failures = failures | await _save_into(downloader, str(record["id"]), files, to_fetch)
         finally:
             download_slots.release()
-        final = download_record(
-            record, generated=generated, files=files, failures=failures, images=images
-        )
-        if failures:
-            tally.download_failures += 1
-        finish(final, ok=bool(final["ok"]), images=len(images))
+        finish_downloaded(record, files, failures, images, generated=generated)
 
     async def handle(
         ok: bool,
@@ -387,12 +397,7 @@ async def execute_jobs(
             with anyio.CancelScope(shield=True):
                 failures = await _save_into(downloader, job_id, files, inline)
         if not remote:
-            final = download_record(
-                record, generated=True, files=files, failures=failures, images=images
-            )
-            if failures:
-                tally.download_failures += 1
-            finish(final, ok=bool(final["ok"]), images=len(images))
+            finish_downloaded(record, files, failures, images, generated=True)
             return
         # Recorded before fetching (no await in between): a rerun fetches what this
         # line lists, instead of generating the job again.
