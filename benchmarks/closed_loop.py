@@ -6,8 +6,12 @@ requests (fewer for a slow contender: as many as the warm-up rate says fit in
 ``target_s`` seconds, at least ``4 x concurrency``) while this process's CPU
 time (``time.process_time``: every thread of the client process, and nothing of
 the server, which runs in its own process) and the server's CPU time are read
-around it. Rounds alternate the contenders
-(A B C A B C ...), so drift of the machine hits them all alike.
+around it. Rounds alternate the contenders (A B C A B C ...), so drift of the
+machine hits them all alike; with a ``baseline`` the baseline also runs between
+every two others (R A R B R C R A ...), so that each sample is compared with the
+baseline measured just before and just after it (:func:`paired_ratio`). On this
+kind of VM the client's speed drifts by +-25% within a minute: a baseline seconds
+away is a much closer reference than one a whole round away.
 """
 
 from __future__ import annotations
@@ -15,15 +19,19 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 
 from ._cpu import machine_busy_seconds
 from ._server import ServerProcess
 from ._stats import Summary, summarize
-from .contenders import Contender
+
+if TYPE_CHECKING:  # the contenders need httpx and aiometer; the pairing logic does not
+    from .contenders import Contender
 
 __all__ = ["ClosedLoopResult", "Sample", "run_closed_loop"]
 
@@ -38,6 +46,8 @@ class Sample:
     server_cpu_s: float
     machine_busy_s: float
     round_index: int = 0
+    #: The sample's place in the whole run's sequence of samples (all contenders).
+    position: int = 0
 
     @property
     def per_second(self) -> float:
@@ -116,6 +126,19 @@ async def _sample(
     return Sample(requests, wall, cpu, server_cpu, busy)
 
 
+def _schedule(names: list[str], rounds: int, baseline: str | None) -> list[tuple[int, str]]:
+    """(round index, contender) in run order: A B C A B C ..., or with a baseline R
+    between every two others and at both ends: R A R B R C R A R ... R."""
+    if baseline is None or baseline not in names:
+        return [(r, name) for r in range(rounds) for name in names]
+    others = [name for name in names if name != baseline]
+    order = [(0, baseline)]
+    for r in range(rounds):
+        for name in others:
+            order += [(r, name), (r, baseline)]
+    return order
+
+
 def run_closed_loop(
     contenders: Mapping[str, Contender],
     server: ServerProcess,
@@ -127,36 +150,38 @@ def run_closed_loop(
     cap_s: float,
     log: Callable[[str], None],
     label: str,
+    baseline: str | None = None,
 ) -> dict[str, ClosedLoopResult]:
-    """``rounds`` rounds of every contender in turn against ``server``."""
+    """``rounds`` rounds of every contender in turn against ``server``; ``baseline``
+    (a contender's name), if given, also runs between every two others."""
     samples: dict[str, list[Sample]] = {name: [] for name in contenders}
     failures: dict[str, list[str]] = {name: [] for name in contenders}
-    for round_index in range(rounds):
-        for name, contender in contenders.items():
-            try:
-                sample = asyncio.run(
-                    _sample(
-                        contender,
-                        server.base_url,
-                        server,
-                        concurrency=concurrency,
-                        requests=requests,
-                        target_s=target_s,
-                        cap_s=cap_s,
-                    )
+    for position, (round_index, name) in enumerate(_schedule(list(contenders), rounds, baseline)):
+        contender = contenders[name]
+        try:
+            sample = asyncio.run(
+                _sample(
+                    contender,
+                    server.base_url,
+                    server,
+                    concurrency=concurrency,
+                    requests=requests,
+                    target_s=target_s,
+                    cap_s=cap_s,
                 )
-            except Exception as exc:  # one failing round is reported, not fatal
-                message = "timed out" if isinstance(exc, TimeoutError) else repr(exc)
-                failures[name].append(f"round {round_index + 1}: {message}")
-                log(f"[{label}] round {round_index + 1}/{rounds} {name}: FAILED {message}")
-                continue
-            samples[name].append(attrs.evolve(sample, round_index=round_index))
-            log(
-                f"[{label}] round {round_index + 1}/{rounds} {name:<17} "
-                f"{sample.per_second:8.0f} req/s {sample.cpu_us_per_request:7.0f} us/req "
-                f"server {sample.server_busy:4.0%} other {sample.other_load:4.0%} "
-                f"({sample.requests} requests)"
             )
+        except Exception as exc:  # one failing round is reported, not fatal
+            message = "timed out" if isinstance(exc, TimeoutError) else repr(exc)
+            failures[name].append(f"round {round_index + 1}: {message}")
+            log(f"[{label}] round {round_index + 1}/{rounds} {name}: FAILED {message}")
+            continue
+        samples[name].append(attrs.evolve(sample, round_index=round_index, position=position))
+        log(
+            f"[{label}] round {round_index + 1}/{rounds} {name:<17} "
+            f"{sample.per_second:8.0f} req/s {sample.cpu_us_per_request:7.0f} us/req "
+            f"server {sample.server_busy:4.0%} other {sample.other_load:4.0%} "
+            f"({sample.requests} requests)"
+        )
     return {
         name: ClosedLoopResult(name, tuple(samples[name]), tuple(failures[name]))
         for name in contenders
@@ -164,15 +189,25 @@ def run_closed_loop(
 
 
 def paired_ratio(result: ClosedLoopResult, baseline: ClosedLoopResult, what: str) -> float:
-    """The median over rounds of ``result``'s figure over ``baseline``'s in the same round.
+    """The median over samples of ``result``'s figure over the baseline's next to it.
 
-    Rounds sit seconds apart, so a pair shares the machine's state; on a machine
-    whose speed drifts this is steadier than the ratio of two medians.
+    "Next to it": the mean of the baseline samples run just before and just after
+    (a sandwich, when the run interleaved the baseline), else the baseline sample
+    of the same round. On a machine whose speed drifts, a close pair is steadier
+    than the ratio of two medians.
     """
-    base = {s.round_index: getattr(s, what) for s in baseline.samples}
-    ratios = [
-        getattr(s, what) / base[s.round_index] for s in result.samples if base.get(s.round_index)
-    ]
+    if result.contender == baseline.contender:
+        return 1.0
+    by_position = {s.position: getattr(s, what) for s in baseline.samples}
+    by_round = {s.round_index: getattr(s, what) for s in baseline.samples}
+    ratios = []
+    for sample in result.samples:
+        around = [
+            by_position[p] for p in (sample.position - 1, sample.position + 1) if p in by_position
+        ]
+        reference = statistics.fmean(around) if around else by_round.get(sample.round_index)
+        if reference:
+            ratios.append(getattr(sample, what) / reference)
     return summarize(ratios).median
 
 

@@ -8,6 +8,14 @@ in-process transport: our code, no network) runs in a child under callgrind at
 two sizes; the difference divided by the difference in jobs removes start-up and
 imports, leaving instructions per job. Skipped when valgrind is not installed
 (Debian: ``apt install valgrind``).
+
+The same is done for the whole client process of each contender against the real
+lean server (:func:`run_network_instructions`): aiohttp, asyncio and the
+interpreter included, the kernel not. This is the CPU-per-request comparison
+without the VM's noise. Under callgrind the client is ~50x slower than the
+server, so it always finds answers waiting (its most batched regime); the figure
+is a deterministic cost of the client's user-space work, not a prediction of
+seconds.
 """
 
 from __future__ import annotations
@@ -18,10 +26,17 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
-__all__ = ["VARIANT_KEYS", "available", "run_instructions"]
+__all__ = [
+    "NETWORK_CONTENDERS",
+    "VARIANT_KEYS",
+    "available",
+    "run_instructions",
+    "run_network_instructions",
+]
 
 #: The overhead variants by short key, the baseline first.
 VARIANT_KEYS: Final = {
@@ -30,13 +45,54 @@ VARIANT_KEYS: Final = {
     "ours run_batch": "_run_batch",
     "ours stream": "_stream",
 }
+#: The contenders counted whole (aiohttp, asyncio and all) against the lean server,
+#: the baseline first. httpx is left out: at ~60 requests per second it would take
+#: minutes under callgrind, and it is 50x behind on every other figure.
+NETWORK_CONTENDERS: Final = (
+    "raw aiohttp",
+    "aiometer+aiohttp",
+    "ours img2img",
+    "ours run_batch",
+    "ours stream",
+)
 _COLLECTED = re.compile(r"Collected : (\d+)")
-_CHILD = """
+# The benchmark process is pinned to the client's cores; a child under callgrind is
+# ~50x slower than the server, so each child frees itself to use every core (two run
+# at a time). Both sizes do the same, so it cancels out of the per-job figure.
+_UNPIN = """
+import os
+try:
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
+except (AttributeError, OSError):
+    pass
+"""
+_HARNESS_CHILD = (
+    _UNPIN
+    + """
 import asyncio, sys
 sys.path.insert(0, {root!r})
 from benchmarks import overhead
 asyncio.run(getattr(overhead, {name!r})({jobs}))
 """
+)
+# Warmed like a closed-loop sample: every connection is open before the counted batch.
+_NETWORK_CHILD = (
+    _UNPIN
+    + """
+import asyncio, sys
+sys.path.insert(0, {root!r})
+from benchmarks.contenders import CONTENDERS
+
+async def main():
+    async with CONTENDERS[{name!r}]({base_url!r}, {concurrency}) as runner:
+        await runner.batch({warm})
+        urls = await runner.batch({jobs})
+    if urls != {jobs}:
+        raise SystemExit(f"parsed {{urls}} URLs for {jobs} requests")
+
+asyncio.run(main())
+"""
+)
 
 
 def available() -> bool:
@@ -44,7 +100,8 @@ def available() -> bool:
     return shutil.which("valgrind") is not None
 
 
-def _count(root: Path, name: str, jobs: int, timeout_s: float) -> int:
+def _count(program: str, what: str, timeout_s: float) -> int:
+    """Instructions callgrind counted for ``python -c program``."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "callgrind.out"
         done = subprocess.run(
@@ -54,7 +111,7 @@ def _count(root: Path, name: str, jobs: int, timeout_s: float) -> int:
                 f"--callgrind-out-file={out}",
                 sys.executable,
                 "-c",
-                _CHILD.format(root=str(root), name=name, jobs=jobs),
+                program,
             ],
             capture_output=True,
             text=True,
@@ -63,18 +120,87 @@ def _count(root: Path, name: str, jobs: int, timeout_s: float) -> int:
         )
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
-        raise RuntimeError(f"callgrind run of {name} failed: {done.stderr[-500:]}")
+        raise RuntimeError(f"callgrind run of {what} failed: {done.stderr[-500:]}")
     return int(found.group(1))
 
 
-def run_instructions(
-    root: Path, *, small: int, large: int, log: Callable[[str], None], timeout_s: float = 300.0
+def _per_job(
+    programs: dict[str, tuple[str, str]],
+    jobs: int,
+    *,
+    label: str,
+    log: Callable[[str], None],
+    timeout_s: float,
 ) -> dict[str, float]:
-    """Instructions per job of each variant: (count at ``large`` - at ``small``) / jobs."""
-    per_job: dict[str, float] = {}
-    for label, name in VARIANT_KEYS.items():
-        low = _count(root, name, small, timeout_s)
-        high = _count(root, name, large, timeout_s)
-        per_job[label] = (high - low) / (large - small)
-        log(f"[instructions] {label:<28} {per_job[label] / 1000:7.1f}k instructions/job")
+    """(count of the large program - count of the small one) / ``jobs``, per name;
+    two callgrind children at a time."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        counts = {
+            (name, size): pool.submit(_count, program, f"{name} ({size})", timeout_s)
+            for name, pair in programs.items()
+            for size, program in zip(("small", "large"), pair, strict=True)
+        }
+        per_job: dict[str, float] = {}
+        for name in programs:
+            low, high = counts[name, "small"].result(), counts[name, "large"].result()
+            per_job[name] = (high - low) / jobs
+            log(f"[{label}] {name:<28} {per_job[name] / 1000:7.1f}k instructions/job")
     return per_job
+
+
+def run_instructions(
+    root: Path,
+    *,
+    small: int,
+    large: int,
+    log: Callable[[str], None],
+    timeout_s: float = 300.0,
+) -> dict[str, float]:
+    """Instructions per job of each overhead variant (fake transport, our code only)."""
+
+    def program(name: str, jobs: int) -> str:
+        return _HARNESS_CHILD.format(root=str(root), name=name, jobs=jobs)
+
+    programs = {
+        label: (program(name, small), program(name, large)) for label, name in VARIANT_KEYS.items()
+    }
+    return _per_job(
+        programs,
+        large - small,
+        label="instructions",
+        log=log,
+        timeout_s=timeout_s,
+    )
+
+
+def run_network_instructions(
+    root: Path,
+    base_url: str,
+    *,
+    concurrency: int,
+    small: int,
+    large: int,
+    log: Callable[[str], None],
+    timeout_s: float = 300.0,
+) -> dict[str, float]:
+    """Instructions per request of each contender's whole client process (our code,
+    aiohttp, asyncio, the interpreter; not the kernel) against a real lean server."""
+
+    def program(name: str, jobs: int) -> str:
+        return _NETWORK_CHILD.format(
+            root=str(root),
+            name=name,
+            base_url=base_url,
+            concurrency=concurrency,
+            warm=2 * concurrency,
+            jobs=jobs,
+        )
+
+    programs = {name: (program(name, small), program(name, large)) for name in NETWORK_CONTENDERS}
+    return _per_job(
+        programs,
+        large - small,
+        label="instructions, network",
+        log=log,
+        timeout_s=timeout_s,
+    )

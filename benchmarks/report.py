@@ -16,7 +16,7 @@ from .limiter_accuracy import LimiterResult
 from .memory import MemoryResult
 from .open_loop import OpenLoopResult
 
-__all__ = ["Check", "Results", "checks", "render_markdown", "render_text", "write_json"]
+__all__ = ["BASELINE", "Check", "Results", "checks", "render_markdown", "render_text", "write_json"]
 
 BASELINE = "raw aiohttp"
 OURS = "ours run_batch"
@@ -31,12 +31,17 @@ class Results:
     throughput: dict[str, ClosedLoopResult] = attrs.Factory(dict)
     little: dict[str, ClosedLoopResult] = attrs.Factory(dict)
     little_ceiling: float = math.nan
+    #: Raw aiohttp one request at a time against the same 50 ms server: the cycle no
+    #: client at any concurrency can beat on this machine.
+    little_single: ClosedLoopResult | None = None
+    little_single_ceiling: float = math.nan
     open_loop: dict[str, OpenLoopResult] = attrs.Factory(dict)
     memory: list[MemoryResult] = attrs.Factory(list)
     limiters: list[LimiterResult] = attrs.Factory(list)
     codec: Summary | None = None
     overhead: dict[str, tuple[Summary, Summary]] = attrs.Factory(dict)
     instructions: dict[str, float] = attrs.Factory(dict)
+    instructions_network: dict[str, float] = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -73,6 +78,12 @@ def _paired(results: dict[str, ClosedLoopResult], name: str, baseline: str, what
     return paired_ratio(results[name], results[baseline], what)
 
 
+def _instructions_ratio(counts: dict[str, float], name: str) -> float:
+    if name not in counts or not counts.get(BASELINE):
+        return math.nan
+    return counts[name] / counts[BASELINE]
+
+
 def memory_growth_mb(memory: Sequence[MemoryResult], mode: str) -> tuple[float, int, int]:
     """(peak RSS growth in MB from the smallest to the largest run, small, large)."""
     runs = sorted((r for r in memory if r.mode == mode), key=lambda r: r.jobs)
@@ -104,6 +115,13 @@ def checks(results: Results) -> list[Check]:
             "<= 1.10x",
             lambda v: v <= 1.10,
             f"{cpu_ratio:.2f}x",
+        ),
+        _check(
+            "run_batch instructions per request vs raw aiohttp (callgrind, whole client)",
+            _instructions_ratio(results.instructions_network, OURS),
+            "<= 1.10x",
+            lambda v: v <= 1.10,
+            f"{_instructions_ratio(results.instructions_network, OURS):.2f}x",
         ),
         _check(
             "run_batch throughput vs raw aiohttp",
@@ -232,21 +250,51 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
         )
     if results.little:
         ceiling = results.little_ceiling
+        single = results.little_single
+        floor = (
+            single.per_second.median / results.little_single_ceiling
+            if single is not None and single.samples
+            else math.nan
+        )
         rows = [
             [
                 name,
                 _range(r.per_second),
                 f"{r.per_second.median / ceiling:.1%}" if r.samples else "-",
+                f"{r.per_second.median / ceiling / floor:.1%}"
+                if r.samples and math.isfinite(floor)
+                else "-",
                 _range(r.cpu_us_per_request),
                 f"{r.other_load.median:.0%}" if r.samples else "-",
                 _rounds(r),
             ]
             for name, r in results.little.items()
         ]
+        if single is not None and single.samples:
+            rows.append(
+                [
+                    f"{BASELINE}, one at a time (c=1)",
+                    _range(single.per_second, digits=1),
+                    f"{floor:.1%}",
+                    "100.0%",
+                    _range(single.cpu_us_per_request),
+                    f"{single.other_load.median:.0%}",
+                    _rounds(single),
+                ]
+            )
         out.append(
             (
-                f"Little's law: 50 ms server, concurrency 64, ceiling {ceiling:,.0f} req/s",
-                ["contender", "req/s", "efficiency", "client CPU us/req", "other load", "rounds"],
+                f"Little's law: 50 ms server, concurrency 64, ceiling {ceiling:,.0f} req/s "
+                "(of c=1: the efficiency over what one request at a time reaches here)",
+                [
+                    "contender",
+                    "req/s",
+                    "efficiency",
+                    "of c=1",
+                    "client CPU us/req",
+                    "other load",
+                    "rounds",
+                ],
                 rows,
             )
         )
@@ -354,6 +402,26 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                 "Library overhead in instructions (callgrind; deterministic): the overhead "
                 "harness at 200 and 2,200 jobs, difference per job",
                 ["variant", "instructions/job", "over by hand", "ratio"],
+                rows,
+            )
+        )
+    if results.instructions_network:
+        raw = results.instructions_network.get(BASELINE, math.nan)
+        rows = [
+            [
+                name,
+                f"{count / 1000:,.1f}k",
+                f"{(count - raw) / 1000:+,.1f}k",
+                _fmt_ratio(count / raw),
+            ]
+            for name, count in results.instructions_network.items()
+        ]
+        out.append(
+            (
+                "Whole client in instructions (callgrind; deterministic): each contender's "
+                "process against the lean server, concurrency 64, difference per request "
+                "between two batch sizes",
+                ["contender", "instructions/request", f"over {BASELINE}", "ratio"],
                 rows,
             )
         )
@@ -466,12 +534,18 @@ def write_json(results: Results, path: Path) -> None:
         "meta": results.meta,
         "targets": [attrs.asdict(c) | {"verdict": c.verdict} for c in found],
         "throughput": results.throughput,
-        "littles_law": {"ceiling_per_s": results.little_ceiling, "contenders": results.little},
+        "littles_law": {
+            "ceiling_per_s": results.little_ceiling,
+            "contenders": results.little,
+            "single": results.little_single,
+            "single_ceiling_per_s": results.little_single_ceiling,
+        },
         "open_loop": results.open_loop,
         "memory": results.memory,
         "limiters": results.limiters,
         "codec_payloads_per_s": results.codec,
         "overhead_instructions_per_job": results.instructions,
+        "network_instructions_per_request": results.instructions_network,
         "overhead_cpu_us_per_job": {
             name: {"cpu_us_per_job": cpu, "ratio_to_by_hand": paired}
             for name, (cpu, paired) in results.overhead.items()

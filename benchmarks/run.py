@@ -28,12 +28,12 @@ from .closed_loop import run_closed_loop
 from .codec import run_codec
 from .contenders import CONTENDERS, OPEN_LOOP_CONTENDERS
 from .instructions import available as valgrind_available
-from .instructions import run_instructions
+from .instructions import run_instructions, run_network_instructions
 from .limiter_accuracy import run_limiters
 from .memory import run_memory
 from .open_loop import run_open_loop
 from .overhead import run_overhead
-from .report import Results, render_markdown, render_text, write_json
+from .report import BASELINE, Results, render_markdown, render_text, write_json
 
 __all__ = ["DEFAULT_PARTS", "PARTS", "Plan", "main"]
 
@@ -64,10 +64,13 @@ class Plan:
     """How much of everything to run; ``Plan.quick()`` fits in about two minutes."""
 
     mode: str = "full"
-    rounds: int = 7
-    throughput_requests: int = 6_000
-    throughput_target_s: float = 2.0
+    rounds: int = 12
+    throughput_requests: int = 4_000
+    throughput_target_s: float = 1.5
+    little_rounds: int = 5
     little_waves: int = 30
+    little_single_requests: int = 40
+    little_single_rounds: int = 3
     open_loop_rounds: int = 3
     open_loop_s: float = 4.0
     memory_sizes: tuple[int, ...] = (10_000, 100_000)
@@ -84,7 +87,10 @@ class Plan:
             rounds=3,
             throughput_requests=2_000,
             throughput_target_s=1.0,
+            little_rounds=2,
             little_waves=12,
+            little_single_requests=20,
+            little_single_rounds=1,
             open_loop_rounds=1,
             open_loop_s=2.0,
             memory_sizes=(1_000, 10_000),
@@ -203,6 +209,7 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
                 cap_s=60.0,
                 log=log,
                 label="throughput",
+                baseline=BASELINE,
             )
     if "little" in parts:
         results.little_ceiling = CONCURRENCY / LITTLE_LATENCY_S
@@ -212,12 +219,26 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
                 server,
                 concurrency=CONCURRENCY,
                 requests=CONCURRENCY * plan.little_waves,
-                rounds=plan.rounds,
+                rounds=plan.little_rounds,
                 target_s=2 * plan.little_waves * LITTLE_LATENCY_S,
                 cap_s=60.0,
                 log=log,
                 label="little",
+                baseline=BASELINE,
             )
+            # The floor: one request at a time, so no client's concurrency is involved.
+            results.little_single_ceiling = 1 / LITTLE_LATENCY_S
+            results.little_single = run_closed_loop(
+                {BASELINE: CONTENDERS[BASELINE]},
+                server,
+                concurrency=1,
+                requests=plan.little_single_requests,
+                rounds=plan.little_single_rounds,
+                target_s=2 * plan.little_single_requests * LITTLE_LATENCY_S,
+                cap_s=60.0,
+                log=log,
+                label="little c=1",
+            )[BASELINE]
     if "open_loop" in parts:
         with ServerProcess(OPEN_LOOP_LATENCY_S) as server:
             results.open_loop = run_open_loop(
@@ -248,6 +269,15 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
     if "instructions" in parts:
         if valgrind_available():
             results.instructions = run_instructions(ROOT, small=200, large=2200, log=log)
+            with ServerProcess(0.0) as server:
+                results.instructions_network = run_network_instructions(
+                    ROOT,
+                    server.base_url,
+                    concurrency=CONCURRENCY,
+                    small=4 * CONCURRENCY,
+                    large=20 * CONCURRENCY,
+                    log=log,
+                )
         else:
             log("[instructions] skipped: valgrind is not installed")
     results.meta["duration_s"] = time.perf_counter() - started
