@@ -27,6 +27,8 @@ from ._protocol import HttpRequest
 __all__ = ["AiohttpTransport", "RawResponse", "USER_AGENT"]
 
 USER_AGENT: Final = "nebula-async/0.1.0"
+#: How many distinct request URLs keep their proxy answer (the API uses two or three).
+_PROXY_URL_CACHE: Final = 32
 
 RawResponse = tuple[int, Mapping[str, str], bytes]
 
@@ -54,6 +56,7 @@ class AiohttpTransport:
         self._proxies: dict[
             tuple[str, str | None, int | None], tuple[URL, BasicAuth | None] | None
         ] = {}
+        self._proxy_by_url: dict[str, tuple[URL | None, BasicAuth | None]] = {}
 
     @property
     def is_open(self) -> bool:
@@ -86,6 +89,11 @@ class AiohttpTransport:
         """
         if not self._trust_env:
             return None, None
+        # The client sends to a handful of URLs (base URL + two paths): remember each
+        # one's answer rather than parse the URL on every request.
+        known = self._proxy_by_url.get(url)
+        if known is not None:
+            return known
         target = URL(url)
         key = (target.scheme, target.host, target.port)
         if key not in self._proxies:
@@ -94,7 +102,10 @@ class AiohttpTransport:
             except LookupError:
                 self._proxies[key] = None
         found = self._proxies[key]
-        return (None, None) if found is None else found
+        answer = (None, None) if found is None else found
+        if len(self._proxy_by_url) < _PROXY_URL_CACHE:
+            self._proxy_by_url[url] = answer
+        return answer
 
     async def send(self, request: HttpRequest) -> RawResponse:
         """One HTTP exchange: (status, headers, body), or an ``APIConnectionError``."""
