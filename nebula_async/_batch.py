@@ -52,7 +52,18 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._codec import from_payload
 from ._exceptions import NebulaError, ValidationError
 from ._limits import FifoLimiter
-from ._models import GeneratedImage, ImageResult, Img2ImgRequest, Job, JobResult
+from ._models import (
+    GeneratedImage,
+    ImageResult,
+    Img2ImgRequest,
+    Job,
+    JobResult,
+    built_lazily,
+    image_seed,
+    lazy_list,
+    seed_urls,
+    url_seed,
+)
 
 __all__ = [
     "JobInput",
@@ -155,27 +166,36 @@ def aggregate(
     partly failed job keeps what it got; every failure is kept in ``errors``,
     detached from its traceback (:func:`detach_error`).
     """
-    urls: list[str] = []
-    images: list[GeneratedImage] = []
+    answers: list[ImageResult] = []
     errors: list[NebulaError] = []
     for outcome in outcomes:
         if isinstance(outcome, ImageResult):
-            images.extend(outcome.images)
-            urls.extend(image.url for image in outcome.images if image.url is not None)
+            answers.append(outcome)
         else:
             detach_error(outcome)
             errors.append(outcome)
-    return JobResult(
-        job_id=job_id,
-        urls=urls,
-        images=images,
-        errors=errors,
-        submissions=len(outcomes),
-        attempts=attempts,
-        retries=retries,
-        rate_limited=rate_limited,
-        elapsed_s=elapsed_s,
-        requested_images=requested_images,
+    # Answers of URL-only images pass their seeds on: the lists are made when read.
+    seeds = [seed for answer in answers if (seed := image_seed(answer)) is not None]
+    if len(seeds) == len(answers):
+        seed = seeds[0] if len(seeds) == 1 else url_seed([u for s in seeds for u in seed_urls(s)])
+        urls: list[str] = lazy_list(seed)
+        images: list[GeneratedImage] = lazy_list(seed)
+    else:
+        images = [image for answer in answers for image in answer.images]
+        urls = [image.url for image in images if image.url is not None]
+    return built_lazily(
+        JobResult(
+            job_id=job_id,
+            urls=urls,
+            images=images,
+            errors=errors if errors else lazy_list(()),
+            submissions=len(outcomes),
+            attempts=attempts,
+            retries=retries,
+            rate_limited=rate_limited,
+            elapsed_s=elapsed_s,
+            requested_images=requested_images,
+        )
     )
 
 

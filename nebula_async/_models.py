@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar, cast
 
 import attrs
 
@@ -316,8 +316,103 @@ class GeneratedImage:
     )
 
 
+# A batch keeps one JobResult per job for its report, and every list and
+# GeneratedImage a result holds is one more object for the cyclic garbage
+# collector: each retained one brings the next young-generation collection nearer,
+# and during a batch that generation is full of the in-flight requests' state, so
+# each collection is dear. The results the client builds for images that came as
+# bare URLs (the common answer) therefore hold a *seed* in the slots of their list
+# fields: the URL itself for one image (a str, which the collector does not track),
+# a tuple of URLs for several, an empty tuple for no errors. The list is made on
+# first read and stored in place of the seed, so every read returns that same list
+# and mutations stick. Only results marked by ``built_lazily`` read seeds: a value
+# given to ``__init__`` is kept as given. ``attrs.evolve``, ``asdict``, ``repr``,
+# equality and pickling all read the fields, so they see the lists.
+
+UrlSeed = str | tuple[str, ...]
+
+
+class _Seedable:
+    """A slot marking the instance whose list fields may hold seeds."""
+
+    __slots__ = ("_seeded",)
+
+
+class _LazyList:
+    """Wraps a slot of a list field: makes the list from a seed on first read."""
+
+    __slots__ = ("_build", "_slot")
+
+    def __init__(self, slot: Any, build: Callable[[Any], list[Any]]) -> None:
+        self._slot = slot
+        self._build = build
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = self._slot.__get__(instance, owner)
+        if type(value) is list or not getattr(instance, "_seeded", False):
+            return value
+        built = self._build(value)
+        self._slot.__set__(instance, built)
+        return built
+
+    def __set__(self, instance: object, value: object) -> None:
+        self._slot.__set__(instance, value)
+
+    def __delete__(self, instance: object) -> None:
+        self._slot.__delete__(instance)
+
+    def raw(self, instance: object) -> Any:
+        """The slot's content: a list, or the seed while the field is unread."""
+        return self._slot.__get__(instance, type(instance))
+
+
+def _lazy_lists(**builders: Callable[[Any], list[Any]]) -> Callable[[_C], _C]:
+    def wrap(cls: _C) -> _C:
+        for name, build in builders.items():
+            setattr(cls, name, _LazyList(vars(cls)[name], build))
+        return cls
+
+    return wrap
+
+
+def seed_urls(seed: UrlSeed) -> list[str]:
+    """The URLs a seed stands for, as a new list."""
+    return [seed] if type(seed) is str else list(seed)
+
+
+def _images_of(seed: UrlSeed) -> list[GeneratedImage]:
+    return [GeneratedImage(url=url) for url in seed_urls(seed)]
+
+
+def _no_errors(seed: object) -> list[NebulaError]:
+    return []
+
+
+def url_seed(urls: Sequence[str]) -> UrlSeed:
+    """The seed standing for URL-only images (or for no errors, when empty)."""
+    return urls[0] if len(urls) == 1 else tuple(urls)
+
+
+def lazy_list(seed: UrlSeed) -> list[Any]:
+    """``seed`` typed as the list it stands for, to pass for a list field of a
+    result that :func:`built_lazily` then marks."""
+    return cast("list[Any]", seed)
+
+
+_R = TypeVar("_R", bound=_Seedable)
+
+
+def built_lazily(result: _R) -> _R:
+    """Mark a result built with seeds (:func:`lazy_list`) for its list fields."""
+    object.__setattr__(result, "_seeded", True)
+    return result
+
+
+@_lazy_lists(images=_images_of)
 @attrs.frozen(kw_only=True)
-class ImageResult:
+class ImageResult(_Seedable):
     """The answer to one successful submission.
 
     ``urls`` lists the URL of every image that came as a URL, in the service's order.
@@ -330,11 +425,34 @@ class ImageResult:
     @property
     def urls(self) -> list[str]:
         """Every image URL of the answer, in order."""
+        seed = image_seed(self)
+        if seed is not None:
+            return seed_urls(seed)
         return [image.url for image in self.images if image.url is not None]
 
 
+def image_seed(result: ImageResult) -> UrlSeed | None:
+    """The seed of an answer's images while they are unread, else None."""
+    value = _IMAGE_RESULT_IMAGES.raw(result)
+    if type(value) is list or not getattr(result, "_seeded", False):
+        return None
+    return cast(UrlSeed, value)
+
+
+def image_count(result: ImageResult) -> int:
+    """``len(result.images)``, without making the list."""
+    seed = image_seed(result)
+    if seed is None:
+        return len(result.images)
+    return 1 if type(seed) is str else len(seed)
+
+
+_IMAGE_RESULT_IMAGES: Final = cast(_LazyList, vars(ImageResult)["images"])
+
+
+@_lazy_lists(urls=seed_urls, images=_images_of, errors=_no_errors)
 @attrs.frozen(kw_only=True)
-class JobResult:
+class JobResult(_Seedable):
     """The outcome of one job, all of its submissions gathered.
 
     ``urls`` holds the URLs of every successful submission in submission order, so a
@@ -356,12 +474,18 @@ class JobResult:
     @property
     def error(self) -> NebulaError | None:
         """The first failed submission's final error, or None."""
-        return self.errors[0] if self.errors else None
+        return None if self.ok else self.errors[0]
 
     @property
     def ok(self) -> bool:
         """True when every submission succeeded."""
+        errors = _JOB_RESULT_ERRORS.raw(self)
+        if type(errors) is not list and getattr(self, "_seeded", False):
+            return True  # the seed of no errors: the empty list is not made yet
         return not self.errors
+
+
+_JOB_RESULT_ERRORS: Final = cast(_LazyList, vars(JobResult)["errors"])
 
 
 @attrs.frozen(kw_only=True)

@@ -9,6 +9,7 @@ mutations that stick, equality, repr, pickling, ``attrs.evolve``, ``attrs.asdict
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 from typing import Any, assert_type
 
@@ -475,3 +476,30 @@ def test_any_outcomes_give_what_plain_lists_would(
     assert result.urls is result.urls
     assert result.images is result.images
     assert result.errors is result.errors
+
+
+# -- what a kept result costs the garbage collector -----------------------------------------
+
+
+def tracked_objects(root: object) -> int:
+    """Objects reachable from ``root`` (itself included) that the cyclic GC tracks."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or not gc.is_tracked(obj) or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        stack.extend(gc.get_referents(obj))
+    return len(seen)
+
+
+def test_a_url_job_result_holds_few_tracked_objects() -> None:
+    """run_batch keeps a result per job: each tracked object it holds brings the next
+    GC collection nearer, and mid-batch those are dear (docs/benchmarks.md)."""
+    result = one_url_job()
+    assert result.ok
+    assert tracked_objects(result) == 1  # the result itself, until a list is read
+    assert result.urls == [URL1]
+    assert tracked_objects(result) == 2  # and the urls list, once read
+    assert tracked_objects(gathered(answer({"url": URL1}, {"url": URL2}))) == 2  # + a tuple
