@@ -53,15 +53,13 @@ from ._codec import from_payload
 from ._exceptions import NebulaError, ValidationError
 from ._limits import FifoLimiter
 from ._models import (
-    GeneratedImage,
     ImageResult,
     Img2ImgRequest,
     Job,
     JobResult,
-    built_lazily,
     image_seed,
-    lazy_list,
     seed_urls,
+    seeded_job_result,
     url_seed,
 )
 
@@ -166,6 +164,22 @@ def aggregate(
     partly failed job keeps what it got; every failure is kept in ``errors``,
     detached from its traceback (:func:`detach_error`).
     """
+    if len(outcomes) == 1 and isinstance(outcome := outcomes[0], ImageResult):
+        # One submission of URL-only images (the common job): its seed is passed on.
+        seed = image_seed(outcome)
+        if seed is not None:
+            return seeded_job_result(
+                job_id=job_id,
+                urls=seed,
+                images=seed,
+                errors=(),
+                submissions=1,
+                attempts=attempts,
+                retries=retries,
+                rate_limited=rate_limited,
+                elapsed_s=elapsed_s,
+                requested_images=requested_images,
+            )
     answers: list[ImageResult] = []
     errors: list[NebulaError] = []
     for outcome in outcomes:
@@ -174,21 +188,15 @@ def aggregate(
         else:
             detach_error(outcome)
             errors.append(outcome)
-    # Answers of URL-only images pass their seeds on: the lists are made when read.
     seeds = [seed for answer in answers if (seed := image_seed(answer)) is not None]
     if len(seeds) == len(answers):
-        seed = seeds[0] if len(seeds) == 1 else url_seed([u for s in seeds for u in seed_urls(s)])
-        urls: list[str] = lazy_list(seed)
-        images: list[GeneratedImage] = lazy_list(seed)
-    else:
-        images = [image for answer in answers for image in answer.images]
-        urls = [image.url for image in images if image.url is not None]
-    return built_lazily(
-        JobResult(
+        # URL-only images (or none): the lists are made when read.
+        joined = url_seed([url for seed in seeds for url in seed_urls(seed)])
+        return seeded_job_result(
             job_id=job_id,
-            urls=urls,
-            images=images,
-            errors=errors if errors else lazy_list(()),
+            urls=joined,
+            images=joined,
+            errors=errors or (),
             submissions=len(outcomes),
             attempts=attempts,
             retries=retries,
@@ -196,6 +204,18 @@ def aggregate(
             elapsed_s=elapsed_s,
             requested_images=requested_images,
         )
+    images = [image for answer in answers for image in answer.images]
+    return JobResult(
+        job_id=job_id,
+        urls=[image.url for image in images if image.url is not None],
+        images=images,
+        errors=errors,
+        submissions=len(outcomes),
+        attempts=attempts,
+        retries=retries,
+        rate_limited=rate_limited,
+        elapsed_s=elapsed_s,
+        requested_images=requested_images,
     )
 
 

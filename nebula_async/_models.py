@@ -391,23 +391,39 @@ def _no_errors(seed: object) -> list[NebulaError]:
 
 
 def url_seed(urls: Sequence[str]) -> UrlSeed:
-    """The seed standing for URL-only images (or for no errors, when empty)."""
+    """The seed standing for URL-only images."""
     return urls[0] if len(urls) == 1 else tuple(urls)
 
 
-def lazy_list(seed: UrlSeed) -> list[Any]:
-    """``seed`` typed as the list it stands for, to pass for a list field of a
-    result that :func:`built_lazily` then marks."""
-    return cast("list[Any]", seed)
-
-
 _R = TypeVar("_R", bound=_Seedable)
+_mark_seeded = cast(Any, _Seedable.__dict__["_seeded"]).__set__
 
 
-def built_lazily(result: _R) -> _R:
-    """Mark a result built with seeds (:func:`lazy_list`) for its list fields."""
-    object.__setattr__(result, "_seeded", True)
-    return result
+def _seeded_constructor(cls: type[_R]) -> Callable[..., _R]:
+    """A constructor of ``cls`` taking every field by keyword, seeds for its lazy list
+    fields included, that marks what it builds as seeded.
+
+    It sets the slots directly, past the lazy fields' wrappers (a Python-level
+    ``__set__`` would cost more than it saves): for the client's own results, whose
+    values need no defaults and no checks.
+    """
+    setters = {}
+    for field in attrs.fields(cast(Any, cls)):
+        attribute = vars(cls)[field.name]
+        slot = attribute._slot if isinstance(attribute, _LazyList) else attribute
+        setters[field.name] = slot.__set__
+    new = object.__new__
+
+    def construct(**values: object) -> _R:
+        if values.keys() != setters.keys():
+            raise TypeError(f"{cls.__name__}: expected the fields {sorted(setters)}")
+        result = new(cls)
+        for name, value in values.items():
+            setters[name](result, value)
+        _mark_seeded(result, True)
+        return result
+
+    return construct
 
 
 @_lazy_lists(images=_images_of)
@@ -431,6 +447,11 @@ class ImageResult(_Seedable):
         return [image.url for image in self.images if image.url is not None]
 
 
+_IMAGE_RESULT_IMAGES: Final = cast(_LazyList, vars(ImageResult)["images"])
+#: ``ImageResult(images=..., code=..., msg=...)`` where images may be a seed.
+seeded_image_result: Final = _seeded_constructor(ImageResult)
+
+
 def image_seed(result: ImageResult) -> UrlSeed | None:
     """The seed of an answer's images while they are unread, else None."""
     value = _IMAGE_RESULT_IMAGES.raw(result)
@@ -445,9 +466,6 @@ def image_count(result: ImageResult) -> int:
     if seed is None:
         return len(result.images)
     return 1 if type(seed) is str else len(seed)
-
-
-_IMAGE_RESULT_IMAGES: Final = cast(_LazyList, vars(ImageResult)["images"])
 
 
 @_lazy_lists(urls=seed_urls, images=_images_of, errors=_no_errors)
@@ -479,13 +497,14 @@ class JobResult(_Seedable):
     @property
     def ok(self) -> bool:
         """True when every submission succeeded."""
-        errors = _JOB_RESULT_ERRORS.raw(self)
-        if type(errors) is not list and getattr(self, "_seeded", False):
-            return True  # the seed of no errors: the empty list is not made yet
-        return not self.errors
+        # Read past the lazy wrapper: () (the seed of no errors) is falsy as [] is.
+        return not _JOB_RESULT_ERRORS.raw(self)
 
 
 _JOB_RESULT_ERRORS: Final = cast(_LazyList, vars(JobResult)["errors"])
+#: ``JobResult(...)`` with every field given, where urls, images and errors may
+#: be seeds (errors: () for none).
+seeded_job_result: Final = _seeded_constructor(JobResult)
 
 
 @attrs.frozen(kw_only=True)

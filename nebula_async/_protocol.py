@@ -30,7 +30,7 @@ from ._exceptions import (
     ServerError,
     ValidationError,
 )
-from ._models import ImageResult, built_lazily, lazy_list, url_seed
+from ._models import ImageResult, seeded_image_result, url_seed
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -334,9 +334,7 @@ def _common_img2img(body: bytes) -> ImageResult | None:
         urls.append(url)
     msg = envelope.get("msg")
     # URL-only images: the GeneratedImage list is made if and when it is read.
-    return built_lazily(
-        ImageResult(images=lazy_list(url_seed(urls)), code=200, msg=msg if type(msg) is str else "")
-    )
+    return seeded_image_result(images=url_seed(urls), code=200, msg=msg if type(msg) is str else "")
 
 
 def decipher_login(
