@@ -170,8 +170,7 @@ def aggregate(
         if seed is not None:
             return seeded_job_result(
                 job_id=job_id,
-                urls=seed,
-                images=seed,
+                seed=seed,
                 errors=(),
                 submissions=1,
                 attempts=attempts,
@@ -194,8 +193,7 @@ def aggregate(
         joined = url_seed([url for seed in seeds for url in seed_urls(seed)])
         return seeded_job_result(
             job_id=job_id,
-            urls=joined,
-            images=joined,
+            seed=joined,
             errors=errors or (),
             submissions=len(outcomes),
             attempts=attempts,

@@ -395,35 +395,19 @@ def url_seed(urls: Sequence[str]) -> UrlSeed:
     return urls[0] if len(urls) == 1 else tuple(urls)
 
 
-_R = TypeVar("_R", bound=_Seedable)
+_new = object.__new__
 _mark_seeded = cast(Any, _Seedable.__dict__["_seeded"]).__set__
 
 
-def _seeded_constructor(cls: type[_R]) -> Callable[..., _R]:
-    """A constructor of ``cls`` taking every field by keyword, seeds for its lazy list
-    fields included, that marks what it builds as seeded.
-
-    It sets the slots directly, past the lazy fields' wrappers (a Python-level
-    ``__set__`` would cost more than it saves): for the client's own results, whose
-    values need no defaults and no checks.
-    """
-    setters = {}
-    for field in attrs.fields(cast(Any, cls)):
-        attribute = vars(cls)[field.name]
-        slot = attribute._slot if isinstance(attribute, _LazyList) else attribute
-        setters[field.name] = slot.__set__
-    new = object.__new__
-
-    def construct(**values: object) -> _R:
-        if values.keys() != setters.keys():
-            raise TypeError(f"{cls.__name__}: expected the fields {sorted(setters)}")
-        result = new(cls)
-        for name, value in values.items():
-            setters[name](result, value)
-        _mark_seeded(result, True)
-        return result
-
-    return construct
+def _slot_setters(cls: type, names: Sequence[str]) -> tuple[Callable[[object, object], None], ...]:
+    """The slots' own setters, past the lazy fields' wrappers (whose Python-level
+    ``__set__``, called from ``__init__``, would cost more than the laziness saves).
+    Every field must be named, in order: checked here, once."""
+    fields = [field.name for field in attrs.fields(cls)]
+    if list(names) != fields:
+        raise TypeError(f"{cls.__name__}: the seeded constructor must set {fields}")
+    attributes = [vars(cls)[name] for name in names]
+    return tuple((a._slot if isinstance(a, _LazyList) else a).__set__ for a in attributes)
 
 
 @_lazy_lists(images=_images_of)
@@ -448,8 +432,17 @@ class ImageResult(_Seedable):
 
 
 _IMAGE_RESULT_IMAGES: Final = cast(_LazyList, vars(ImageResult)["images"])
-#: ``ImageResult(images=..., code=..., msg=...)`` where images may be a seed.
-seeded_image_result: Final = _seeded_constructor(ImageResult)
+_IR_IMAGES, _IR_CODE, _IR_MSG = _slot_setters(ImageResult, ("images", "code", "msg"))
+
+
+def seeded_image_result(images: UrlSeed, code: int, msg: str) -> ImageResult:
+    """``ImageResult(images=..., code=..., msg=...)`` for URL-only images, as a seed."""
+    result = _new(ImageResult)
+    _IR_IMAGES(result, images)
+    _IR_CODE(result, code)
+    _IR_MSG(result, msg)
+    _mark_seeded(result, True)
+    return result
 
 
 def image_seed(result: ImageResult) -> UrlSeed | None:
@@ -457,7 +450,8 @@ def image_seed(result: ImageResult) -> UrlSeed | None:
     value = _IMAGE_RESULT_IMAGES.raw(result)
     if type(value) is list or not getattr(result, "_seeded", False):
         return None
-    return cast(UrlSeed, value)
+    seed: UrlSeed = value
+    return seed
 
 
 def image_count(result: ImageResult) -> int:
@@ -502,9 +496,60 @@ class JobResult(_Seedable):
 
 
 _JOB_RESULT_ERRORS: Final = cast(_LazyList, vars(JobResult)["errors"])
-#: ``JobResult(...)`` with every field given, where urls, images and errors may
-#: be seeds (errors: () for none).
-seeded_job_result: Final = _seeded_constructor(JobResult)
+(
+    _JR_JOB_ID,
+    _JR_URLS,
+    _JR_IMAGES,
+    _JR_ERRORS,
+    _JR_SUBMISSIONS,
+    _JR_ATTEMPTS,
+    _JR_RETRIES,
+    _JR_RATE_LIMITED,
+    _JR_ELAPSED_S,
+    _JR_REQUESTED_IMAGES,
+) = _slot_setters(
+    JobResult,
+    (
+        "job_id",
+        "urls",
+        "images",
+        "errors",
+        "submissions",
+        "attempts",
+        "retries",
+        "rate_limited",
+        "elapsed_s",
+        "requested_images",
+    ),
+)
+
+
+def seeded_job_result(
+    job_id: str,
+    seed: UrlSeed,
+    errors: list[NebulaError] | tuple[()],
+    submissions: int,
+    attempts: int,
+    retries: int,
+    rate_limited: int,
+    elapsed_s: float,
+    requested_images: int,
+) -> JobResult:
+    """A JobResult of URL-only images: ``seed`` for urls and images, and errors or
+    ``()`` (the seed of none)."""
+    result = _new(JobResult)
+    _JR_JOB_ID(result, job_id)
+    _JR_URLS(result, seed)
+    _JR_IMAGES(result, seed)
+    _JR_ERRORS(result, errors)
+    _JR_SUBMISSIONS(result, submissions)
+    _JR_ATTEMPTS(result, attempts)
+    _JR_RETRIES(result, retries)
+    _JR_RATE_LIMITED(result, rate_limited)
+    _JR_ELAPSED_S(result, elapsed_s)
+    _JR_REQUESTED_IMAGES(result, requested_images)
+    _mark_seeded(result, True)
+    return result
 
 
 @attrs.frozen(kw_only=True)
