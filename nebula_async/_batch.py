@@ -52,7 +52,16 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._codec import from_payload
 from ._exceptions import NebulaError, ValidationError
 from ._limits import FifoLimiter
-from ._models import GeneratedImage, ImageResult, Img2ImgRequest, Job, JobResult
+from ._models import (
+    ImageResult,
+    Img2ImgRequest,
+    Job,
+    JobResult,
+    image_seed,
+    seed_urls,
+    seeded_job_result,
+    url_seed,
+)
 
 __all__ = [
     "JobInput",
@@ -155,19 +164,48 @@ def aggregate(
     partly failed job keeps what it got; every failure is kept in ``errors``,
     detached from its traceback (:func:`detach_error`).
     """
-    urls: list[str] = []
-    images: list[GeneratedImage] = []
+    if len(outcomes) == 1 and isinstance(outcome := outcomes[0], ImageResult):
+        # One submission of URL-only images (the common job): its seed is passed on.
+        seed = image_seed(outcome)
+        if seed is not None:
+            return seeded_job_result(
+                job_id=job_id,
+                seed=seed,
+                errors=(),
+                submissions=1,
+                attempts=attempts,
+                retries=retries,
+                rate_limited=rate_limited,
+                elapsed_s=elapsed_s,
+                requested_images=requested_images,
+            )
+    answers: list[ImageResult] = []
     errors: list[NebulaError] = []
     for outcome in outcomes:
         if isinstance(outcome, ImageResult):
-            images.extend(outcome.images)
-            urls.extend(image.url for image in outcome.images if image.url is not None)
+            answers.append(outcome)
         else:
             detach_error(outcome)
             errors.append(outcome)
+    seeds = [seed for answer in answers if (seed := image_seed(answer)) is not None]
+    if len(seeds) == len(answers):
+        # URL-only images (or none): the lists are made when read.
+        joined = url_seed([url for seed in seeds for url in seed_urls(seed)])
+        return seeded_job_result(
+            job_id=job_id,
+            seed=joined,
+            errors=errors or (),
+            submissions=len(outcomes),
+            attempts=attempts,
+            retries=retries,
+            rate_limited=rate_limited,
+            elapsed_s=elapsed_s,
+            requested_images=requested_images,
+        )
+    images = [image for answer in answers for image in answer.images]
     return JobResult(
         job_id=job_id,
-        urls=urls,
+        urls=[image.url for image in images if image.url is not None],
         images=images,
         errors=errors,
         submissions=len(outcomes),
