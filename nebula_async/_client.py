@@ -35,6 +35,7 @@ import orjson
 from ._auth import Authenticator
 from ._batch import (
     RefusedItem,
+    RepeatedIdCheck,
     aggregate,
     backoff_sleep,
     coerce_job,
@@ -684,33 +685,23 @@ class NebulaClient:
         earlier id fails with a :class:`ValidationError` on ``id`` and is not sent.
         """
         started = time.perf_counter()
-        by_index: dict[int, JobResult] = {}
-        seen_ids: set[str] = set()
-
-        def refuse_repeated_ids(index: int, item: object) -> object:
-            # In the feeder, so "earlier" means earlier in the input, not first run.
-            job_id = job_id_of(item, index)
-            if job_id in seen_ids:
-                error = ValidationError(
-                    f"job {index}: id {job_id!r} is already used by an earlier job of this "
-                    "batch; ids must be unique",
-                    field="id",
-                )
-                return RefusedItem(job_id, error)
-            seen_ids.add(job_id)
-            return item
-
-        pipeline = self._pipeline(jobs, ordered=False, window=None, admit=refuse_repeated_ids)
+        # Results arrive nearly in input order: a list indexed by position, grown as
+        # needed (a dict of every result also made glibc churn its heap top).
+        slots: list[JobResult | None] = []
+        admit = RepeatedIdCheck().check  # in the feeder: "earlier" is in input order
+        pipeline = self._pipeline(jobs, ordered=False, window=None, admit=admit)
         try:
             async for index, result in pipeline:
-                by_index[index] = result
+                if index >= len(slots):
+                    slots.extend([None] * (index + 1 - len(slots)))
+                slots[index] = result
                 if on_result is not None:
                     maybe = on_result(result)
                     if inspect.isawaitable(maybe):
                         await maybe
         finally:
             await pipeline.aclose()
-        results = [by_index[index] for index in range(len(by_index))]
+        results = [result for result in slots if result is not None]
         latencies = sorted(result.elapsed_s for result in results)
         return BatchReport(
             results=results,
