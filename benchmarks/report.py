@@ -213,6 +213,20 @@ def _rounds(result: ClosedLoopResult) -> str:
     return f"{len(result.samples)}{failed}"
 
 
+def _instruction_rows(counts: dict[str, float], baseline: str) -> list[list[str]]:
+    """(name, count, count over the baseline's, ratio) for callgrind counts per job."""
+    base = counts.get(baseline, math.nan)
+    return [
+        [
+            name,
+            f"{count / 1000:,.1f}k",
+            f"{(count - base) / 1000:+,.1f}k",
+            _fmt_ratio(count / base),
+        ]
+        for name, count in counts.items()
+    ]
+
+
 def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) for each part that was run."""
     out: list[tuple[str, list[str], list[list[str]]]] = []
@@ -387,16 +401,7 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
             )
         )
     if results.instructions:
-        by_hand_instructions = next(iter(results.instructions.values()))
-        rows = [
-            [
-                name,
-                f"{count / 1000:,.1f}k",
-                f"{(count - by_hand_instructions) / 1000:+,.1f}k",
-                _fmt_ratio(count / by_hand_instructions),
-            ]
-            for name, count in results.instructions.items()
-        ]
+        rows = _instruction_rows(results.instructions, next(iter(results.instructions)))
         out.append(
             (
                 "Library overhead in instructions (callgrind; deterministic): the overhead "
@@ -406,16 +411,7 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
             )
         )
     if results.instructions_network:
-        raw = results.instructions_network.get(BASELINE, math.nan)
-        rows = [
-            [
-                name,
-                f"{count / 1000:,.1f}k",
-                f"{(count - raw) / 1000:+,.1f}k",
-                _fmt_ratio(count / raw),
-            ]
-            for name, count in results.instructions_network.items()
-        ]
+        rows = _instruction_rows(results.instructions_network, BASELINE)
         out.append(
             (
                 "Whole client in instructions (callgrind; deterministic): each contender's "
