@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import resource
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -46,6 +47,9 @@ class Sample:
     server_cpu_s: float
     machine_busy_s: float
     round_index: int = 0
+    #: Minor page faults of the client process during the batch (first touches of
+    #: fresh pages: each costs system time, and glibc's heap trimming makes them).
+    page_faults: int = 0
     #: The sample's place in the whole run's sequence of samples (all contenders).
     position: int = 0
 
@@ -56,6 +60,10 @@ class Sample:
     @property
     def cpu_us_per_request(self) -> float:
         return self.cpu_s / self.requests * 1e6
+
+    @property
+    def faults_per_request(self) -> float:
+        return self.page_faults / self.requests
 
     @property
     def server_busy(self) -> float:
@@ -83,6 +91,10 @@ class ClosedLoopResult:
     @property
     def cpu_us_per_request(self) -> Summary:
         return summarize([s.cpu_us_per_request for s in self.samples])
+
+    @property
+    def faults_per_request(self) -> Summary:
+        return summarize([s.faults_per_request for s in self.samples])
 
     @property
     def server_busy(self) -> Summary:
@@ -113,17 +125,19 @@ async def _sample(
         gc.collect()
         server_cpu = server.cpu_seconds()
         busy = machine_busy_seconds()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         cpu = time.process_time()
         started = time.perf_counter()
         async with asyncio.timeout(cap_s):
             urls = await runner.batch(requests)
         wall = time.perf_counter() - started
         cpu = time.process_time() - cpu
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         server_cpu = server.cpu_seconds() - server_cpu
         busy = machine_busy_seconds() - busy
     if urls != requests:
         raise RuntimeError(f"parsed {urls} URLs for {requests} requests")
-    return Sample(requests, wall, cpu, server_cpu, busy)
+    return Sample(requests, wall, cpu, server_cpu, busy, page_faults=faults)
 
 
 def _schedule(names: list[str], rounds: int, baseline: str | None) -> list[tuple[int, str]]:
@@ -180,6 +194,7 @@ def run_closed_loop(
             f"[{label}] round {round_index + 1}/{rounds} {name:<17} "
             f"{sample.per_second:8.0f} req/s {sample.cpu_us_per_request:7.0f} us/req "
             f"server {sample.server_busy:4.0%} other {sample.other_load:4.0%} "
+            f"faults/req {sample.faults_per_request:4.2f} "
             f"({sample.requests} requests)"
         )
     return {

@@ -241,14 +241,15 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                 _fmt_ratio(_paired(tp, name, BASELINE, "cpu_us_per_request")),
                 f"{r.server_busy.median:.0%}" if r.samples else "-",
                 f"{r.other_load.median:.0%}" if r.samples else "-",
+                _range(r.faults_per_request, digits=2),
                 _rounds(r),
             ]
             for name, r in tp.items()
         ]
         out.append(
             (
-                "Closed loop: zero-latency server, concurrency 64 (median [min-max] of rounds; "
-                "vs raw: median of the per-round ratios)",
+                "Closed loop: zero-latency server, concurrency 64 (median [min-max] of samples; "
+                "vs raw: median of each sample over the raw aiohttp samples beside it)",
                 [
                     "contender",
                     "req/s",
@@ -257,6 +258,7 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                     "CPU vs raw",
                     "server CPU",
                     "other load",
+                    "page faults/req",
                     "rounds",
                 ],
                 rows,
@@ -512,6 +514,7 @@ def _jsonable(value: Any) -> Any:
             "cpu_us_per_request",
             "server_busy",
             "other_load",
+            "faults_per_request",
             "long_run_error",
         ):
             if hasattr(type(value), name):
