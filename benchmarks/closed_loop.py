@@ -141,14 +141,24 @@ async def _sample(
 
 
 def _schedule(names: list[str], rounds: int, baseline: str | None) -> list[tuple[int, str]]:
-    """(round index, contender) in run order: A B C A B C ..., or with a baseline R
-    between every two others and at both ends: R A R B R C R A R ... R."""
+    """(round index, contender) in run order: A B C C B A A B C ..., or with a
+    baseline R between every two others and at both ends: R A R B R C R C R B ... R.
+
+    Every other round runs backwards: a sample inherits the process's state from
+    the one before it (glibc's heap, the collector's generations), and on this VM
+    that state decides whether a sample pays page faults, so no contender should
+    always follow the same one.
+    """
+
+    def in_round(r: int, members: list[str]) -> list[str]:
+        return members if r % 2 == 0 else members[::-1]
+
     if baseline is None or baseline not in names:
-        return [(r, name) for r in range(rounds) for name in names]
+        return [(r, name) for r in range(rounds) for name in in_round(r, names)]
     others = [name for name in names if name != baseline]
     order = [(0, baseline)]
     for r in range(rounds):
-        for name in others:
+        for name in in_round(r, others):
             order += [(r, name), (r, baseline)]
     return order
 
