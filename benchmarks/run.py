@@ -47,7 +47,7 @@ PARTS: Final = (
     "overhead",
     "instructions",
 )
-#: What a run without --only measures: all but the slow callgrind part (~4.5 min).
+#: What a run without --only measures: all but the slow callgrind part (~5.5 min).
 DEFAULT_PARTS: Final = tuple(part for part in PARTS if part != "instructions")
 CONCURRENCY: Final = 64
 LITTLE_LATENCY_S: Final = 0.05
