@@ -82,6 +82,7 @@ __all__ = [
 
 JobInput = Job | Img2ImgRequest | Mapping[str, Any]
 _JOB_KEYS: Final = frozenset({"id", "images"})
+_POSITION_DIGITS: Final = 18
 # Closing a cancelled pipeline is prompt (aiohttp aborts at once); this only
 # guards against a run_job that ignores cancellation.
 _CLOSE_GRACE_S: Final = 10.0
@@ -145,6 +146,9 @@ def job_id_of(item: object, index: int) -> str:
 def position_id(job_id: str) -> int | None:
     """The input position whose default id is ``job_id`` ("7" -> 7), or None."""
     if not (job_id.isascii() and job_id.isdigit()) or (job_id[0] == "0" and job_id != "0"):
+        return None
+    # No input has 10**18 items, and int() refuses strings of over 4,300 digits.
+    if len(job_id) > _POSITION_DIGITS:
         return None
     return int(job_id)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nebula_async as na
 from nebula_async._batch import RefusedItem, RepeatedIdCheck, job_id_of, position_id
+from nebula_async.testing import MockNebulaServer
 
 REQUEST = na.Img2ImgRequest(model="m", prompt="p")
 
@@ -84,6 +86,26 @@ def test_bare_requests_keep_nothing_per_job() -> None:
 
 
 def test_position_id_takes_only_what_str_of_an_index_gives() -> None:
-    assert [position_id(s) for s in ("0", "7", "42")] == [0, 7, 42]
+    assert [position_id(s) for s in ("0", "7", "42", "9" * 18)] == [0, 7, 42, 10**18 - 1]
+    # Longer than any position, and int() would refuse it (over 4,300 digits).
+    assert position_id("1" * 19) is None
+    assert position_id("1" * 5000) is None
     for text in ("00", "07", "-1", "+1", " 1", "1.0", "\u0661", "\u00b2", "a", ""):
         assert position_id(text) is None, text
+
+
+def test_a_huge_all_digit_id_is_an_ordinary_name() -> None:
+    long_id = "1" * 5000
+    sequence = [REQUEST, na.Job(REQUEST, id=long_id), {"model": "m", "prompt": "p", "id": long_id}]
+    assert refused_by_the_check(sequence) == [2]
+
+
+@pytest.mark.anyio
+async def test_run_batch_with_a_huge_all_digit_id_runs_every_job() -> None:
+    jobs = [REQUEST, na.Job(REQUEST, id="1" * 5000), REQUEST]
+    async with MockNebulaServer() as server:
+        async with na.NebulaClient(token="mock-token", base_url=server.base_url) as client:
+            report = await client.run_batch(jobs)
+    assert [result.ok for result in report.results] == [True, True, True]
+    assert [result.job_id for result in report.results] == ["0", "1" * 5000, "2"]
+    assert len(server.requests) == 3
