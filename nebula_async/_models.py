@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar, cast
 
@@ -338,6 +339,9 @@ class _Seedable:
     __slots__ = ("_seeded",)
 
 
+_FIRST_READ: Final = threading.RLock()
+
+
 class _LazyList:
     """Wraps a slot of a list field: makes the list from a seed on first read."""
 
@@ -353,9 +357,16 @@ class _LazyList:
         value = self._slot.__get__(instance, owner)
         if type(value) is list or not getattr(instance, "_seeded", False):
             return value
-        built = self._build(value)
-        self._slot.__set__(instance, built)
-        return built
+        # First read: under a lock, so that threads reading a fresh result at once
+        # all get the one stored list. Re-entrant, in case building runs a finalizer
+        # that reads another result.
+        with _FIRST_READ:
+            value = self._slot.__get__(instance, owner)
+            if type(value) is list:
+                return value
+            built = self._build(value)
+            self._slot.__set__(instance, built)
+            return built
 
     def __set__(self, instance: object, value: object) -> None:
         self._slot.__set__(instance, value)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
+import sys
+import threading
 from typing import Any, assert_type
 
 import attrs
@@ -503,3 +505,34 @@ def test_a_url_job_result_holds_few_tracked_objects() -> None:
     assert result.urls == [URL1]
     assert tracked_objects(result) == 2  # and the urls list, once read
     assert tracked_objects(gathered(answer({"url": URL1}, {"url": URL2}))) == 2  # + a tuple
+
+
+def _read_images_at_once(result: na.JobResult, readers: int) -> list[object]:
+    """What ``readers`` threads, released together, read as ``result.images``."""
+    got: list[object] = [None] * readers
+    barrier = threading.Barrier(readers)
+
+    def read(slot: int) -> None:
+        barrier.wait()
+        got[slot] = result.images
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(readers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return got
+
+
+def test_threads_reading_a_fresh_result_at_once_get_the_one_stored_list() -> None:
+    # Without the first-read lock about 1% of these trials handed threads
+    # different lists, so a change made through one of them was lost.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(3000):
+            result = gathered(answer(*({"url": f"https://x/{k}.png"} for k in range(8))))
+            got = _read_images_at_once(result, readers=4)
+            assert all(images is result.images for images in got)
+    finally:
+        sys.setswitchinterval(interval)
