@@ -225,7 +225,9 @@ def aggregate(
     detached from its traceback (:func:`detach_error`).
     """
     if len(outcomes) == 1 and isinstance(outcome := outcomes[0], ImageResult):
-        # One submission of URL-only images (the common job): its seed is passed on.
+        # One submission of URL-only images (the common job): its seed is passed on,
+        # without the loop and lists below (one general path measured ~1-2k more
+        # instructions per job under callgrind).
         seed = image_seed(outcome)
         if seed is not None:
             return seeded_job_result(

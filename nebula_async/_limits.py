@@ -535,8 +535,7 @@ class FifoLimiter:
         Cancelled while waiting, the caller leaves the line; cancelled after a
         permit was handed to it, it passes that permit on.
         """
-        if self._free > 0:
-            self._free -= 1
+        if self.try_acquire():
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)

@@ -326,9 +326,10 @@ class GeneratedImage:
 # fields: the URL itself for one image (a str, which the collector does not track),
 # a tuple of URLs for several, an empty tuple for no errors. The list is made on
 # first read and stored in place of the seed, so every read returns that same list
-# and mutations stick. Only results marked as seeded (the ``_seeded`` slot) read seeds: a value
-# given to ``__init__`` is kept as given. ``attrs.evolve``, ``asdict``, ``repr``,
-# equality and pickling all read the fields, so they see the lists.
+# and mutations stick. Only results marked as seeded (the ``_seeded`` slot) read
+# seeds: a value given to ``__init__`` is kept as given. ``attrs.evolve``,
+# ``asdict``, ``repr``, equality and pickling all read the fields, so they see the
+# lists.
 
 UrlSeed = str | tuple[str, ...]
 
