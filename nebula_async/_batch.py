@@ -172,6 +172,8 @@ class RepeatedIdCheck:
     def check(self, index: int, item: object) -> object:
         named = explicit_job_id(item)
         if named is None:
+            if not self._named:
+                return item  # no id named yet: positions never repeat one another
             job_id = str(index)
             repeated = job_id in self._named
         else:
