@@ -20,11 +20,11 @@ import anyio
 import orjson
 import pytest
 
-from nebula_async._png import png_bytes
-from nebula_async._progress import JobProgress, progress_wanted
-from nebula_async._results import ResultWriter
 from nebula_async.cli import main
+from nebula_async.cli._progress import JobProgress, progress_wanted
+from nebula_async.cli._results import ResultWriter
 from nebula_async.testing import MockNebulaServer
+from nebula_async.testing._png import png_bytes
 
 RECORD_KEYS = ["id", "line", "ok", "urls", "error", "attempts", "submissions", "elapsed_s"]
 CLI = [sys.executable, "-m", "nebula_async.cli"]

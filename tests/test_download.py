@@ -13,13 +13,13 @@ import pytest
 from aiohttp import web
 
 from nebula_async import GeneratedImage
-from nebula_async._download import (
+from nebula_async.cli._download import (
     ImageDownloader,
     extension_for,
     image_file_name,
     safe_file_stem,
 )
-from nebula_async._png import png_bytes
+from nebula_async.testing._png import png_bytes
 
 PNG = png_bytes(4, 4)
 JPEG = b"\xff\xd8\xff\xe0" + b"jpeg-ish" * 8

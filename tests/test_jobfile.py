@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from nebula_async._jobfile import (
+from nebula_async.cli._jobfile import (
     MAX_LOCAL_IMAGE_BYTES,
     BadLine,
     JobLine,
@@ -16,7 +16,7 @@ from nebula_async._jobfile import (
     local_image_data_uri,
     sniff_image_mime,
 )
-from nebula_async._png import png_bytes
+from nebula_async.testing._png import png_bytes
 
 
 def write_lines(path: Path, *lines: object) -> Path:

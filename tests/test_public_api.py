@@ -74,7 +74,9 @@ def test_exception_hierarchy() -> None:
 
 def _modules() -> list[str]:
     return [na.__name__] + [
-        f"{na.__name__}.{info.name}" for info in pkgutil.iter_modules(na.__path__)
+        info.name
+        for info in pkgutil.walk_packages(na.__path__, prefix=f"{na.__name__}.")
+        if not info.name.endswith("__main__")
     ]
 
 

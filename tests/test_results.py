@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from nebula_async import GeneratedImage, JobResult, ServerError, ValidationError
-from nebula_async._jobfile import BadLine
-from nebula_async._results import (
+from nebula_async.cli._jobfile import BadLine
+from nebula_async.cli._results import (
     ResultsFileBusy,
     ResultsFileError,
     ResultsWriteError,

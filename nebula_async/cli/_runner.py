@@ -33,11 +33,12 @@ from typing import Final
 import anyio
 import anyio.abc
 
-from ._client import NebulaClient
+from nebula_async._client import NebulaClient
+from nebula_async._exceptions import ValidationError
+from nebula_async._models import GeneratedImage, Job, JobResult, RetryPolicy
+
 from ._download import ImageDownloader
-from ._exceptions import ValidationError
 from ._jobfile import BadLine, JobLine, iter_job_lines
-from ._models import GeneratedImage, Job, JobResult, RetryPolicy
 from ._progress import JobProgress
 from ._results import (
     PENDING_DOWNLOADS,

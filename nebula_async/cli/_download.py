@@ -28,8 +28,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import anyio
 
+from nebula_async._models import GeneratedImage
+
 from ._jobfile import sniff_image_mime
-from ._models import GeneratedImage
 
 __all__ = [
     "DownloadError",

@@ -22,11 +22,12 @@ from typing import Any
 
 import orjson
 
-from . import __version__
+from nebula_async import __version__
+from nebula_async._exceptions import ValidationError
+from nebula_async._models import Job
+
 from ._download import ImageDownloader
-from ._exceptions import ValidationError
 from ._jobfile import job_from_fields
-from ._models import Job
 from ._results import download_record, error_record, job_result_record
 from ._runner import (
     EXIT_BAD_INPUT,
@@ -199,7 +200,7 @@ def _add_submit_parser(commands: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nebula-async`` argument parser with its four subcommands."""
-    from .testing import add_mock_server_arguments
+    from nebula_async.testing import add_mock_server_arguments
 
     parser = argparse.ArgumentParser(
         prog=_PROG,
@@ -344,7 +345,7 @@ def _print_unsaved_urls(urls: Sequence[str | None]) -> None:
 
 
 async def _mock_server(args: argparse.Namespace) -> int:
-    from .testing import serve_mock_server
+    from nebula_async.testing import serve_mock_server
 
     await serve_mock_server(args)
     return EXIT_OK

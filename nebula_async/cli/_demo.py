@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from ._client import NebulaClient
+from nebula_async._client import NebulaClient
+from nebula_async._models import Img2ImgRequest, Job, RetryPolicy
+from nebula_async._stats import percentile
+from nebula_async.testing import MockNebulaServer
+
 from ._jobfile import JobLine
-from ._models import Img2ImgRequest, Job, RetryPolicy
 from ._progress import JobProgress
 from ._results import ResultWriter
 from ._runner import (
@@ -30,8 +33,6 @@ from ._runner import (
     execute_jobs,
     write_error_in,
 )
-from ._stats import percentile
-from .testing import MockNebulaServer
 
 __all__ = ["DemoOptions", "demo_command", "demo_jobs"]
 

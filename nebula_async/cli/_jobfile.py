@@ -24,9 +24,9 @@ from typing import Any, Final
 
 import orjson
 
-from ._codec import DTO_PREFIX, from_payload
-from ._exceptions import ValidationError
-from ._models import Job
+from nebula_async._codec import DTO_PREFIX, from_payload
+from nebula_async._exceptions import ValidationError
+from nebula_async._models import Job
 
 __all__ = [
     "MAX_LOCAL_IMAGE_BYTES",

@@ -41,10 +41,11 @@ from typing import Any, BinaryIO, Final, Self
 
 import orjson
 
+from nebula_async._exceptions import APIStatusError, ValidationError
+from nebula_async._models import GeneratedImage, JobResult
+
 from ._download import describe_failures
-from ._exceptions import APIStatusError, ValidationError
 from ._jobfile import BadLine
-from ._models import GeneratedImage, JobResult
 
 __all__ = [
     "DOWNLOAD_ERROR_TYPE",
