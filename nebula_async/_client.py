@@ -32,19 +32,9 @@ import anyio
 import attrs
 import orjson
 
+from ._aggregate import aggregate, detach_error
 from ._auth import Authenticator
-from ._batch import (
-    RefusedItem,
-    RepeatedIdCheck,
-    aggregate,
-    backoff_sleep,
-    coerce_job,
-    default_window,
-    detach_error,
-    job_id_of,
-    run_pipeline,
-    worker_count,
-)
+from ._batch import backoff_sleep, default_window, run_pipeline, worker_count
 from ._codec import payload_encoder
 from ._exceptions import (
     APIStatusError,
@@ -52,6 +42,7 @@ from ._exceptions import (
     NebulaError,
     ValidationError,
 )
+from ._jobs import RefusedItem, RepeatedIdCheck, coerce_job, job_id_of
 from ._limits import FifoLimiter, PauseGate, RateLimiter
 from ._models import (
     BatchReport,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nebula_async as na
-from nebula_async._batch import RefusedItem, RepeatedIdCheck, job_id_of, position_id
+from nebula_async._jobs import RefusedItem, RepeatedIdCheck, job_id_of, position_id
 from nebula_async.testing import MockNebulaServer
 
 REQUEST = na.Img2ImgRequest(model="m", prompt="p")

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nebula_async as na
-from nebula_async._batch import aggregate
+from nebula_async._aggregate import aggregate
 from nebula_async._protocol import decipher_img2img
 from nebula_async.testing import MockNebulaServer
 
