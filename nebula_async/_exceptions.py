@@ -7,6 +7,8 @@ The hierarchy::
     ├── APIConnectionError       nothing usable came back
     │   └── APITimeoutError      an attempt ran past its timeout
     ├── ResponseDecodeError      the answer is not the documented JSON
+    ├── NotAttemptedError        never sent: the batch was drained, or its circuit opened
+    ├── ClientStateError         (also RuntimeError) the client is not open
     └── APIStatusError           the service refused (HTTP status or body ``code``)
         ├── AuthenticationError  401 / 403
         ├── RateLimitError       429
@@ -28,7 +30,9 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "ClientStateError",
     "NebulaError",
+    "NotAttemptedError",
     "RateLimitError",
     "ResponseDecodeError",
     "ServerError",
@@ -143,3 +147,22 @@ class BadRequestError(APIStatusError):
 
 class ServerError(APIStatusError):
     """The service or its gateway failed (5xx)."""
+
+
+class NotAttemptedError(NebulaError):
+    """A submission that was never sent, so nothing was billed for it.
+
+    ``reason`` is ``"drained"`` (the batch was told to stop taking work) or
+    ``"circuit_open"`` (the batch stopped after repeated systemic failures, such
+    as refused credentials; ``cause`` is then that failure). A job holding only
+    these errors may simply be run again.
+    """
+
+    def __init__(self, message: str, *, reason: str, cause: NebulaError | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.cause = cause
+
+
+class ClientStateError(NebulaError, RuntimeError):
+    """The client was used while not open: before ``async with``, or after closing."""
