@@ -1,4 +1,4 @@
-"""Project gates: ``nox -s tests lint typing docs``; ``bench`` and ``soak`` run apart (``nox -l``)."""
+"""Project gates: ``nox -s tests lint typing docs``; ``bench``, ``soak`` apart (``nox -l``)."""
 
 from __future__ import annotations
 

@@ -140,7 +140,8 @@ def reconcile(
     generated = sum(len(urls) for urls in issued.values())
     regenerated = generated - len(kept)
     in_flight_at_kills = sum(
-        sum(1 for at in issued_at if kill - IN_FLIGHT_MARGIN_S <= at <= kill) for kill in phase.kills
+        sum(1 for at in issued_at if kill - IN_FLIGHT_MARGIN_S <= at <= kill)
+        for kill in phase.kills
     )
     return {
         "phase": phase.name,
