@@ -57,6 +57,7 @@ from ._models import (
 )
 from ._protocol import (
     DEFAULT_BASE_URL,
+    DEFAULT_MAX_RESPONSE_BYTES,
     IMG2IMG_PATH,
     JSON_HEADERS,
     HttpRequest,
@@ -181,6 +182,12 @@ class NebulaClient:
     ``NO_PROXY`` (a proxy's credentials may come from ``~/.netrc``; the API host's
     never do), as behind a corporate proxy; off by default, so that an
     environment variable never reroutes the token.
+
+    ``allow_insecure_http=True`` accepts an ``http://`` base URL to a host that is
+    not loopback (the token and password then travel unencrypted).
+    ``max_response_bytes`` caps one answer, before and after decompression (default
+    1 GiB: 15 ``b64_json`` images at 4096x4096); a bigger one is a
+    ``ResponseDecodeError``.
     """
 
     def __init__(
@@ -198,6 +205,8 @@ class NebulaClient:
         trust_env: bool = False,
         default_headers: Mapping[str, str] | None = None,
         random: Callable[[], float] | None = None,
+        allow_insecure_http: bool = False,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         # Each credential falls back to its own variable: a token passed in code may
         # still be renewed by a login whose password comes from the environment.
@@ -232,7 +241,10 @@ class NebulaClient:
             )
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ValidationError(f"retry: must be a RetryPolicy, got {retry!r}", field="retry")
-        self._base_url = normalize_base_url(base_url or _env("NEBULA_BASE_URL") or DEFAULT_BASE_URL)
+        self._base_url = normalize_base_url(
+            base_url or _env("NEBULA_BASE_URL") or DEFAULT_BASE_URL,
+            allow_insecure_http=allow_insecure_http,
+        )
         self._url = self._base_url + IMG2IMG_PATH
         if token:
             authorization_value(token)  # a bad token fails here, not mid-batch
@@ -259,6 +271,7 @@ class NebulaClient:
             timeout=self._timeout,
             trust_env=trust_env,
             headers=_default_headers(default_headers),
+            max_response_bytes=max_response_bytes,
         )
         self._auth: Authenticator | None = None
         self._concurrency: FifoLimiter | None = None
