@@ -109,7 +109,10 @@ def test_extension_from_content_type_then_url_then_bytes() -> None:
 
 @pytest.mark.anyio
 async def test_downloads_name_files_by_id_and_position(tmp_path: Path) -> None:
-    async with image_host() as host, ImageDownloader(tmp_path / "imgs", backoff_s=0.01) as dl:
+    async with (
+        image_host() as host,
+        ImageDownloader(tmp_path / "imgs", backoff_s=0.01, allow_loopback=True) as dl,
+    ):
         images = [
             GeneratedImage(url=f"{host.base_url}/photo.jpg"),
             GeneratedImage(url=f"{host.base_url}/no-type/pic.webp"),
@@ -133,7 +136,7 @@ async def test_downloads_name_files_by_id_and_position(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_unsafe_ids_cannot_leave_the_directory(tmp_path: Path) -> None:
     directory = tmp_path / "out"
-    async with image_host() as host, ImageDownloader(directory) as dl:
+    async with image_host() as host, ImageDownloader(directory, allow_loopback=True) as dl:
         image = [GeneratedImage(url=f"{host.base_url}/photo.jpg")]
         for job_id in ("../x", "a/b", "a_b", "/abs"):
             outcome = await dl.download_job(job_id, image)
@@ -146,7 +149,10 @@ async def test_unsafe_ids_cannot_leave_the_directory(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_retries_5xx_but_not_404_and_reports_failures(tmp_path: Path) -> None:
-    async with image_host() as host, ImageDownloader(tmp_path, attempts=3, backoff_s=0.01) as dl:
+    async with (
+        image_host() as host,
+        ImageDownloader(tmp_path, attempts=3, backoff_s=0.01, allow_loopback=True) as dl,
+    ):
         images = [
             GeneratedImage(url=f"{host.base_url}/flaky.png"),
             GeneratedImage(url=f"{host.base_url}/missing.png"),
@@ -172,7 +178,7 @@ async def test_connection_refused_is_retried_then_reported(tmp_path: Path) -> No
     async with image_host() as host:
         dead_url = f"{host.base_url}/photo.jpg"
     # The host is closed now: every attempt is refused.
-    async with ImageDownloader(tmp_path, attempts=2, backoff_s=0.01) as dl:
+    async with ImageDownloader(tmp_path, attempts=2, backoff_s=0.01, allow_loopback=True) as dl:
         outcome = await dl.download_job("j", [GeneratedImage(url=dead_url)])
     assert outcome.files == [None]
     assert outcome.error is not None
@@ -183,7 +189,9 @@ async def test_connection_refused_is_retried_then_reported(tmp_path: Path) -> No
 async def test_a_hanging_image_times_out_each_attempt_then_is_reported(tmp_path: Path) -> None:
     async with (
         image_host() as host,
-        ImageDownloader(tmp_path, attempts=2, backoff_s=0.01, timeout_s=0.2) as dl,
+        ImageDownloader(
+            tmp_path, attempts=2, backoff_s=0.01, read_timeout_s=0.2, allow_loopback=True
+        ) as dl,
     ):
         outcome = await dl.download_job("j", [GeneratedImage(url=f"{host.base_url}/hang.png")])
         hits = host.hits["/hang.png"]
@@ -196,7 +204,10 @@ async def test_a_hanging_image_times_out_each_attempt_then_is_reported(tmp_path:
 
 @pytest.mark.anyio
 async def test_save_images_by_position_never_raises_for_a_bad_image(tmp_path: Path) -> None:
-    async with image_host() as host, ImageDownloader(tmp_path, backoff_s=0.01) as dl:
+    async with (
+        image_host() as host,
+        ImageDownloader(tmp_path, backoff_s=0.01, allow_loopback=True) as dl,
+    ):
         saved, failures = await dl.save_images(
             "j",
             {
