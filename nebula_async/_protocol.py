@@ -309,13 +309,13 @@ def status_error_class(effective_code: int) -> type[APIStatusError]:
     return APIStatusError
 
 
-def _snippet(body: bytes) -> str:
+def _snippet(body: bytes | bytearray) -> str:
     text = body[: _SNIPPET * 4].decode("utf-8", "replace")
     text = _SPACES.sub(" ", _TAGS.sub(" ", text)).strip()
     return text[:_SNIPPET]
 
 
-def _load(body: bytes) -> tuple[Any, str | None]:
+def _load(body: bytes | bytearray) -> tuple[Any, str | None]:
     """The decoded JSON and None, or None and what was wrong."""
     if not body.strip():
         return None, "empty body"
@@ -341,7 +341,7 @@ def _status_error(
 
 
 def _envelope(
-    status: int, headers: Mapping[str, str], body: bytes, now: Callable[[], float]
+    status: int, headers: Mapping[str, str], body: bytes | bytearray, now: Callable[[], float]
 ) -> tuple[int, str, Any]:
     """Read ``{"code", "msg", "data"}``; raise for anything but body code 200."""
     envelope, problem = _load(body)
@@ -383,7 +383,7 @@ def _envelope(
 def decipher_img2img(
     status: int,
     headers: Mapping[str, str],
-    body: bytes,
+    body: bytes | bytearray,
     *,
     now: Callable[[], float] = time.time,
 ) -> ImageResult:
@@ -401,7 +401,7 @@ def decipher_img2img(
 
 
 def _decipher_img2img_strict(
-    status: int, headers: Mapping[str, str], body: bytes, now: Callable[[], float]
+    status: int, headers: Mapping[str, str], body: bytes | bytearray, now: Callable[[], float]
 ) -> ImageResult:
     """The general path: every answer, every error, with the cattrs JSON paths."""
     code, msg, data = _envelope(status, headers, body, now)
@@ -432,7 +432,7 @@ def _check_image_urls(images: list[GeneratedImage], status: int) -> None:
             )
 
 
-def _common_img2img(body: bytes) -> ImageResult | None:
+def _common_img2img(body: bytes | bytearray) -> ImageResult | None:
     """The fast path for the common answer, or None to take the strict path.
 
     Only ``{"code": 200, "msg": str (optional), "data": {"images": [{"url": str},
@@ -472,7 +472,7 @@ def _common_img2img(body: bytes) -> ImageResult | None:
 def decipher_login(
     status: int,
     headers: Mapping[str, str],
-    body: bytes,
+    body: bytes | bytearray,
     *,
     now: Callable[[], float] = time.time,
 ) -> str:

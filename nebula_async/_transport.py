@@ -41,7 +41,9 @@ USER_AGENT: Final = "nebula-async/0.1.0"
 #: How many distinct request URLs keep their proxy answer (the API uses two or three).
 _PROXY_URL_CACHE: Final = 32
 
-RawResponse = tuple[int, Mapping[str, str], bytes]
+#: (status, headers, body). A body read in pieces is the bytearray it was gathered
+#: in: converting it to bytes would hold a second copy of an answer of up to 1 GiB.
+RawResponse = tuple[int, Mapping[str, str], bytes | bytearray]
 
 
 def check_max_response_bytes(value: object) -> int:
@@ -63,7 +65,7 @@ def _too_large(status: int, limit: int, what: str) -> ResponseDecodeError:
     )
 
 
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | bytearray:
     """The body, decompressed, or a ``ResponseDecodeError`` once it passes ``limit``."""
     length = response.content_length
     if length is not None and length > limit:
@@ -72,15 +74,17 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     if length is not None and encoding == "identity":
         # aiohttp reads exactly Content-Length bytes: the common answer, in one call.
         return await response.read()
-    chunks: list[bytes] = []
-    size = 0
+    # One growing buffer, not a list of chunks joined at the end: the join would
+    # hold the answer twice at its peak.
+    body = bytearray()
     async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             shown = "after decompression " if encoding != "identity" else ""
-            raise _too_large(response.status, limit, f"{size:,}+ bytes {shown}read so far")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise _too_large(
+                response.status, limit, f"{len(body) + len(chunk):,}+ bytes {shown}read so far"
+            )
+        body += chunk
+    return body
 
 
 class AiohttpTransport:
