@@ -70,7 +70,8 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | 
     length = response.content_length
     if length is not None and length > limit:
         raise _too_large(response.status, limit, f"Content-Length is {length:,} bytes")
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    header = response.headers.get("Content-Encoding")
+    encoding = "identity" if header is None else header.strip().lower() or "identity"
     if length is not None and encoding == "identity":
         # aiohttp reads exactly Content-Length bytes: the common answer, in one call.
         return await response.read()
