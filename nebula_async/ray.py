@@ -86,7 +86,8 @@ class Img2ImgBatch:
         done = iter(report.results)
         results = [job if isinstance(job, JobResult) else next(done) for job in jobs]
         fingerprints = [job_fingerprint(j) if isinstance(j, Job) else None for j in jobs]
-        return output_columns(results, fingerprints, ids=[_row_id(r, i) for i, r in enumerate(rows)])
+        ids = [_row_id(row, index) for index, row in enumerate(rows)]
+        return output_columns(results, fingerprints, ids=ids)
 
     def __del__(self) -> None:
         # An actor ends with its process; nothing to flush (results were returned).
@@ -95,7 +96,7 @@ class Img2ImgBatch:
 
 def _unique_ids(jobs: list[Job]) -> list[Job]:
     # run_batch refuses a repeated id; rows of one batch are positions, ids per row.
-    return [Job(job.request, id=f"{position}", images=job.images) for position, job in enumerate(jobs)]
+    return [Job(job.request, id=str(at), images=job.images) for at, job in enumerate(jobs)]
 
 
 def _row_id(row: Mapping[str, Any], index: int) -> str:
@@ -196,8 +197,9 @@ class _DropDone:
         keep = []
         for index, row in enumerate(rows):
             job = _job_of(row, index)
-            if isinstance(job, Job) and row_key(_row_id(row, index), job_fingerprint(job)) in self._done:
-                continue
+            if isinstance(job, Job):
+                if row_key(_row_id(row, index), job_fingerprint(job)) in self._done:
+                    continue
             keep.append(row)
         names = sorted({name for row in keep for name in row})
         return {name: [row.get(name) for row in keep] for name in names}
