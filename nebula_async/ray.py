@@ -197,10 +197,9 @@ class _DropDone:
         keep = []
         for index, row in enumerate(rows):
             job = _job_of(row, index)
-            if isinstance(job, Job):
-                if row_key(_row_id(row, index), job_fingerprint(job)) in self._done:
-                    continue
-            keep.append(row)
+            key = row_key(_row_id(row, index), job_fingerprint(job)) if isinstance(job, Job) else ""
+            if key not in self._done:
+                keep.append(row)
         names = sorted({name for row in keep for name in row})
         return {name: [row.get(name) for row in keep] for name in names}
 
