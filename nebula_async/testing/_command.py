@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ipaddress
 import math
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -167,8 +168,9 @@ def _add_rate_limit_arguments(parser: argparse.ArgumentParser) -> None:
         help="change the limit to R ('none': no limit) AT seconds after the start, "
              "e.g. 10:10,20:30")  # fmt: skip
     add("--rate-limit-style", choices=("http", "body"), default="http",
-        help="refuse as HTTP 429 + Retry-After (default) or HTTP 200 with body code 429 "
-             "and no Retry-After")  # fmt: skip
+        help="http: refuse as HTTP 429 with a Retry-After of --retry-after seconds "
+             "(none: no header); body: as HTTP 200 with body code 429 and no Retry-After "
+             "(default: http)")  # fmt: skip
     add("--retry-after", type=_optional(_number), default=1.0, metavar="S",
         help="Retry-After seconds on HTTP 429s (rate limit and http_429 fault); "
              "'none' for no header (default: 1)")  # fmt: skip
@@ -284,7 +286,7 @@ async def serve_mock_server(args: argparse.Namespace) -> int:
         try:
             await server.start()
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             print(f"nebula mock server: cannot listen on {args.host} port {args.port}: {reason}",
                   file=sys.stderr, flush=True)  # fmt: skip
             return EXIT_ADDRESS_IN_USE

@@ -86,8 +86,9 @@ class SlidingWindow:
     def admit(self, now: float, rate: float) -> bool:
         """Admit an arrival at ``now`` under ``rate`` requests per second?"""
         admitted = self._admitted
-        # (now - W, now] is the window ending now; anything at or before its start is out.
-        while admitted and admitted[0] <= now - self._window_s:
+        # An admission at a is in the window [a, a + W); written as a sum, not now - W,
+        # so that busiest_window, which tests the same way, agrees to the last bit.
+        while admitted and admitted[0] + self._window_s <= now:
             admitted.popleft()
         if len(admitted) >= window_capacity(rate, self._window_s):
             return False

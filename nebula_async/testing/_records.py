@@ -81,7 +81,8 @@ def busiest_window(times: Iterable[float], window_s: float) -> int:
     best = 0
     for t in sorted(times):
         recent.append(t)
-        while recent[0] <= t - window_s:
+        # The same test as the sliding_window limit's: u is in [a, a + W) iff u < a + W.
+        while recent[0] + window_s <= t:
             recent.popleft()
         best = max(best, len(recent))
     return best
