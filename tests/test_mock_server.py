@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import base64
 import math
+import pathlib
 import re
 import socket
 import struct
@@ -975,10 +976,12 @@ def test_help_describes_the_rate_limit_flags(capsys: pytest.CaptureFixture[str])
     assert "at most floor(R*W)" in text
 
 
-async def test_flags_reach_the_server(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_flags_reach_the_server(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
     argv = ["--port", "0", "--duration", "1", "--rate-limit", "2",
             "--rate-limit-algorithm", "sliding_window", "--rate-limit-window", "5",
-            "--rate-limit-style", "body"]  # fmt: skip
+            "--rate-limit-style", "body", "--record", str(tmp_path / "record.jsonl")]  # fmt: skip
     task = asyncio.ensure_future(serve_mock_server(parse(argv)))
     out = ""
     for _ in range(200):
@@ -991,7 +994,27 @@ async def test_flags_reach_the_server(capsys: pytest.CaptureFixture[str]) -> Non
         codes = [(await post(session, base_url + IMG2IMG_PATH)).code for _ in range(12)]
     assert codes == [200] * 10 + [429] * 2  # floor(2 * 5) = 10 in the 5 s window
     assert await asyncio.wait_for(task, 5) == 0
-    assert "12 img2img requests (2 refused by the rate limit)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "12 img2img requests (2 refused by the rate limit)" in err
+    assert "busiest 5 s window 10 admitted" in err
+    lines = [orjson.loads(line) for line in (tmp_path / "record.jsonl").read_bytes().splitlines()]
+    assert [line["index"] for line in lines] == list(range(12))
+    assert [line["fault"] for line in lines] == [None] * 10 + ["rate_limited"] * 2
+    assert {(line["status"], line["code"]) for line in lines[10:]} == {(200, 429)}
+    assert all(0 <= line["received_s"] < 1 for line in lines)
+    assert [line["received_s"] for line in lines] == sorted(line["received_s"] for line in lines)
+
+
+async def test_unwritable_record_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    args = parse(["--port", "0", "--record", str(tmp_path / "no-such-dir" / "r.jsonl")])
+    assert await asyncio.wait_for(serve_mock_server(args), 5) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert "cannot write the record" in captured.err
+    assert "No such file or directory" in captured.err
 
 
 async def test_busy_port_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,17 +12,22 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from pathlib import Path
+from typing import IO, Any, Final
+
+import orjson
 
 from ._answers import FAULT_KINDS
 from ._mock_server import MockNebulaServer
 from ._ratelimit import ALGORITHMS
+from ._records import busiest_window
 
-__all__ = ["EXIT_ADDRESS_IN_USE", "add_mock_server_arguments", "serve_mock_server"]
+__all__ = ["EXIT_USAGE", "add_mock_server_arguments", "serve_mock_server"]
 
 _LISTENING: Final = "nebula mock server listening on {url}"
-#: What :func:`serve_mock_server` returns when it cannot listen (a port in use).
-EXIT_ADDRESS_IN_USE: Final = 2
+#: What :func:`serve_mock_server` returns when it cannot start: a port in use, an
+#: unwritable ``--record`` file (the CLI's "bad usage" code).
+EXIT_USAGE: Final = 2
 
 
 # --------------------------------------------------------------------------- flag types
@@ -207,6 +212,10 @@ def add_mock_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lean", action="store_true",
         help="benchmark mode: no validation, faults, rate limit or records; precomputed "
              "answers")  # fmt: skip
+    add("--record", type=Path, default=None, metavar="FILE",
+        help="on stopping, write one JSON line per img2img request to FILE: index, "
+             "received_s (seconds after the start), fault ('rate_limited' for a "
+             "refusal by the limit), status, code")  # fmt: skip
     add("--duration", type=_number, default=None, metavar="S",
         help="stop after S seconds (default: run until SIGINT/SIGTERM)")  # fmt: skip
 
@@ -270,37 +279,87 @@ async def _wait(stop: asyncio.Event, duration: float | None) -> None:
             await stop.wait()
 
 
+def _say(line: str) -> None:
+    print(f"nebula mock server: {line}", file=sys.stderr, flush=True)
+
+
+def _reason(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _open_record(path: Path) -> IO[bytes]:
+    # Opened before serving (a bad path fails fast) and written after: the loop has
+    # nothing else to do at either moment, so blocking file I/O costs no request.
+    return path.open("wb")
+
+
+def _write_record(file: IO[bytes], server: MockNebulaServer) -> None:
+    started = server.started_at or 0.0
+    for r in server.requests:
+        line = {
+            "index": r.index,
+            "received_s": round(r.received_at - started, 6),
+            "fault": r.fault,
+            "status": r.status,
+            "code": r.code,
+        }
+        file.write(orjson.dumps(line) + b"\n")
+
+
+def _summary(server: MockNebulaServer) -> str:
+    refused = sum(1 for r in server.requests if r.rate_limited)
+    text = (
+        f"nebula mock server stopped: {server.request_count} img2img requests "
+        f"({refused} refused by the rate limit), {server.logins} logins, "
+        f"max {server.max_in_flight} in flight"
+    )
+    if server.rate_limit_algorithm != "gcra":
+        window = server.rate_limit_window_s
+        admitted = (r.received_at for r in server.requests if not r.rate_limited)
+        text += f", busiest {window:g} s window {busiest_window(admitted, window)} admitted"
+    return text
+
+
+async def _serve(server: MockNebulaServer, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    with _signals_set(stop):
+        try:
+            await server.start()
+        except OSError as exc:
+            _say(f"cannot listen on {args.host} port {args.port}: {_reason(exc)}")
+            return EXIT_USAGE
+        try:
+            print(_LISTENING.format(url=server.base_url), flush=True)
+            await _wait(stop, args.duration)
+        finally:
+            await server.aclose()
+    return 0
+
+
 async def serve_mock_server(args: argparse.Namespace) -> int:
     """Run a :class:`MockNebulaServer` configured by :func:`add_mock_server_arguments` flags;
     returns the exit code.
 
     Prints exactly one line to stdout, ``nebula mock server listening on
     http://HOST:PORT`` (flushed), then serves until ``--duration`` elapses or
-    SIGINT/SIGTERM arrives, and returns 0; a short summary goes to stderr at the
-    end. When the address cannot be bound (a port in use) it prints one line to
-    stderr and returns :data:`EXIT_ADDRESS_IN_USE` (2).
+    SIGINT/SIGTERM arrives, writes ``--record`` if asked, and returns 0; a short
+    summary goes to stderr at the end. When the address cannot be bound (a port
+    in use) or the ``--record`` file cannot be opened, it prints one line to
+    stderr and returns :data:`EXIT_USAGE` (2), having served nothing.
     """
     server = _server_from_args(args)
-    stop = asyncio.Event()
-    with _signals_set(stop):
-        try:
-            await server.start()
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            print(f"nebula mock server: cannot listen on {args.host} port {args.port}: {reason}",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            return EXIT_ADDRESS_IN_USE
-        try:
-            print(_LISTENING.format(url=server.base_url), flush=True)
-            await _wait(stop, args.duration)
-        finally:
-            await server.aclose()
-    refused = sum(1 for r in server.requests if r.rate_limited)
-    print(
-        f"nebula mock server stopped: {server.request_count} img2img requests "
-        f"({refused} refused by the rate limit), {server.logins} logins, "
-        f"max {server.max_in_flight} in flight",
-        file=sys.stderr,
-        flush=True,
-    )
+    with contextlib.ExitStack() as files:
+        record: IO[bytes] | None = None
+        if args.record is not None:
+            try:
+                record = files.enter_context(_open_record(args.record))
+            except OSError as exc:
+                _say(f"cannot write the record {str(args.record)!r}: {_reason(exc)}")
+                return EXIT_USAGE
+        code = await _serve(server, args)
+        if code:
+            return code
+        if record is not None:
+            _write_record(record, server)
+    print(_summary(server), file=sys.stderr, flush=True)
     return 0
