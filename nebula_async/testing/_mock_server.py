@@ -95,9 +95,10 @@ class MockNebulaServer:
     arrival is recorded, the ``Authorization`` header is checked, the server rate
     limit is applied, a fault is chosen (the next ``fault_script`` entry, else a
     seeded random draw from ``faults``), the payload is validated; then the
-    answer is sent after ``latency``. A request refused for auth or the rate
-    limit consumes no script entry and no random draw, and only admitted
-    requests count against the rate limit.
+    answer is sent after ``latency``. A request refused for auth or by the rate
+    limit consumes no script entry and no random draw; only the requests the
+    rate limit admits count against it (a refused token is answered before the
+    limit is consulted, a refusal by the limit does not use up the window).
 
     Knobs (keyword-only; each is also an attribute, checked again on assignment, so
     a test may change ``server.faults``, ``server.latency``, ``server.rate_limit``...
