@@ -348,8 +348,7 @@ def _print_unsaved_urls(urls: Sequence[str | None]) -> None:
 async def _mock_server(args: argparse.Namespace) -> int:
     from nebula_async.testing import serve_mock_server
 
-    await serve_mock_server(args)
-    return EXIT_OK
+    return await serve_mock_server(args)
 
 
 _COMMANDS = {"run": _run, "demo": _demo, "submit": _submit, "mock-server": _mock_server}
