@@ -132,7 +132,8 @@ def test_a_ray_data_run_under_a_shared_limit(
     assert by_id["no-prompt"]["error"]["type"] == "ValidationError"
     good = [row for row in out if row["id"].startswith("r")]
     assert all(row["ok"] and row["fingerprint"] for row in good)
-    assert len(by_id["r7"]["urls"]) == 3 and by_id["r7"]["submissions"] == 3
+    assert len(by_id["r7"]["urls"]) == 3
+    assert by_id["r7"]["submissions"] == 3
     urls = [url for row in good for url in row["urls"]]
     assert len(urls) == len(set(urls)) == JOBS + 2
 
