@@ -85,7 +85,7 @@ def _error_hierarchy() -> str:
 
     doc = _exceptions.__doc__ or ""
     tree = doc.split("::", 1)[1].split("\n\n")[1]
-    return "\n".join(line[4:] for line in tree.splitlines())
+    return "\n".join(line[4:] for line in tree.splitlines()).replace("``", "")
 
 
 def _intro(title: str) -> str:
