@@ -6,7 +6,8 @@
   and address from the environment) get NEBULA_TOKEN and NEBULA_BASE_URL pointing
   at a mock server run for this module on loopback.
 - Every ``nebula-async ...`` line of a ```sh block parses with the real argument
-  parser (synopsis lines with ``[optional]`` parts or ``...`` are skipped).
+  parser (synopsis lines with ``[optional]`` parts or ``...`` are skipped), and
+  every line of a ```json block (job lines, result lines) is a JSON object.
 - The API reference page lists every public name; the docstring rewriting that
   renders the reference is checked on the forms the package uses.
 
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import orjson
 import pytest
 
 import nebula_async
@@ -59,7 +61,7 @@ EXAMPLES = _blocks("python")
 
 
 @pytest.fixture(scope="module")
-def service_url() -> Iterator[str]:
+def service() -> Iterator[MockNebulaServer]:
     """A mock server on loopback in a thread of its own, standing in for the service."""
     ready = threading.Event()
     box: dict[str, object] = {}
@@ -68,14 +70,16 @@ def service_url() -> Iterator[str]:
         stop = asyncio.Event()
         box["stop"], box["loop"] = stop, asyncio.get_running_loop()
         async with MockNebulaServer(latency=0.01) as server:
-            box["url"] = server.base_url
+            box["server"] = server
             ready.set()
             await stop.wait()
 
     thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
     assert ready.wait(10), "the mock server did not start"
-    yield str(box["url"])
+    server = box["server"]
+    assert isinstance(server, MockNebulaServer)
+    yield server
     loop = box["loop"]
     assert isinstance(loop, asyncio.AbstractEventLoop)
     loop.call_soon_threadsafe(box["stop"].set)  # type: ignore[attr-defined]
@@ -93,7 +97,7 @@ def test_example_runs(
     name: str,
     code: str,
     line: int,
-    service_url: str,
+    service: MockNebulaServer,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -101,12 +105,16 @@ def test_example_runs(
     monkeypatch.chdir(tmp_path)
     for variable in ("NEBULA_TOKEN", "NEBULA_USERNAME", "NEBULA_PASSWORD", "NEBULA_BASE_URL"):
         monkeypatch.delenv(variable, raising=False)
-    if "MockNebulaServer(" not in code:  # written for the real service: give it the mock's
+    for_the_service = "MockNebulaServer(" not in code and "NebulaClient(" in code
+    if for_the_service:  # written for the real service: give it the stand-in's address
         monkeypatch.setenv("NEBULA_TOKEN", "mock-token")
-        monkeypatch.setenv("NEBULA_BASE_URL", service_url)
+        monkeypatch.setenv("NEBULA_BASE_URL", service.base_url)
+    sent_before = service.request_count
     # Line numbers in a traceback point into the page.
     exec(compile("\n" * (line - 1) + code, name.split("#")[0], "exec"), {"__name__": "__main__"})
     assert capsys.readouterr().out or "print(" not in code
+    if for_the_service and "async with na.NebulaClient(" in code:
+        assert service.request_count > sent_before, "the example sent nothing"
 
 
 def _command_lines() -> list[tuple[str, list[str]]]:
@@ -129,7 +137,9 @@ def test_the_docs_show_commands() -> None:
     assert len(COMMANDS) >= 5
 
 
-@pytest.mark.parametrize(("name", "argv"), COMMANDS, ids=[" ".join(a) for _, a in COMMANDS])
+@pytest.mark.parametrize(
+    ("name", "argv"), COMMANDS, ids=[f"{name}: {' '.join(argv)}" for name, argv in COMMANDS]
+)
 def test_command_line_parses(
     name: str, argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -139,6 +149,17 @@ def test_command_line_parses(
     except SystemExit as exc:  # --help or --version exit 0; a usage error exits 2
         code = exc.code
     assert code in (None, 0), f"{name}: nebula-async {' '.join(argv)}: {capsys.readouterr().err}"
+
+
+JSON_LINES = [
+    (name, line) for name, code, _ in _blocks("json") for line in code.splitlines() if line.strip()
+]
+
+
+@pytest.mark.parametrize(("name", "line"), JSON_LINES, ids=[name for name, _ in JSON_LINES])
+def test_json_lines_are_json_objects(name: str, line: str) -> None:
+    # Job lines and result lines are shown one JSON object a line, as the files hold them.
+    assert isinstance(orjson.loads(line), dict), name
 
 
 def _hook(name: str) -> ModuleType:

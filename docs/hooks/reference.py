@@ -120,6 +120,7 @@ def api_reference_markdown(module_name: str) -> str:
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    # argparse has no public way to list subparsers; _actions is stable since 3.2.
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
