@@ -30,6 +30,7 @@ name, for instance ``help(nebula_async.NebulaClient)``.
 'a fox'
 """
 
+from ._batch import JobStream
 from ._client import NebulaClient
 from ._codec import from_payload, to_payload
 from ._exceptions import (
@@ -38,12 +39,15 @@ from ._exceptions import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    ClientStateError,
     NebulaError,
+    NotAttemptedError,
     RateLimitError,
     ResponseDecodeError,
     ServerError,
     ValidationError,
 )
+from ._limiter import Limiter, LimiterFactory, LimiterStatistics, Outcome
 from ._models import (
     BatchReport,
     GeneratedImage,
@@ -66,14 +70,21 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BatchReport",
+    "ClientStateError",
     "ClientStatistics",
     "GeneratedImage",
     "ImageResult",
     "Img2ImgRequest",
     "Job",
     "JobResult",
+    "JobStream",
+    "Limiter",
+    "LimiterFactory",
+    "LimiterStatistics",
     "NebulaClient",
     "NebulaError",
+    "NotAttemptedError",
+    "Outcome",
     "RateLimit",
     "RateLimitError",
     "ResponseDecodeError",

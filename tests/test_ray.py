@@ -142,9 +142,7 @@ def test_a_ray_data_run_under_a_shared_limit(
     assert len(times) == JOBS + 2
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert RATE * 0.9 <= rate <= RATE * 1.02, (rate, elapsed)
-    busiest = max(
-        sum(1 for t in times[i:] if t - start <= 1.0) for i, start in enumerate(times)
-    )
+    busiest = max(sum(1 for t in times[i:] if t - start <= 1.0) for i, start in enumerate(times))
     assert busiest <= RATE + 1
 
     # Resume: an earlier output's ok rows are not run again; the bad ones are.

@@ -40,15 +40,7 @@ API_GROUPS: dict[str, list[str]] = {
 
 #: Objects the API hands out or raises that ``nebula_async`` does not export yet:
 #: shown from their module until they are in ``__all__`` (then from there).
-REACHABLE: dict[str, str] = {
-    "JobStream": "nebula_async._batch",
-    "NotAttemptedError": "nebula_async._exceptions",
-    "ClientStateError": "nebula_async._exceptions",
-    "Limiter": "nebula_async._limiter",
-    "LimiterFactory": "nebula_async._limiter",
-    "Outcome": "nebula_async._limiter",
-    "LimiterStatistics": "nebula_async._limiter",
-}
+REACHABLE: dict[str, str] = {}
 
 #: Options for single blocks: a stream is made by ``client.stream()``, never by hand,
 #: so its constructor is left out.
