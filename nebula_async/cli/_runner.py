@@ -259,8 +259,9 @@ def _open_results(
 def _record_moves(plan: Plan, state: ResumeState, writer: ResultWriter) -> None:
     """Record each moved default-id job's line again under its new id (nothing is
     sent for it), so that from now on it matches exactly."""
-    for move in plan.moves:
-        source = state.entries[move.source]
+    # Sources first: a moved job's new id is often another move's source (ids shift).
+    sources = [state.entries[move.source] for move in plan.moves]
+    for move, source in zip(plan.moves, sources, strict=True):
         record = read_record_at(writer.path, source.offset)
         record.update(id=move.job_id, line=move.line_no, moved_from=move.source)
         offset = writer.write(record)
