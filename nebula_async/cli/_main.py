@@ -6,8 +6,9 @@ flags, so they stay out of shell history and process listings.
 
 Exit codes: 0 every job ok, 1 some job failed (all recorded; with ``--download``
 a job whose images are not all saved counts as failed), 2 bad usage or bad input
-(nothing sent), 3 the results file could not be written (the run stopped),
-130 interrupted (results so far are on disk).
+(nothing sent; also a results file written from another jobs file), 3 the
+results file could not be written (the run stopped), 130 / 143 drained after
+SIGINT / SIGTERM (every answer received is on disk).
 """
 
 from __future__ import annotations
