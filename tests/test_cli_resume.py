@@ -304,3 +304,31 @@ async def test_partial_resume_keeps_the_saved_files_of_a_b64_json_job(tmp_path: 
     assert again["resumed_images"] == 2
     assert again["files"] == [str(images / f"b64-{k}.png") for k in (1, 2, 3)]
     assert heads(again["files"]) == [b"\x89PNG"] * 3
+
+
+# -- fail fast: jobs never sent get no line, and a rerun does them ------------------------
+
+
+@pytest.mark.anyio
+async def test_a_refused_token_stops_the_run_and_a_rerun_does_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs_path = write_jobs(
+        tmp_path / "jobs.jsonl", *({"model": "m", "prompt": f"p{i}"} for i in range(1, 101))
+    )
+    out = tmp_path / "out.jsonl"
+    async with MockNebulaServer() as server:
+        monkeypatch.setenv("NEBULA_TOKEN", "wrong-token")
+        assert await cli(*run_args(jobs_path, out, server, "--concurrency", "2")) == 1
+        err = capsys.readouterr().err
+        assert "were not attempted" in err
+        assert "AuthenticationError" in err
+        refused = read_records(out)
+        assert 0 < len(refused) < 20  # about the breaker's threshold, not 100
+        assert {r["error"]["type"] for r in refused} == {"AuthenticationError"}
+        assert server.request_count < 20
+
+        monkeypatch.setenv("NEBULA_TOKEN", "mock-token")
+        server.requests.clear()
+        assert await cli(*run_args(jobs_path, out, server)) == 0
+        assert prompts_sent(server) == {f"p{i}": 1 for i in range(1, 101)}

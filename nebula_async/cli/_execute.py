@@ -32,6 +32,7 @@ from typing import Any, Final
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from nebula_async._batch import JobStream
 from nebula_async._client import NebulaClient
 from nebula_async._exceptions import NotAttemptedError
 from nebula_async._models import GeneratedImage, Job, JobResult
@@ -79,6 +80,7 @@ class RunTally:
     download_failures: int = 0
     repaired: int = 0
     not_attempted: int = 0  #: jobs never sent (drained, circuit open): no line, rerun sends them
+    stopped_by: NotAttemptedError | None = None  #: why the client stopped starting jobs
 
     @property
     def finished(self) -> int:
@@ -425,36 +427,11 @@ def _all_images(
 @asynccontextmanager
 async def job_results(
     client: NebulaClient, jobs: Iterable[Job] | AsyncIterable[Job]
-) -> AsyncIterator[AsyncIterator[JobResult]]:
-    """``client.stream(jobs)``, closed on leaving the block (even early), which cancels
-    the jobs still running at once rather than whenever the generator is collected."""
-    async with _results_of(client, jobs, lambda: None) as (results, _):
+) -> AsyncIterator[JobStream]:
+    """``client.stream(jobs)`` entered: leaving the block (even early) cancels the
+    jobs still running at once."""
+    async with client.stream(jobs) as results:
         yield results
-
-
-@asynccontextmanager
-async def _results_of(
-    client: NebulaClient,
-    jobs: Iterable[Job] | AsyncIterable[Job],
-    stop_feeding: Callable[[], None],
-) -> AsyncIterator[tuple[AsyncIterator[JobResult], Callable[[], None]]]:
-    """``client.stream(jobs)`` and its drain hook, closed on leaving the block (even
-    early), which cancels the jobs still running at once.
-
-    With the library's ``JobStream`` (``async with client.stream(jobs) as results``)
-    its ``drain()`` is the hook. Before it exists, the hook only stops the feed:
-    the jobs already taken still run.
-    """
-    stream: Any = client.stream(jobs)
-    drain = getattr(stream, "drain", None)
-    if drain is not None and hasattr(stream, "__aenter__"):
-        async with stream as results:
-            yield results, results.drain
-        return
-    try:  # pragma: no cover - the older async generator, until JobStream lands
-        yield stream, stop_feeding
-    finally:
-        await stream.aclose()
 
 
 PlanLine = Callable[[JobLine], tuple[Job, Resumed | None] | None]
@@ -486,16 +463,11 @@ async def execute_jobs(
         tally.latencies = []
     control = control if control is not None else RunControl()
     recorder = _Recorder(client, writer, progress, tally, stage)
-    stopped = False
-
-    def stop_feeding() -> None:
-        nonlocal stopped
-        stopped = True
 
     async def feed() -> AsyncIterator[Job]:
         # Runs in the client's feeder task: reads, validates, inlines images; no writes.
         for item in job_lines:
-            if stopped or control.draining:
+            if control.draining:
                 return
             if isinstance(item, BadLine):
                 recorder.defer_bad(item)
@@ -505,14 +477,15 @@ async def execute_jobs(
                 recorder.sending(item, planned[1])
                 yield planned[0]
 
-    async with _results_of(client, feed(), stop_feeding) as (results, drain):
-        control.attach(drain)
+    async with job_results(client, feed()) as results:
+        control.attach(results.drain)
         try:
             async for result in results:
                 recorder.flush_bad()
                 await recorder.record(result)
         finally:
-            control.detach(drain)
+            control.detach(results.drain)
+        tally.stopped_by = results.stopped_by
     recorder.flush_bad()
     return tally
 

@@ -480,9 +480,12 @@ def _exit_code(options: RunOptions, plan: Plan, tally: RunTally, control: RunCon
         )
         return 128 + control.signal
     if tally.not_attempted:
+        cause = tally.stopped_by.cause if tally.stopped_by is not None else None
+        why = f": {type(cause).__name__}: {cause}" if cause is not None else ""
         err(
-            f"{tally.not_attempted} job(s) were not attempted (the client stopped starting "
-            "them, see above); they have no line: rerun to send them"
+            f"{tally.not_attempted} job(s) were not attempted: the client stopped starting "
+            f"them after repeated failures of one kind{why}; they have no line: fix the "
+            "cause and rerun to send them"
         )
         return EXIT_SOME_FAILED
     if plan.not_downloaded:
