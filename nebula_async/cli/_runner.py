@@ -475,8 +475,8 @@ def _exit_code(options: RunOptions, plan: Plan, tally: RunTally, control: RunCon
         how = "stopped" if control.aborted else "drained"
         err(
             f"interrupted ({signal.Signals(control.signal).name}, {how}): every answer that "
-            f"arrived is in {options.out_path}; {tally.not_attempted} job(s) not started "
-            "this run; rerun the same command to resume"
+            f"arrived is in {options.out_path}; the jobs not started have no line; rerun "
+            "the same command to resume"
         )
         return 128 + control.signal
     if tally.not_attempted:
@@ -504,6 +504,12 @@ async def _run_checked(options: RunOptions) -> int:
     _refuse_or_warn(options, plan)
     client = _make_client(options, plan)
     writer, state, plan = _open_results(options, plan, preview)
+    if client is None and plan.to_send:  # matched again: another run changed the file
+        try:
+            client = _make_client(options, plan)
+        except _Stop:
+            writer.close()
+            raise
     run = _Run(RunTally(), RunControl())
     try:
         with writer:
