@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -383,8 +384,26 @@ async def _mock_server(args: argparse.Namespace) -> int:
 _COMMANDS = {"run": _run, "demo": _demo, "submit": _submit, "mock-server": _mock_server}
 
 
+class _OneLine(logging.Formatter):
+    """The library's warnings as one line each: the job's own error is in its results
+    line, so a user never sees a traceback (``-X dev`` or a logging config shows more)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{_PROG}: {record.getMessage()}"
+
+
+def _quiet_library_logs() -> None:
+    logger = logging.getLogger("nebula_async")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nebula-async`` command line; returns the exit code."""
+    _quiet_library_logs()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
