@@ -54,6 +54,7 @@ from ._models import (
 )
 from ._protocol import (
     DEFAULT_BASE_URL,
+    DEFAULT_MAX_RESPONSE_BYTES,
     IMG2IMG_PATH,
     JSON_HEADERS,
     HttpRequest,
@@ -231,6 +232,12 @@ class NebulaClient:
     ``NO_PROXY`` (a proxy's credentials may come from ``~/.netrc``; the API host's
     never do), as behind a corporate proxy; off by default, so that an
     environment variable never reroutes the token.
+
+    ``allow_insecure_http=True`` accepts an ``http://`` base URL to a host that is
+    not loopback (the token and password then travel unencrypted).
+    ``max_response_bytes`` caps one answer, before and after decompression (default
+    1 GiB: 15 ``b64_json`` images at 4096x4096); a bigger one is a
+    ``ResponseDecodeError``.
     """
 
     def __init__(
@@ -249,6 +256,8 @@ class NebulaClient:
         default_headers: Mapping[str, str] | None = None,
         circuit_breaker: int | None = DEFAULT_BREAKER_THRESHOLD,
         random: Callable[[], float] | None = None,
+        allow_insecure_http: bool = False,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self._token, self._username, self._password = _credentials(token, username, password)
         self._max_concurrency = _positive_int("max_concurrency", max_concurrency)
@@ -256,7 +265,10 @@ class NebulaClient:
             raise ValidationError(f"retry: must be a RetryPolicy, got {retry!r}", field="retry")
         if circuit_breaker is not None:
             _positive_int("circuit_breaker", circuit_breaker)
-        self._base_url = normalize_base_url(base_url or _env("NEBULA_BASE_URL") or DEFAULT_BASE_URL)
+        self._base_url = normalize_base_url(
+            base_url or _env("NEBULA_BASE_URL") or DEFAULT_BASE_URL,
+            allow_insecure_http=allow_insecure_http,
+        )
         self._url = self._base_url + IMG2IMG_PATH
         self._rate_limit = _rate_limit(rate_limit)
         self._retry = retry or RetryPolicy()
@@ -277,6 +289,7 @@ class NebulaClient:
             timeout=self._timeout,
             trust_env=trust_env,
             headers=_default_headers(default_headers),
+            max_response_bytes=max_response_bytes,
         )
         # Made in __aenter__, inside the running loop.
         self._auth: Authenticator | None = None

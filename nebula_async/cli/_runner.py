@@ -36,7 +36,7 @@ from nebula_async._client import NebulaClient
 from nebula_async._exceptions import ValidationError
 from nebula_async._models import Job, RetryPolicy
 
-from ._download import ImageDownloader
+from ._download import ImageDownloader, api_is_loopback
 from ._execute import (
     DownloadStage,
     DownloadTask,
@@ -358,8 +358,9 @@ async def _work(
             if client is not None:
                 await _send(options, plan, state, client, writer, progress, run)
             return
+        loopback = api_is_loopback(options.client.base_url)  # the mock server's images
         async with (
-            ImageDownloader(options.download_dir) as downloader,
+            ImageDownloader(options.download_dir, allow_loopback=loopback) as downloader,
             anyio.create_task_group() as tasks,
         ):
             run.stage = stage_for(downloader, writer, progress, run.tally)
