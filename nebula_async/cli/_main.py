@@ -6,14 +6,16 @@ flags, so they stay out of shell history and process listings.
 
 Exit codes: 0 every job ok, 1 some job failed (all recorded; with ``--download``
 a job whose images are not all saved counts as failed), 2 bad usage or bad input
-(nothing sent), 3 the results file could not be written (the run stopped),
-130 interrupted (results so far are on disk).
+(nothing sent; also a results file written from another jobs file), 3 the
+results file could not be written (the run stopped), 130 / 143 drained after
+SIGINT / SIGTERM (every answer received is on disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -24,10 +26,12 @@ import orjson
 
 from nebula_async import __version__
 from nebula_async._exceptions import ValidationError
+from nebula_async._jobs import job_fingerprint
 from nebula_async._models import Job
 
 from ._download import ImageDownloader, api_is_loopback
-from ._jobfile import job_from_fields
+from ._execute import job_results
+from ._jobfile import Shard, job_from_fields
 from ._results import download_record, error_record, job_result_record
 from ._runner import (
     EXIT_BAD_INPUT,
@@ -36,7 +40,6 @@ from ._runner import (
     EXIT_SOME_FAILED,
     ClientSettings,
     RunOptions,
-    job_results,
     prepare_download_dir,
     run_command,
 )
@@ -74,6 +77,19 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
+
+
+def _shard(text: str) -> Shard:
+    index, slash, count = text.partition("/")
+    try:
+        shard = Shard(int(index), int(count))
+    except ValueError:
+        shard = None
+    if not slash or shard is None or not 0 <= shard.index < shard.count:
+        raise argparse.ArgumentTypeError(
+            f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}"
+        ) from None
+    return shard
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -126,7 +142,10 @@ def _add_run_parser(commands: Any) -> None:
             "camelCase, plus optional 'id' (default: the line number) and 'images'). 'image' "
             "may be a local file (relative to JOBS' directory), sent as a data: URI. The whole "
             "file is checked before anything is sent. One result line per job is appended to "
-            "--out; rerunning with the same --out skips jobs already ok and retries the rest."
+            "--out, with the job's fingerprint; rerunning with the same --out reuses a result "
+            "only for the same id and fingerprint, generates edited and failed jobs again, "
+            "and saves images still pending. A first SIGINT/SIGTERM stops new submissions "
+            "and keeps every answer in flight (exit 130/143); a second stops at once."
         ),
         epilog=_ENV_HELP,
     )
@@ -139,6 +158,14 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument("--skip-invalid", action="store_true",
                      help="record bad lines as failed jobs and run the rest "
                           "(default: refuse the file, exit 2)")  # fmt: skip
+    run.add_argument("--replace-mismatched", action="store_true",
+                     help="run even when --out looks written from another jobs file (ids "
+                          "recorded for other jobs, no job matching): such jobs are generated "
+                          "again and their new lines supersede the old ones "
+                          "(default: refuse, exit 2, nothing sent)")  # fmt: skip
+    run.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                     help="run only the jobs whose id hashes to shard I of N (I from 0), so N "
+                          "processes (each with its own --out) split one jobs file")  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -206,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_PROG,
         description="Bulk, rate-limited, fault-tolerant client for the Nebula v4 img2img API.",
         epilog=(
-            "exit codes: 0 all ok, 1 some jobs failed (or their images not saved), "
-            "2 bad usage or input, 3 results file not writable, 130 interrupted"
+            "exit codes: 0 all ok, 1 some jobs failed (or their images not saved, or some "
+            "not attempted), 2 bad usage or input, 3 results file not writable, "
+            "130 / 143 drained after SIGINT / SIGTERM"
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -242,6 +270,8 @@ async def _run(args: argparse.Namespace) -> int:
             download_dir=args.download,
             skip_invalid=args.skip_invalid,
             progress=_progress_enabled(args),
+            replace_mismatched=args.replace_mismatched,
+            shard=args.shard,
         )
     )
 
@@ -303,7 +333,7 @@ async def _submit(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
     async with client, job_results(client, [job]) as results:
         result = await anext(results)
-    record = job_result_record(result, line_no=None)
+    record = job_result_record(result, line_no=None, fingerprint=job_fingerprint(job))
     del record["line"]
     not_saved = False
     if args.download is not None:
@@ -354,8 +384,26 @@ async def _mock_server(args: argparse.Namespace) -> int:
 _COMMANDS = {"run": _run, "demo": _demo, "submit": _submit, "mock-server": _mock_server}
 
 
+class _OneLine(logging.Formatter):
+    """The library's warnings as one line each: the job's own error is in its results
+    line, so a user never sees a traceback (``-X dev`` or a logging config shows more)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{_PROG}: {record.getMessage()}"
+
+
+def _quiet_library_logs() -> None:
+    logger = logging.getLogger("nebula_async")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nebula-async`` command line; returns the exit code."""
+    _quiet_library_logs()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
