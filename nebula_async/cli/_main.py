@@ -105,21 +105,49 @@ def _json_object(text: str) -> dict[str, Any]:
 # -- the parser ---------------------------------------------------------------------------
 
 
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value
+
+
 def _add_client_arguments(parser: argparse.ArgumentParser, *, concurrency: bool) -> None:
     add = parser.add_argument
     if concurrency:
         add("--concurrency", type=_int_at_least(1), default=16, metavar="N",
             help="requests in flight at once (default: 16)")  # fmt: skip
     add("--rate", type=_positive_float, default=None, metavar="R",
-        help="at most R requests per second (default: no limit)")  # fmt: skip
+        help="at most R requests per second; adaptive: it slows down on 429s and "
+             "probes back up to R (default: no limit until a 429, then adaptive)")  # fmt: skip
+    add("--burst", type=_int_at_least(1), default=1, metavar="B",
+        help="sends allowed at once after an idle spell, within --rate (default: 1)")  # fmt: skip
+    add("--no-adaptive", dest="adaptive", action="store_false",
+        help="keep --rate fixed: never slow down on 429s")  # fmt: skip
+    add("--redis", default=None, metavar="URL", dest="redis_url",
+        help="share --rate with every process given the same --redis and --limit-key "
+             "(redis://HOST:6379/0; needs the redis extra)")  # fmt: skip
+    add("--limit-key", default=None, metavar="NAME",
+        help="the name of the shared limit in --redis (e.g. the account)")  # fmt: skip
     add("--retries", type=_int_at_least(0), default=3, metavar="K",
         help="retries after the first attempt of each submission (default: 3)")  # fmt: skip
+    add("--retry-ambiguous", action=argparse.BooleanOptionalAction, default=True,
+        help="also retry failures where the request may have been processed (and "
+             "billed); --no-retry-ambiguous retries only connect errors, 429 and 503 "
+             "(default: on)")  # fmt: skip
     add("--timeout", type=_positive_float, default=120.0, metavar="S",
         help="seconds for one HTTP attempt (default: 120)")  # fmt: skip
     add("--payload-style", choices=("dotted", "nested", "flat"), default="dotted",
         help="wire form of the request fields (default: dotted)")  # fmt: skip
     add("--base-url", default=None, metavar="URL",
         help="API address (default: $NEBULA_BASE_URL, else https://ai-nebula.com)")  # fmt: skip
+    add("--allow-insecure-http", action="store_true",
+        help="accept an http:// API address that is not loopback (the token then "
+             "travels unencrypted)")  # fmt: skip
+    add("--trust-env", action="store_true",
+        help="use HTTP_PROXY / HTTPS_PROXY / NO_PROXY from the environment")  # fmt: skip
+    add("--header", type=_header, action="append", default=[], metavar="NAME=VALUE",
+        help="an extra header on every request, e.g. an API gateway key (repeatable)")  # fmt: skip
 
 
 def _client_settings(args: argparse.Namespace) -> ClientSettings:
@@ -130,6 +158,14 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
         timeout=args.timeout,
         payload_style=args.payload_style,
         base_url=args.base_url,
+        burst=args.burst,
+        adaptive=args.adaptive,
+        retry_ambiguous=args.retry_ambiguous,
+        trust_env=args.trust_env,
+        allow_insecure_http=args.allow_insecure_http,
+        headers=tuple(args.header),
+        redis_url=args.redis_url,
+        limit_key=args.limit_key,
     )
 
 

@@ -104,6 +104,30 @@ class ClientSettings:
     timeout: float | None = 120.0
     payload_style: str = "dotted"
     base_url: str | None = None
+    burst: int = 1
+    adaptive: bool = True
+    retry_ambiguous: bool = True
+    trust_env: bool = False
+    allow_insecure_http: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    redis_url: str | None = None
+    limit_key: str | None = None
+
+    def rate_limit(self) -> RateLimit | SharedRateLimit | None:
+        """``--rate`` as a limit of this process, or shared through ``--redis``."""
+        if self.redis_url is not None:
+            if self.rate is None or self.limit_key is None:
+                raise ValidationError("--redis needs --rate and --limit-key", field="redis")
+            return SharedRateLimit(
+                self.redis_url,
+                key=self.limit_key,
+                per_second=self.rate,
+                burst=self.burst,
+                adaptive=self.adaptive,
+            )
+        if self.rate is None:
+            return None
+        return RateLimit(self.rate, burst=self.burst, adaptive=self.adaptive)
 
     def make_client(self, *, token: str | None = None) -> NebulaClient:
         """A client with these settings (credentials from the environment unless ``token``).
@@ -114,10 +138,15 @@ class ClientSettings:
             token=token,
             base_url=self.base_url,
             max_concurrency=self.concurrency,
-            rate_limit=self.rate,
-            retry=RetryPolicy(max_attempts=self.retries + 1),
+            rate_limit=self.rate_limit(),
+            retry=RetryPolicy(
+                max_attempts=self.retries + 1, retry_ambiguous=self.retry_ambiguous
+            ),
             timeout=self.timeout,
             payload_style=self.payload_style,
+            trust_env=self.trust_env,
+            default_headers=dict(self.headers),
+            allow_insecure_http=self.allow_insecure_http,
         )
 
 
