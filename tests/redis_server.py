@@ -63,7 +63,8 @@ def _ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            # A server with requirepass answers -NOAUTH: it is up all the same.
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -71,8 +72,11 @@ def _ping(port: int) -> bool:
 class RedisServer:
     """``with RedisServer(path) as server:`` a throwaway Redis at ``server.url``."""
 
-    def __init__(self, executable: str, *, port: int | None = None) -> None:
+    def __init__(
+        self, executable: str, *, port: int | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.executable = executable
+        self.extra_args = extra_args
         self.port = free_port() if port is None else port
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -95,6 +99,7 @@ class RedisServer:
             "--dir", self._dir.name,
             "--protected-mode", "yes",
             "--loglevel", "warning",
+            *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
@@ -134,7 +139,11 @@ class RedisServer:
         self.start()
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(
