@@ -48,6 +48,8 @@ URL without its password, after redis-py's short retry; never an unlimited send.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -64,6 +66,7 @@ from ._limiter import LimiterStatistics, Outcome
 from ._shared import SharedRateLimit, redact_url
 
 if TYPE_CHECKING:
+    from redis.asyncio.client import PubSub
     from redis.commands.core import AsyncScript
 
 __all__ = ["ACQUIRE_SCRIPT", "RECORD_SCRIPT", "RedisLimiter", "Ticket"]
@@ -127,7 +130,7 @@ return {math.floor(slot - now), math.floor(slot), tostring(rate), decreases, est
 
 #: KEYS: gcra, pause, rate. ARGV: target/s, burst, recovery/s/s, idle ttl ms,
 #: refused (0/1), slot of the refused request (Redis us, -1: unknown), floor/s,
-#: decrease factor, pause ms (0: none).
+#: decrease factor, pause ms (0: none), the channel for pause notices.
 #: Returns {cut (0/1), rate, decreases, estimate, pause left us, now (Redis us)}.
 RECORD_SCRIPT: Final = (
     _PRELUDE
@@ -158,6 +161,7 @@ if pause_ms > 0 then
   local current = tonumber(redis.call('GET', KEYS[2]))
   if current == nil or current < resume then
     redis.call('SET', KEYS[2], string.format('%d', resume), 'PX', pause_ms)
+    redis.call('PUBLISH', ARGV[10], string.format('%d %d', resume, pause_ms))
   end
 end
 return {cut, tostring(rate), decreases, estimate, pause_left(), math.floor(now)}
@@ -173,13 +177,19 @@ _FLOOR_FRACTION: Final = 1 / 20
 #: short one, so that a dead Redis shows as an error in about a second.
 _RETRIES: Final = 2
 _SLACK_US: Final = 1000
+#: The pause-notice listener: how long one wait for a message lasts (a local
+#: wait on the socket, no traffic), and the back-off after its connection failed.
+_LISTEN_POLL_S: Final = 1.0
+_LISTEN_RETRY_S: Final = 1.0
 
 
 @attrs.frozen
 class Ticket:
-    """The slot handed out by one acquire: its time per Redis' clock, in microseconds."""
+    """The slot handed out by one acquire: its time per Redis' clock, in microseconds,
+    and the wait the limiter scheduled for it (pauses and re-reservations included)."""
 
     slot_us: int
+    wait_us: int = 0
 
 
 class RedisLimiter:
@@ -194,6 +204,8 @@ class RedisLimiter:
         self._config = config
         prefix = config.key_prefix
         self._keys = (f"{prefix}:gcra", f"{prefix}:pause", f"{prefix}:rate")
+        self._channel = f"{prefix}:pause-notices"
+        self._listener: asyncio.Task[None] | None = None
         recovery = config.recovery_per_s
         self._recovery = config.per_second * _RECOVERY_FRACTION if recovery is None else recovery
         floor = config.min_per_second
@@ -252,7 +264,53 @@ class RedisLimiter:
             self._client = client = Redis.from_pool(pool)
             self._acquire_script = client.register_script(ACQUIRE_SCRIPT)
             self._record_script = client.register_script(RECORD_SCRIPT)
+            self._listener = asyncio.get_running_loop().create_task(self._listen(client))
         return self._acquire_script, self._record_script
+
+    async def connect(self) -> None:
+        """Connect and load the scripts now (optional: ``acquire`` does it lazily).
+
+        Fails fast at start-up with the same :class:`~nebula_async.APIConnectionError`.
+        """
+        acquire_script, record_script = self._connect()
+        assert self._client is not None
+        try:
+            await self._client.ping()
+            for script in (acquire_script, record_script):
+                script.sha = await self._client.script_load(script.script)
+        except redis_errors.RedisError as exc:
+            self._raise(exc)
+
+    async def _listen(self, client: Redis) -> None:
+        """Hear the pauses other processes set, at once (Redis pub/sub).
+
+        Without it a process learns of a pause from its next round trip, and its
+        sleepers whose slots come first would still send inside the pause. Its
+        failures are never raised: the round trips still carry every pause.
+
+        It checks for its own cancellation after every wait: redis-py's timed read
+        can swallow a cancellation that lands as its timeout expires (asyncio's
+        ``timeout()`` on Python 3.11), and the loop must end all the same.
+        """
+        task = asyncio.current_task()
+        while not self._closed:
+            try:
+                pubsub: PubSub
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    while not (self._closed or (task is not None and task.cancelling())):
+                        message = await pubsub.get_message(timeout=_LISTEN_POLL_S)
+                        if message is not None and message.get("type") == "message":
+                            self._hear(message["data"])
+                    return
+            except (redis_errors.RedisError, OSError, ValueError):
+                await asyncio.sleep(_LISTEN_RETRY_S)
+
+    def _hear(self, data: bytes | str) -> None:
+        text = data.decode("ascii") if isinstance(data, bytes) else data
+        resume_us, pause_ms = (int(part) for part in text.split())
+        self._pause_ends_us = max(self._pause_ends_us, resume_us)
+        self._pause_ends = max(self._pause_ends, time.monotonic() + pause_ms / 1e3)
 
     async def _run(self, script: AsyncScript, args: tuple[str, ...]) -> list[Any]:
         try:
@@ -288,12 +346,14 @@ class RedisLimiter:
     async def acquire(self) -> Ticket:
         """Wait for a shared send slot (after any pause in force); one round trip."""
         acquire_script, _ = self._connect()
+        waited_us = 0
         while True:
             wait_us, slot_us, rate, decreases, estimate, pause_us = await self._run(
                 acquire_script, self._common
             )
             self._note(rate, decreases, estimate, pause_us, slot_us - wait_us)
             if wait_us > 0:
+                waited_us += wait_us
                 # A cancelled sleeper's slot stays spent: giving it back would take
                 # a round trip the cancelled task should not make (errs slow).
                 await anyio.sleep(wait_us / 1e6)
@@ -303,7 +363,7 @@ class RedisLimiter:
             if slot_us + _SLACK_US >= self._pause_ends_us:
                 break
         self._acquired += 1
-        return Ticket(slot_us)
+        return Ticket(slot_us, waited_us)
 
     async def record(
         self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
@@ -328,6 +388,7 @@ class RedisLimiter:
             repr(float(self._floor)),
             repr(float(self._config.decrease_factor)),
             str(pause_ms),
+            self._channel,
         )
         _cut, rate, decreases, estimate, pause_us, now_us = await self._run(record_script, args)
         self._note(rate, decreases, estimate, pause_us, now_us)
@@ -347,7 +408,12 @@ class RedisLimiter:
         """Close the connection pool; the limiter is not used afterwards."""
         self._closed = True
         client, self._client = self._client, None
+        listener, self._listener = self._listener, None
         self._acquire_script = self._record_script = None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
         if client is not None:
             await client.aclose()
 

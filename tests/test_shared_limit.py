@@ -246,6 +246,49 @@ async def test_sleepers_holding_slots_inside_a_new_pause_wait_it_out(
     assert min(returned) >= paused_at + 0.5 - 0.01
 
 
+async def _subscribed(url: str, limiter: RedisLimiter) -> None:
+    """Wait until ``limiter`` listens for pause notices (it subscribes in the background)."""
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        with anyio.fail_after(5):
+            channel = f"{limiter.config.key_prefix}:pause-notices"
+            while dict(await client.pubsub_numsub(channel)).get(channel.encode(), 0) < 1:
+                await anyio.sleep(0.01)
+    finally:
+        await client.aclose()
+
+
+async def test_a_pause_reaches_another_instances_sleepers_at_once(
+    redis_server: RedisServer, key: str
+) -> None:
+    """The sleepers of another process hold slots reserved before the pause; the
+    pause notice (pub/sub) makes them re-reserve instead of sending inside it."""
+    seen_by = _limiter(redis_server.url, key, per_second=10.0, adaptive=False)
+    sleepers = _limiter(redis_server.url, key, per_second=10.0, adaptive=False)
+    returned: list[float] = []
+
+    async def one() -> None:
+        await sleepers.acquire()
+        returned.append(time.monotonic())
+
+    try:
+        ticket = await seen_by.acquire()  # slot 0
+        await sleepers.acquire()  # slot +0.1 s
+        await _subscribed(redis_server.url, sleepers)
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):  # slots about +0.2 .. +0.4 s
+                tg.start_soon(one)
+            await anyio.sleep(0.02)
+            paused_at = time.monotonic()
+            await seen_by.record(ticket, Outcome.REFUSED, retry_after=0.6)
+    finally:
+        await seen_by.aclose()
+        await sleepers.aclose()
+    assert len(returned) == 3
+    assert min(returned) >= paused_at + 0.6 - 0.01
+    assert sleepers.statistics().paused_for_s == 0  # over by now
+
+
 async def test_refusals_cut_the_shared_rate_once_per_event(
     redis_server: RedisServer, key: str
 ) -> None:
