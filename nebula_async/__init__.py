@@ -59,6 +59,7 @@ from ._models import (
     RetryPolicy,
     Timeout,
 )
+from ._shared import SharedRateLimit
 from ._stats import ClientStatistics
 
 __version__ = "0.1.0"
@@ -90,6 +91,7 @@ __all__ = [
     "ResponseDecodeError",
     "RetryPolicy",
     "ServerError",
+    "SharedRateLimit",
     "Timeout",
     "ValidationError",
     "__version__",
