@@ -34,7 +34,8 @@ import anyio.abc
 
 from nebula_async._client import NebulaClient
 from nebula_async._exceptions import ValidationError
-from nebula_async._models import Job, RetryPolicy
+from nebula_async._models import Job, RateLimit, RetryPolicy
+from nebula_async._shared import SharedRateLimit
 
 from ._download import ImageDownloader, api_is_loopback
 from ._execute import (
