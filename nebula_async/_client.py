@@ -35,6 +35,8 @@ from ._exceptions import (
     APIStatusError,
     AuthenticationError,
     NebulaError,
+    ResponseDecodeError,
+    ServerError,
     ValidationError,
 )
 from ._jobs import RefusedItem, RepeatedIdCheck, coerce_job, job_id_of
@@ -475,7 +477,12 @@ class NebulaClient:
         retry_after = error.retry_after if isinstance(error, APIStatusError) else None
         if retry_after is not None and retry_after > self._retry.retry_after_max:
             retry_after = None  # the caller gives up at once; nobody need wait for it
-        outcome = Outcome.REFUSED if _is_rate_refusal(error) else Outcome.ACCEPTED
+        if _is_rate_refusal(error):
+            outcome = Outcome.REFUSED
+        elif isinstance(error, ServerError | ResponseDecodeError):
+            outcome = Outcome.FAILED  # nothing usable came back: no news of the rate
+        else:
+            outcome = Outcome.ACCEPTED
         await self._limiter.record(ticket, outcome, retry_after=retry_after)
 
     def _request_headers(self, authorization: str) -> dict[str, str]:
