@@ -93,7 +93,7 @@ class GcraSchedule:
     [0.0, 0.0, 0.1, 0.2]
     """
 
-    __slots__ = ("_burst", "_interval", "_latest", "_rate", "_tat", "_tau")
+    __slots__ = ("_burst", "_deferred", "_interval", "_latest", "_rate", "_tat", "_tau")
 
     def __init__(self, per_second: float, burst: int = 1) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
@@ -104,6 +104,7 @@ class GcraSchedule:
         self._tau = (burst - 1) * self._interval
         self._tat = _NEVER
         self._latest = _NEVER  # the latest slot handed out
+        self._deferred = _NEVER  # the end of the latest deferral (defer_until)
 
     @property
     def rate(self) -> float:
@@ -158,6 +159,9 @@ class GcraSchedule:
         self._rate = rate
         self._interval = interval
         self._tau = (self._burst - 1) * interval
+        # A deferral in force stays in force at the new rate, still with no credit at its
+        # end: a faster rate shifts TAT back, which would free a burst at the resume.
+        self._hold_past(self._deferred)
 
     def defer_until(self, until: float) -> None:
         """Hand out no new slot before ``until`` (a server-requested pause).
@@ -171,6 +175,11 @@ class GcraSchedule:
         >>> [round(s.reserve(1.0), 9) for _ in range(2)]
         [5.0, 5.1]
         """
+        if until > self._deferred:
+            self._deferred = until
+        self._hold_past(until)
+
+    def _hold_past(self, until: float) -> None:
         busy_until = until + self._tau
         if self._tat < busy_until:
             self._tat = busy_until
