@@ -8,7 +8,7 @@
 One feeder reads the input, plain or async alike, one item at a time and only
 when a worker is free to take it (a rendezvous stream: nothing read waits in a
 buffer), so memory stays flat in the number of jobs and a drain leaves no job
-half-taken. The workers outnumber the client's concurrency by half again: the
+half-taken. There are twice as many workers as the client's concurrency: the
 concurrency cap itself is a semaphore taken per HTTP attempt and released during
 a retry's backoff, so a job sleeping in a backoff never idles a slot while other
 jobs wait. Results flow back through a stream bounded by the workers
@@ -66,8 +66,14 @@ def default_window(max_concurrency: int) -> int:
 
 
 def worker_count(max_concurrency: int) -> int:
-    """Workers of a batch: the concurrency, and half again to use slots freed by backoffs."""
-    return max_concurrency + max(1, math.ceil(max_concurrency / 2))
+    """Workers of a batch: twice the concurrency.
+
+    The concurrency cap is the semaphore taken per attempt, so workers beyond it
+    only wait; they are there for the slots freed by jobs sleeping in a retry
+    backoff: up to ``max_concurrency`` jobs may sleep at once with every slot still
+    in use. (A worker waiting costs one task, about 1 KB.)
+    """
+    return 2 * max_concurrency
 
 
 class BatchControl:
