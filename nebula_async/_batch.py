@@ -28,7 +28,6 @@ and are yielded, then the stream ends.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
