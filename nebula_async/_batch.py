@@ -28,6 +28,7 @@ and are yielded, then the stream ends.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -54,6 +55,7 @@ __all__ = ["BatchControl", "JobStream", "default_window", "iterate", "worker_cou
 RunItem = Callable[[int, object, "BatchControl"], Awaitable[JobResult]]
 Admit = Callable[[int, object], object]
 _Pair = tuple[int, JobResult]
+_log = logging.getLogger("nebula_async")
 # Closing a cancelled pipeline is prompt (aiohttp aborts at once); this only
 # guards against a run_item that ignores cancellation.
 _CLOSE_GRACE_S: Final = 10.0
@@ -111,7 +113,10 @@ class BatchControl:
 
     def record(self, outcome: object) -> None:
         """Count a finished submission's outcome toward the circuit breaker."""
+        was_open = self._breaker.opened is not None
         self._breaker.record(outcome)
+        if not was_open and self._breaker.opened is not None:
+            _log.warning("circuit open: %s", self._breaker.opened)
 
     @property
     def stopped_by(self) -> NotAttemptedError | None:

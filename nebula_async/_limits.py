@@ -39,6 +39,7 @@ tested on simulated timelines.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -68,6 +69,7 @@ DEFAULT_FLOOR_FRACTION: Final = 1 / 20
 DEFAULT_RECOVERY_FRACTION: Final = 1 / 10
 
 _NEVER: Final = -math.inf
+_log = logging.getLogger("nebula_async")
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -419,6 +421,8 @@ class InProcessLimiter:
         """Tell the controller what became of the slot; a ``retry_after`` pauses all."""
         now = self._clock()
         if retry_after is not None and retry_after > 0 and now + retry_after > self._pause_until:
+            if self._pause_until <= now:
+                _log.info("Retry-After: pausing every request for %.3gs", retry_after)
             self._pause_until = now + retry_after
             self._schedule.defer_until(self._pause_until)
         sent_at = ticket if isinstance(ticket, float) else now
@@ -426,7 +430,16 @@ class InProcessLimiter:
             self._controller.on_accepted(sent_at, now)
         elif outcome is Outcome.REFUSED:
             self._refused += 1
+            cuts = self._controller.decreases
             self._controller.on_refused(sent_at, now, retry_after=retry_after)
+            if self._controller.decreases != cuts:
+                rate = self._controller.rate_at(now)
+                limit = self._controller.estimated_limit
+                _log.info(
+                    "refused for the rate: sending at %s/s from now (estimated limit %s/s)",
+                    "?" if rate is None else f"{rate:.3g}",
+                    "?" if limit is None else f"{limit:.3g}",
+                )
 
     def statistics(self) -> LimiterStatistics:
         """A snapshot: the current rate, the estimate of the limit, the pause left."""
