@@ -53,7 +53,6 @@ from ._models import (
     RateLimit,
     RetryPolicy,
     Timeout,
-    image_count,
 )
 from ._protocol import (
     DEFAULT_BASE_URL,
@@ -389,7 +388,7 @@ class NebulaClient:
             self._counters.submissions_failed += 1
             return exc
         self._counters.submissions_ok += 1
-        self._counters.images += image_count(result)
+        self._counters.images += len(result.images)
         return result
 
     def _request_headers(self, authorization: str) -> dict[str, str]:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, TypeVar, cast
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
 
 import attrs
 
@@ -317,114 +316,8 @@ class GeneratedImage:
     )
 
 
-# A batch keeps one JobResult per job for its report, and every list and
-# GeneratedImage a result holds is one more object for the cyclic garbage
-# collector: each retained one brings the next young-generation collection nearer,
-# and during a batch that generation is full of the in-flight requests' state, so
-# each collection is dear. The results the client builds for images that came as
-# bare URLs (the common answer) therefore hold a *seed* in the slots of their list
-# fields: the URL itself for one image (a str, which the collector does not track),
-# a tuple of URLs for several, an empty tuple for no errors. The list is made on
-# first read and stored in place of the seed, so every read returns that same list
-# and mutations stick. Only results marked as seeded (the ``_seeded`` slot) read
-# seeds: a value given to ``__init__`` is kept as given. ``attrs.evolve``,
-# ``asdict``, ``repr``, equality and pickling all read the fields, so they see the
-# lists.
-
-UrlSeed = str | tuple[str, ...]
-
-
-class _Seedable:
-    """A slot marking the instance whose list fields may hold seeds."""
-
-    __slots__ = ("_seeded",)
-
-
-_FIRST_READ: Final = threading.RLock()
-
-
-class _LazyList:
-    """Wraps a slot of a list field: makes the list from a seed on first read."""
-
-    __slots__ = ("_build", "_slot")
-
-    def __init__(self, slot: Any, build: Callable[[Any], list[Any]]) -> None:
-        self._slot = slot
-        self._build = build
-
-    def __get__(self, instance: object, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        value = self._slot.__get__(instance, owner)
-        if type(value) is list or not getattr(instance, "_seeded", False):
-            return value
-        # First read: under a lock, so that threads reading a fresh result at once
-        # all get the one stored list. Re-entrant, in case building runs a finalizer
-        # that reads another result.
-        with _FIRST_READ:
-            value = self._slot.__get__(instance, owner)
-            if type(value) is list:
-                return value
-            built = self._build(value)
-            self._slot.__set__(instance, built)
-            return built
-
-    def __set__(self, instance: object, value: object) -> None:
-        self._slot.__set__(instance, value)
-
-    def __delete__(self, instance: object) -> None:
-        self._slot.__delete__(instance)
-
-    def raw(self, instance: object) -> Any:
-        """The slot's content: a list, or the seed while the field is unread."""
-        return self._slot.__get__(instance, type(instance))
-
-
-def _lazy_lists(**builders: Callable[[Any], list[Any]]) -> Callable[[_C], _C]:
-    def wrap(cls: _C) -> _C:
-        for name, build in builders.items():
-            setattr(cls, name, _LazyList(vars(cls)[name], build))
-        return cls
-
-    return wrap
-
-
-def seed_urls(seed: UrlSeed) -> list[str]:
-    """The URLs a seed stands for, as a new list."""
-    return [seed] if type(seed) is str else list(seed)
-
-
-def _images_of(seed: UrlSeed) -> list[GeneratedImage]:
-    return [GeneratedImage(url=url) for url in seed_urls(seed)]
-
-
-def _no_errors(seed: object) -> list[NebulaError]:
-    return []
-
-
-def url_seed(urls: Sequence[str]) -> UrlSeed:
-    """The seed standing for URL-only images."""
-    return urls[0] if len(urls) == 1 else tuple(urls)
-
-
-_new = object.__new__
-_mark_seeded = cast(Any, _Seedable.__dict__["_seeded"]).__set__
-
-
-def _slot_setters(cls: type, names: Sequence[str]) -> tuple[Callable[[object, object], None], ...]:
-    """The slots' own setters, past the lazy fields' wrappers (whose Python-level
-    ``__set__``, called from ``__init__``, would cost more than the laziness saves).
-    Every field must be named, in order: checked here, once."""
-    fields = [field.name for field in attrs.fields(cls)]
-    if list(names) != fields:
-        raise TypeError(f"{cls.__name__}: the seeded constructor must set {fields}")
-    attributes = [vars(cls)[name] for name in names]
-    return tuple((a._slot if isinstance(a, _LazyList) else a).__set__ for a in attributes)
-
-
-@_lazy_lists(images=_images_of)
 @attrs.frozen(kw_only=True)
-class ImageResult(_Seedable):
+class ImageResult:
     """The answer to one successful submission.
 
     ``urls`` lists the URL of every image that came as a URL, in the service's order.
@@ -436,47 +329,12 @@ class ImageResult(_Seedable):
 
     @property
     def urls(self) -> list[str]:
-        """Every image URL of the answer, in order."""
-        seed = image_seed(self)
-        if seed is not None:
-            return seed_urls(seed)
+        """Every image URL of the answer, in order (a new list on each read)."""
         return [image.url for image in self.images if image.url is not None]
 
 
-_IMAGE_RESULT_IMAGES: Final = cast(_LazyList, vars(ImageResult)["images"])
-_IR_IMAGES, _IR_CODE, _IR_MSG = _slot_setters(ImageResult, ("images", "code", "msg"))
-
-
-def seeded_image_result(images: UrlSeed, code: int, msg: str) -> ImageResult:
-    """``ImageResult(images=..., code=..., msg=...)`` for URL-only images, as a seed."""
-    result = _new(ImageResult)
-    _IR_IMAGES(result, images)
-    _IR_CODE(result, code)
-    _IR_MSG(result, msg)
-    _mark_seeded(result, True)
-    return result
-
-
-def image_seed(result: ImageResult) -> UrlSeed | None:
-    """The seed of an answer's images while they are unread, else None."""
-    value = _IMAGE_RESULT_IMAGES.raw(result)
-    if type(value) is list or not getattr(result, "_seeded", False):
-        return None
-    seed: UrlSeed = value
-    return seed
-
-
-def image_count(result: ImageResult) -> int:
-    """``len(result.images)``, without making the list."""
-    seed = image_seed(result)
-    if seed is None:
-        return len(result.images)
-    return 1 if type(seed) is str else len(seed)
-
-
-@_lazy_lists(urls=seed_urls, images=_images_of, errors=_no_errors)
 @attrs.frozen(kw_only=True)
-class JobResult(_Seedable):
+class JobResult:
     """The outcome of one job, all of its submissions gathered.
 
     ``urls`` holds the URLs of every successful submission in submission order, so a
@@ -498,70 +356,12 @@ class JobResult(_Seedable):
     @property
     def error(self) -> NebulaError | None:
         """The first failed submission's final error, or None."""
-        return None if self.ok else self.errors[0]
+        return self.errors[0] if self.errors else None
 
     @property
     def ok(self) -> bool:
         """True when every submission succeeded."""
-        # Read past the lazy wrapper: () (the seed of no errors) is falsy as [] is.
-        return not _JOB_RESULT_ERRORS.raw(self)
-
-
-_JOB_RESULT_ERRORS: Final = cast(_LazyList, vars(JobResult)["errors"])
-(
-    _JR_JOB_ID,
-    _JR_URLS,
-    _JR_IMAGES,
-    _JR_ERRORS,
-    _JR_SUBMISSIONS,
-    _JR_ATTEMPTS,
-    _JR_RETRIES,
-    _JR_RATE_LIMITED,
-    _JR_ELAPSED_S,
-    _JR_REQUESTED_IMAGES,
-) = _slot_setters(
-    JobResult,
-    (
-        "job_id",
-        "urls",
-        "images",
-        "errors",
-        "submissions",
-        "attempts",
-        "retries",
-        "rate_limited",
-        "elapsed_s",
-        "requested_images",
-    ),
-)
-
-
-def seeded_job_result(
-    job_id: str,
-    seed: UrlSeed,
-    errors: list[NebulaError] | tuple[()],
-    submissions: int,
-    attempts: int,
-    retries: int,
-    rate_limited: int,
-    elapsed_s: float,
-    requested_images: int,
-) -> JobResult:
-    """A JobResult of URL-only images: ``seed`` for urls and images, and errors or
-    ``()`` (the seed of none)."""
-    result = _new(JobResult)
-    _JR_JOB_ID(result, job_id)
-    _JR_URLS(result, seed)
-    _JR_IMAGES(result, seed)
-    _JR_ERRORS(result, errors)
-    _JR_SUBMISSIONS(result, submissions)
-    _JR_ATTEMPTS(result, attempts)
-    _JR_RETRIES(result, retries)
-    _JR_RATE_LIMITED(result, rate_limited)
-    _JR_ELAPSED_S(result, elapsed_s)
-    _JR_REQUESTED_IMAGES(result, requested_images)
-    _mark_seeded(result, True)
-    return result
+        return not self.errors
 
 
 @attrs.frozen(kw_only=True)

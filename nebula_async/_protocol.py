@@ -30,7 +30,7 @@ from ._exceptions import (
     ServerError,
     ValidationError,
 )
-from ._models import ImageResult, seeded_image_result, url_seed
+from ._models import GeneratedImage, ImageResult
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -324,17 +324,16 @@ def _common_img2img(body: bytes) -> ImageResult | None:
     raw_images = data.get("images")
     if type(raw_images) is not list:
         return None
-    urls = []
+    images = []
     for image in raw_images:
         if type(image) is not dict:
             return None
         url = image.get("url")
         if type(url) is not str or image.get("b64_json") is not None:
             return None
-        urls.append(url)
+        images.append(GeneratedImage(url=url))
     msg = envelope.get("msg")
-    # URL-only images: the GeneratedImage list is made if and when it is read.
-    return seeded_image_result(images=url_seed(urls), code=200, msg=msg if type(msg) is str else "")
+    return ImageResult(images=images, code=200, msg=msg if type(msg) is str else "")
 
 
 def decipher_login(
