@@ -90,7 +90,7 @@ def test_bad_values_name_the_field(overrides: dict[str, Any], field: str, words:
 
 
 def test_missing_required_field() -> None:
-    with pytest.raises(na.ValidationError, match="'prompt' is required") as info:
+    with pytest.raises(na.ValidationError, match="prompt: is required") as info:
         na.Img2ImgRequest(model="m")  # type: ignore[call-arg]
     assert info.value.field == "prompt"
 
