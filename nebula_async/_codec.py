@@ -176,10 +176,10 @@ def from_payload(payload: Mapping[str, Any]) -> Img2ImgRequest:
                 f"unknown field {_key_text(extra[0])!r} beside {DTO_PREFIX!r}",
                 field=_key_text(extra[0]),
             )
-        return _build(nested, _BY_CAMEL, prefix=f"{DTO_PREFIX}.")
+        return _build(nested, _BY_CAMEL, prefix=f"{DTO_PREFIX}.", wire_prefix=f"{DTO_PREFIX}.")
     if any(isinstance(key, str) and key.startswith(DTO_PREFIX + ".") for key in payload):
-        return _build(payload, _BY_DOTTED, prefix="")
-    return _build(payload, _BY_FLAT_KEY, prefix="")
+        return _build(payload, _BY_DOTTED, prefix="", wire_prefix=f"{DTO_PREFIX}.")
+    return _build(payload, _BY_FLAT_KEY, prefix="", wire_prefix="")
 
 
 def _key_text(key: object) -> str:
@@ -187,7 +187,11 @@ def _key_text(key: object) -> str:
     return key[:100] if isinstance(key, str) else f"<{type(key).__name__} key>"
 
 
-def _build(source: Mapping[str, Any], names: Mapping[str, str], *, prefix: str) -> Img2ImgRequest:
+def _build(
+    source: Mapping[str, Any], names: Mapping[str, str], *, prefix: str, wire_prefix: str
+) -> Img2ImgRequest:
+    """The request of one style's keys; ``prefix`` goes before a key in a message,
+    ``wire_prefix`` before the wire name of a field the payload lacks."""
     kwargs: dict[str, Any] = {}
     keys: dict[str, str] = {}  # attribute -> the key it came as
     for key, value in source.items():
@@ -202,15 +206,11 @@ def _build(source: Mapping[str, Any], names: Mapping[str, str], *, prefix: str) 
     try:
         return Img2ImgRequest(**kwargs)
     except ValidationError as exc:
-        raise _named_by_key(exc, keys, default_prefix=prefix or _prefix_of(names)) from None
-
-
-def _prefix_of(names: Mapping[str, str]) -> str:
-    return f"{DTO_PREFIX}." if names is _BY_DOTTED else ""
+        raise _named_by_key(exc, keys, wire_prefix=wire_prefix) from None
 
 
 def _named_by_key(
-    exc: ValidationError, keys: Mapping[str, str], *, default_prefix: str
+    exc: ValidationError, keys: Mapping[str, str], *, wire_prefix: str
 ) -> ValidationError:
     """``exc`` with its field (an attribute, or a path under one) spelled as the
     payload's key: ``n: ...`` read from ``batchImageGenerationDTO.n`` becomes
@@ -222,7 +222,7 @@ def _named_by_key(
     if attribute is None or attribute.group() not in _FIELDS:
         return exc
     name = attribute.group()
-    key = keys.get(name, default_prefix + wire_name(name))
+    key = keys.get(name, wire_prefix + wire_name(name))
     renamed = key + field[len(name) :]
     message = str(exc)
     if message.startswith(field):

@@ -101,8 +101,13 @@ def _call_problem(
     """What is wrong with calling ``cls(*args, **kwargs)``, from the arguments alone."""
     name = cls.__name__
     if len(args) > len(positional):
-        extra = [f.alias for f in attrs.fields(cls) if f.init][len(positional)]
-        return _fail(extra, f"must be given by keyword ({name} options are keyword-only)")
+        names = [f.alias for f in attrs.fields(cls) if f.init]
+        if len(names) > len(positional):
+            extra = names[len(positional)]
+            return _fail(extra, f"must be given by keyword ({name} options are keyword-only)")
+        return ValidationError(
+            f"{name} takes at most {len(positional)} arguments, got {len(args)}", field=None
+        )
     by_position = positional[: len(args)]
     for key in kwargs:
         if key not in accepted:

@@ -94,12 +94,30 @@ def test_from_payload_accepts_snake_case_flat_keys() -> None:
         ),
         ({DTO_PREFIX: {"model": "m", "prompt": "p", "bogus": 1}}, "batchImageGenerationDTO.bogus"),
         ({"model": "m", "prompt": "p", "n": 0}, "n"),
+        # A bad value is named by the key it came as, in every style.
+        ({"model": "m", "prompt": "p", "responseFormat": []}, "responseFormat"),
+        ({"model": "m", "prompt": "p", "response_format": []}, "response_format"),
+        (
+            {f"{DTO_PREFIX}.model": "m", f"{DTO_PREFIX}.prompt": "p", f"{DTO_PREFIX}.n": 0},
+            f"{DTO_PREFIX}.n",
+        ),
+        ({DTO_PREFIX: {"model": "m", "prompt": "p", "score": 10**400}}, f"{DTO_PREFIX}.score"),
+        (
+            {"model": "m", "prompt": "p", "promptOptions": {"a": [{1, 2}]}},
+            "promptOptions.a[0]",
+        ),
+        # A missing field is named as the style spells it.
+        ({f"{DTO_PREFIX}.model": "m"}, f"{DTO_PREFIX}.prompt"),
+        ({DTO_PREFIX: {"prompt": "p"}}, f"{DTO_PREFIX}.model"),
+        ({"prompt": "p"}, "model"),
+        ({1: "m"}, "<int key>"),
     ],
 )
 def test_from_payload_names_the_bad_key(payload: dict[str, Any], field: str) -> None:
     with pytest.raises(na.ValidationError) as info:
         na.from_payload(payload)
     assert info.value.field == field
+    assert field in str(info.value)
 
 
 def test_from_payload_refuses_a_field_given_twice() -> None:

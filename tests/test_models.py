@@ -167,3 +167,38 @@ def test_bad_policies(cls: type, kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(na.ValidationError) as info:
         cls(**kwargs)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda: na.JobResult(job_id="j", bogus=1), "bogus"),
+        (lambda: na.JobResult(), "job_id"),
+        (lambda: na.ImageResult(images=[], colour="red"), "colour"),
+        (lambda: na.GeneratedImage("u", "b", "extra"), None),
+        (lambda: na.Job(make(), "id-by-position"), "id"),
+        (lambda: na.Job(make(), request=make()), "request"),
+        (lambda: na.RateLimit(5, 2), "burst"),
+        (lambda: na.Img2ImgRequest("m", "p"), "model"),
+    ],
+)
+def test_bad_calls_name_the_field_from_the_arguments(call: Any, field: str | None) -> None:
+    with pytest.raises(na.ValidationError) as info:
+        call()
+    if field is not None:
+        assert info.value.field == field
+        assert str(info.value).startswith(f"{field}: ")
+
+
+def test_checked_calls_keep_the_attrs_signature() -> None:
+    import inspect
+
+    assert list(inspect.signature(na.Job).parameters) == ["request", "id", "images"]
+    assert "model" in inspect.signature(na.Img2ImgRequest).parameters
+
+
+def test_validators_run_for_evolve_too() -> None:
+    job = na.Job(make(), id="a")
+    with pytest.raises(na.ValidationError) as info:
+        attrs.evolve(job, id="")
+    assert info.value.field == "id"
