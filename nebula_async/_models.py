@@ -122,10 +122,16 @@ def _call_problem(
 
 
 def _checked_call(cls: _C) -> _C:
-    """Let ``cls``'s attrs ``__init__`` run only on a call it can bind: an unknown,
-    missing or twice-given field, or too many positional arguments, is a
-    ``ValidationError`` naming the field, computed from the arguments (not read
-    from the ``TypeError`` text of the interpreter)."""
+    """Make a call that ``cls``'s attrs ``__init__`` cannot bind (an unknown,
+    missing or twice-given field, too many positional arguments) a
+    ``ValidationError`` naming the field.
+
+    What is wrong is computed from the arguments, not read from the interpreter's
+    ``TypeError`` text; only a failed call pays for it (checking every call first
+    measured 0.6-2 us more per result built). Our validators raise
+    ``ValidationError``, so a ``TypeError`` comes from binding; one that the
+    arguments do not explain is raised unchanged.
+    """
     attrs_init = vars(cls)["__init__"]
     fields = [field for field in attrs.fields(cls) if field.init]
     positional = tuple(f.alias for f in fields if not f.kw_only)
@@ -134,10 +140,13 @@ def _checked_call(cls: _C) -> _C:
 
     @functools.wraps(attrs_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        problem = _call_problem(cls, positional, accepted, required, args, kwargs)
-        if problem is not None:
-            raise problem
-        attrs_init(self, *args, **kwargs)
+        try:
+            attrs_init(self, *args, **kwargs)
+        except TypeError:
+            problem = _call_problem(cls, positional, accepted, required, args, kwargs)
+            if problem is None:
+                raise
+            raise problem from None
 
     cls.__init__ = __init__  # type: ignore[misc]
     return cls
