@@ -2,12 +2,14 @@
 
 Every class is a plain frozen, slotted attrs class built through its own
 ``__init__``, with keyword-only options (``Job`` and ``RateLimit`` take their first
-field positionally). Validation runs in ``__init__`` (attrs validators and
-converters) and raises :class:`ValidationError` naming the field, so bad input is
-refused before anything is sent, whatever its type or size: a value that passes
-is one the wire can carry (``orjson.dumps(to_payload(request))`` cannot fail). An
-unknown, missing or positional-only-by-mistake argument is a ``ValidationError``
-too, not a bare ``TypeError``.
+field positionally). Validation of the input models (requests, jobs, policies) runs
+in ``__init__`` (attrs validators and converters) and raises
+:class:`ValidationError` naming the field, so bad input is refused before anything
+is sent, whatever its type or size: a request that passes is one the wire can
+carry (``orjson.dumps(to_payload(request))`` cannot fail). An unknown, missing or
+wrongly positional argument to them is a ``ValidationError`` too, not a bare
+``TypeError``. Results are built by the client; a bad call to them is attrs'
+``TypeError`` (checking it would cost every result a wrapper frame).
 """
 
 from __future__ import annotations
@@ -469,7 +471,6 @@ class Job:
 # -- results ------------------------------------------------------------------------------
 
 
-@_checked_call
 @attrs.frozen
 class GeneratedImage:
     """One generated image: a ``url``, or ``b64_json`` when ``response_format="b64_json"``."""
@@ -480,7 +481,6 @@ class GeneratedImage:
     )
 
 
-@_checked_call
 @attrs.frozen(kw_only=True)
 class ImageResult:
     """The answer to one successful submission.
@@ -498,7 +498,6 @@ class ImageResult:
         return [image.url for image in self.images if image.url is not None]
 
 
-@_checked_call
 @attrs.frozen(kw_only=True)
 class JobResult:
     """The outcome of one job, all of its submissions gathered.
@@ -530,7 +529,6 @@ class JobResult:
         return not self.errors
 
 
-@_checked_call
 @attrs.frozen(kw_only=True)
 class BatchReport:
     """Everything a batch produced, one :class:`JobResult` per job in input order,
