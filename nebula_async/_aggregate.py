@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from ._exceptions import NebulaError
-from ._models import (
-    ImageResult,
-    JobResult,
-    image_seed,
-    seed_urls,
-    seeded_job_result,
-    url_seed,
-)
+from ._models import GeneratedImage, ImageResult, JobResult
 
 __all__ = ["aggregate", "detach_error"]
 
@@ -46,47 +39,14 @@ def aggregate(
     partly failed job keeps what it got; every failure is kept in ``errors``,
     detached from its traceback (:func:`detach_error`).
     """
-    if len(outcomes) == 1 and isinstance(outcome := outcomes[0], ImageResult):
-        # One submission of URL-only images (the common job): its seed is passed on,
-        # without the loop and lists below (one general path measured ~1-2k more
-        # instructions per job under callgrind).
-        seed = image_seed(outcome)
-        if seed is not None:
-            return seeded_job_result(
-                job_id=job_id,
-                seed=seed,
-                errors=(),
-                submissions=1,
-                attempts=attempts,
-                retries=retries,
-                rate_limited=rate_limited,
-                elapsed_s=elapsed_s,
-                requested_images=requested_images,
-            )
-    answers: list[ImageResult] = []
+    images: list[GeneratedImage] = []
     errors: list[NebulaError] = []
     for outcome in outcomes:
         if isinstance(outcome, ImageResult):
-            answers.append(outcome)
+            images.extend(outcome.images)
         else:
             detach_error(outcome)
             errors.append(outcome)
-    seeds = [seed for answer in answers if (seed := image_seed(answer)) is not None]
-    if len(seeds) == len(answers):
-        # URL-only images (or none): the lists are made when read.
-        joined = url_seed([url for seed in seeds for url in seed_urls(seed)])
-        return seeded_job_result(
-            job_id=job_id,
-            seed=joined,
-            errors=errors or (),
-            submissions=len(outcomes),
-            attempts=attempts,
-            retries=retries,
-            rate_limited=rate_limited,
-            elapsed_s=elapsed_s,
-            requested_images=requested_images,
-        )
-    images = [image for answer in answers for image in answer.images]
     return JobResult(
         job_id=job_id,
         urls=[image.url for image in images if image.url is not None],

@@ -53,7 +53,6 @@ from ._models import (
     RateLimit,
     RetryPolicy,
     Timeout,
-    image_count,
 )
 from ._protocol import (
     DEFAULT_BASE_URL,
@@ -442,7 +441,7 @@ class NebulaClient:
                 control.record(exc)
             return exc
         self._counters.submissions_ok += 1
-        self._counters.images += image_count(result)
+        self._counters.images += len(result.images)
         if control is not None:
             control.record(result)
         return result

@@ -18,6 +18,7 @@ JSON path (``$.data.images[0].url``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, get_args
 
@@ -154,7 +155,9 @@ def from_payload(payload: Mapping[str, Any]) -> Img2ImgRequest:
     """Read a payload of any style (dotted, nested, or flat with camelCase or
     snake_case keys) back into a validated :class:`Img2ImgRequest`.
 
-    An unknown key is a :class:`ValidationError` naming it.
+    Whatever the payload holds, a problem is a :class:`ValidationError` whose
+    ``field`` is the payload's own key (``batchImageGenerationDTO.n``,
+    ``responseFormat``...), an unknown key included.
 
     >>> import nebula_async as na
     >>> na.from_payload({"batchImageGenerationDTO.model": "m",
@@ -170,24 +173,61 @@ def from_payload(payload: Mapping[str, Any]) -> Img2ImgRequest:
         extra = [key for key in payload if key != DTO_PREFIX]
         if extra:
             raise ValidationError(
-                f"unknown field {extra[0]!r} beside {DTO_PREFIX!r}", field=extra[0]
+                f"unknown field {_key_text(extra[0])!r} beside {DTO_PREFIX!r}",
+                field=_key_text(extra[0]),
             )
-        return _build(nested, _BY_CAMEL, prefix=f"{DTO_PREFIX}.")
+        return _build(nested, _BY_CAMEL, prefix=f"{DTO_PREFIX}.", wire_prefix=f"{DTO_PREFIX}.")
     if any(isinstance(key, str) and key.startswith(DTO_PREFIX + ".") for key in payload):
-        return _build(payload, _BY_DOTTED, prefix="")
-    return _build(payload, _BY_FLAT_KEY, prefix="")
+        return _build(payload, _BY_DOTTED, prefix="", wire_prefix=f"{DTO_PREFIX}.")
+    return _build(payload, _BY_FLAT_KEY, prefix="", wire_prefix="")
 
 
-def _build(source: Mapping[str, Any], names: Mapping[str, str], *, prefix: str) -> Img2ImgRequest:
+def _key_text(key: object) -> str:
+    """A payload key as text for a message (keys of a JSON object are strings)."""
+    return key[:100] if isinstance(key, str) else f"<{type(key).__name__} key>"
+
+
+def _build(
+    source: Mapping[str, Any], names: Mapping[str, str], *, prefix: str, wire_prefix: str
+) -> Img2ImgRequest:
+    """The request of one style's keys; ``prefix`` goes before a key in a message,
+    ``wire_prefix`` before the wire name of a field the payload lacks."""
     kwargs: dict[str, Any] = {}
+    keys: dict[str, str] = {}  # attribute -> the key it came as
     for key, value in source.items():
-        name = names.get(key)
+        name = names.get(key) if isinstance(key, str) else None
         if name is None:
-            raise ValidationError(f"unknown field {prefix}{key!r}", field=f"{prefix}{key}")
+            shown = prefix + _key_text(key)
+            raise ValidationError(f"unknown field {shown!r}", field=shown)
         if name in kwargs:
             raise ValidationError(f"field {name!r} given twice", field=name)
         kwargs[name] = value
-    return Img2ImgRequest(**kwargs)
+        keys[name] = prefix + key
+    try:
+        return Img2ImgRequest(**kwargs)
+    except ValidationError as exc:
+        raise _named_by_key(exc, keys, wire_prefix=wire_prefix) from None
+
+
+def _named_by_key(
+    exc: ValidationError, keys: Mapping[str, str], *, wire_prefix: str
+) -> ValidationError:
+    """``exc`` with its field (an attribute, or a path under one) spelled as the
+    payload's key: ``n: ...`` read from ``batchImageGenerationDTO.n`` becomes
+    ``batchImageGenerationDTO.n: ...``. A missing field is named as the wire spells it."""
+    field = exc.field
+    if field is None:
+        return exc
+    attribute = re.match(r"\w+", field)
+    if attribute is None or attribute.group() not in _FIELDS:
+        return exc
+    name = attribute.group()
+    key = keys.get(name, wire_prefix + wire_name(name))
+    renamed = key + field[len(name) :]
+    message = str(exc)
+    if message.startswith(field):
+        message = renamed + message[len(field) :]
+    return ValidationError(message, field=renamed)
 
 
 _structure_data = make_dict_structure_fn(_WireData, converter)

@@ -32,7 +32,7 @@ from ._exceptions import (
     ServerError,
     ValidationError,
 )
-from ._models import GeneratedImage, ImageResult, seeded_image_result, url_seed
+from ._models import GeneratedImage, ImageResult
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -393,17 +393,6 @@ def decipher_img2img(
     >>> r.urls
     ['https://x/1.png']
     """
-    if status == 200:
-        result = _common_img2img(body)
-        if result is not None:
-            return result
-    return _decipher_img2img_strict(status, headers, body, now)
-
-
-def _decipher_img2img_strict(
-    status: int, headers: Mapping[str, str], body: bytes | bytearray, now: Callable[[], float]
-) -> ImageResult:
-    """The general path: every answer, every error, with the cattrs JSON paths."""
     code, msg, data = _envelope(status, headers, body, now)
     try:
         images = structure_images(data, status_code=status)
@@ -430,43 +419,6 @@ def _check_image_urls(images: list[GeneratedImage], status: int) -> None:
                 status_code=status,
                 path=path,
             )
-
-
-def _common_img2img(body: bytes | bytearray) -> ImageResult | None:
-    """The fast path for the common answer, or None to take the strict path.
-
-    Only ``{"code": 200, "msg": str (optional), "data": {"images": [{"url": str},
-    ...]}}`` (extra keys ignored, as the strict path does) is read here, with
-    exact type checks and no cattrs; anything else (an error, ``b64_json``, an
-    odd shape, invalid JSON) returns None, and the strict path reads it again and
-    gives the same result or error as ever.
-    """
-    try:
-        envelope = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if type(envelope) is not dict:
-        return None
-    code = envelope.get("code")
-    data = envelope.get("data")
-    if type(code) is not int or code != 200 or type(data) is not dict:
-        return None
-    raw_images = data.get("images")
-    if type(raw_images) is not list:
-        return None
-    urls = []
-    for image in raw_images:
-        if type(image) is not dict:
-            return None
-        url = image.get("url")
-        if type(url) is not str or image.get("b64_json") is not None or not is_image_url(url):
-            return None
-        urls.append(url)
-    msg = envelope.get("msg")
-    if type(msg) is str and len(msg) > MAX_TEXT_CHARS:
-        msg = truncate_text(msg)
-    # URL-only images: the GeneratedImage list is made if and when it is read.
-    return seeded_image_result(images=url_seed(urls), code=200, msg=msg if type(msg) is str else "")
 
 
 def decipher_login(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from ._exceptions import ValidationError
-from ._models import _friendly_init
+from ._models import _checked_call
 
 if TYPE_CHECKING:
     from ._limiter import Limiter
@@ -102,7 +102,7 @@ def _max_connections(_: object, attribute: attrs.Attribute[Any], value: object) 
         raise _fail(attribute.name, f"must be an integer from 1 to 1024, got {value!r}")
 
 
-@_friendly_init
+@_checked_call
 @attrs.frozen
 class SharedRateLimit:
     """One rate limit shared by every client given the same Redis and ``key``.
@@ -134,7 +134,7 @@ class SharedRateLimit:
     True
     """  # noqa: E501
 
-    redis_url: str = attrs.field(validator=_check_url, repr=redact_url)
+    redis_url: str = attrs.field(validator=_check_url, repr=lambda url: repr(redact_url(url)))
     key: str = attrs.field(kw_only=True, validator=_check_key)
     per_second: float = attrs.field(kw_only=True, validator=_positive)
     burst: int = attrs.field(default=1, kw_only=True, validator=_burst)

@@ -827,7 +827,9 @@ async def test_dict_with_a_null_id_gets_its_position_and_does_not_stop_the_batch
     ids=["int-beyond-64-bit", "set-in-prompt-options"],
 )
 async def test_an_unencodable_request_fails_its_job_only(bad_field: dict[str, Any]) -> None:
-    jobs = [request("enc-0"), request("unencodable", **bad_field), request("enc-2")]
+    # Such a request cannot be built (ValidationError): as a dict, its job fails alone.
+    unencodable = {"model": MODEL, "prompt": "unencodable", **bad_field}
+    jobs: list[Any] = [request("enc-0"), unencodable, request("enc-2")]
     async with MockNebulaServer() as server:
         async with client_for(server) as client:
             report = await client.run_batch(jobs)
@@ -835,7 +837,8 @@ async def test_an_unencodable_request_fails_its_job_only(bad_field: dict[str, An
     assert good_0.ok
     assert good_2.ok
     assert not bad.ok
-    assert isinstance(bad.error, na.NebulaError)
+    assert isinstance(bad.error, na.ValidationError)
+    assert str(bad.error.field).startswith(next(iter(bad_field)))
     assert "unencodable" not in {r.field("prompt") for r in server.requests}
 
 

@@ -56,14 +56,18 @@ def test_nested_style() -> None:
     assert payload[DTO_PREFIX]["model"] == "m"
 
 
-def test_object_fields_pass_through_untouched() -> None:
-    options = {"max_images": 3, "nested": {"deep": [1, 2, {"k": None}]}}
+def test_object_fields_are_sent_as_given_and_owned_by_the_request() -> None:
+    options = {"max_images": 3, "nested": {"deep": [1, 2, {"k": None}], "pair": (1, 2)}}
     request = na.Img2ImgRequest(
         model="m", prompt="p", sequential_image_generation_options=options, prompt_options={"a": 1}
     )
     payload = na.to_payload(request, style="flat")
-    assert payload["sequentialImageGenerationOptions"] is options
+    sent = {"max_images": 3, "nested": {"deep": [1, 2, {"k": None}], "pair": [1, 2]}}
+    assert payload["sequentialImageGenerationOptions"] == sent
     assert payload["promptOptions"] == {"a": 1}
+    # A copy: a later change to the caller's dict cannot make the request unencodable.
+    options["nested"]["deep"].append({1, 2})  # type: ignore[index]
+    assert na.to_payload(request, style="flat")["sequentialImageGenerationOptions"] == sent
 
 
 def test_unknown_style_is_refused() -> None:
@@ -90,12 +94,30 @@ def test_from_payload_accepts_snake_case_flat_keys() -> None:
         ),
         ({DTO_PREFIX: {"model": "m", "prompt": "p", "bogus": 1}}, "batchImageGenerationDTO.bogus"),
         ({"model": "m", "prompt": "p", "n": 0}, "n"),
+        # A bad value is named by the key it came as, in every style.
+        ({"model": "m", "prompt": "p", "responseFormat": []}, "responseFormat"),
+        ({"model": "m", "prompt": "p", "response_format": []}, "response_format"),
+        (
+            {f"{DTO_PREFIX}.model": "m", f"{DTO_PREFIX}.prompt": "p", f"{DTO_PREFIX}.n": 0},
+            f"{DTO_PREFIX}.n",
+        ),
+        ({DTO_PREFIX: {"model": "m", "prompt": "p", "score": 10**400}}, f"{DTO_PREFIX}.score"),
+        (
+            {"model": "m", "prompt": "p", "promptOptions": {"a": [{1, 2}]}},
+            "promptOptions.a[0]",
+        ),
+        # A missing field is named as the style spells it.
+        ({f"{DTO_PREFIX}.model": "m"}, f"{DTO_PREFIX}.prompt"),
+        ({DTO_PREFIX: {"prompt": "p"}}, f"{DTO_PREFIX}.model"),
+        ({"prompt": "p"}, "model"),
+        ({1: "m"}, "<int key>"),
     ],
 )
 def test_from_payload_names_the_bad_key(payload: dict[str, Any], field: str) -> None:
     with pytest.raises(na.ValidationError) as info:
         na.from_payload(payload)
     assert info.value.field == field
+    assert field in str(info.value)
 
 
 def test_from_payload_refuses_a_field_given_twice() -> None:
@@ -105,8 +127,14 @@ def test_from_payload_refuses_a_field_given_twice() -> None:
         )
 
 
+# Characters the request's text fields take: no controls (C0, DEL, C1), no lone surrogates.
+LINE_CHARS = st.characters(blacklist_categories=("Cc", "Cs"))
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
     lambda children: (
         st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
     ),
@@ -115,18 +143,22 @@ json_values = st.recursive(
 
 requests = st.builds(
     na.Img2ImgRequest,
-    model=st.text(min_size=1, max_size=20).filter(str.strip),
-    prompt=st.text(min_size=1, max_size=80).filter(str.strip),
+    model=st.text(LINE_CHARS, min_size=1, max_size=20).filter(str.strip),
+    prompt=st.text(LINE_CHARS | st.sampled_from("\t\n\r"), min_size=1, max_size=80).filter(
+        str.strip
+    ),
     n=st.integers(1, 15),
     size=st.sampled_from(["1K", "2K", "3K", "4K", "2048x2048", "1024x768", "100x1600"]),
-    temperature=st.integers(-5, 5),
     watermark=st.booleans(),
     image=st.none() | st.sampled_from(["https://x.example/a.png", "data:image/png;base64,AAAA"]),
     prompt_options=st.none() | st.dictionaries(st.text(max_size=5), json_values, max_size=3),
-    optimize_prompt=st.none() | st.text(max_size=10),
-    quality=st.none() | st.text(max_size=10),
+    optimize_prompt=st.none() | st.text(LINE_CHARS, max_size=10),
+    quality=st.none() | st.text(LINE_CHARS, max_size=10),
     response_format=st.none() | st.sampled_from(["url", "b64_json"]),
-    score=st.none() | st.integers(-100, 100) | st.floats(allow_nan=False, allow_infinity=False),
+    score=st.none()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    temperature=st.integers(-(2**63), 2**64 - 1),
     sequential_image_generation=st.none() | st.sampled_from(["auto", "disabled"]),
     sequential_image_generation_options=st.none()
     | st.fixed_dictionaries({"max_images": st.integers(1, 15)}),

@@ -90,7 +90,7 @@ def test_bad_values_name_the_field(overrides: dict[str, Any], field: str, words:
 
 
 def test_missing_required_field() -> None:
-    with pytest.raises(na.ValidationError, match="'prompt' is required") as info:
+    with pytest.raises(na.ValidationError, match="prompt: is required") as info:
         na.Img2ImgRequest(model="m")  # type: ignore[call-arg]
     assert info.value.field == "prompt"
 
@@ -167,3 +167,33 @@ def test_bad_policies(cls: type, kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(na.ValidationError) as info:
         cls(**kwargs)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda: na.Job(make(), "id-by-position"), "id"),
+        (lambda: na.Job(make(), request=make()), "request"),
+        (lambda: na.RateLimit(5, 2), "burst"),
+        (lambda: na.Img2ImgRequest("m", "p"), "model"),
+    ],
+)
+def test_bad_calls_name_the_field_from_the_arguments(call: Any, field: str) -> None:
+    with pytest.raises(na.ValidationError) as info:
+        call()
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_checked_calls_keep_the_attrs_signature() -> None:
+    import inspect
+
+    assert list(inspect.signature(na.Job).parameters) == ["request", "id", "images"]
+    assert "model" in inspect.signature(na.Img2ImgRequest).parameters
+
+
+def test_validators_run_for_evolve_too() -> None:
+    job = na.Job(make(), id="a")
+    with pytest.raises(na.ValidationError) as info:
+        attrs.evolve(job, id="")
+    assert info.value.field == "id"

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import nebula_async as na
 from nebula_async._jobs import RefusedItem, RepeatedIdCheck, job_id_of, position_id
+from nebula_async._models import MAX_JOB_ID_LENGTH
 from nebula_async.testing import MockNebulaServer
 
 REQUEST = na.Img2ImgRequest(model="m", prompt="p")
@@ -95,17 +96,17 @@ def test_position_id_takes_only_what_str_of_an_index_gives() -> None:
 
 
 def test_a_huge_all_digit_id_is_an_ordinary_name() -> None:
-    long_id = "1" * 5000
+    long_id = "1" * MAX_JOB_ID_LENGTH  # far past the digits of any position
     sequence = [REQUEST, na.Job(REQUEST, id=long_id), {"model": "m", "prompt": "p", "id": long_id}]
     assert refused_by_the_check(sequence) == [2]
 
 
 @pytest.mark.anyio
 async def test_run_batch_with_a_huge_all_digit_id_runs_every_job() -> None:
-    jobs = [REQUEST, na.Job(REQUEST, id="1" * 5000), REQUEST]
+    jobs = [REQUEST, na.Job(REQUEST, id="1" * MAX_JOB_ID_LENGTH), REQUEST]
     async with MockNebulaServer() as server:
         async with na.NebulaClient(token="mock-token", base_url=server.base_url) as client:
             report = await client.run_batch(jobs)
     assert [result.ok for result in report.results] == [True, True, True]
-    assert [result.job_id for result in report.results] == ["0", "1" * 5000, "2"]
+    assert [result.job_id for result in report.results] == ["0", "1" * MAX_JOB_ID_LENGTH, "2"]
     assert len(server.requests) == 3

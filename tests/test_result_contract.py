@@ -9,10 +9,7 @@ mutations that stick, equality, repr, pickling, ``attrs.evolve``, ``attrs.asdict
 from __future__ import annotations
 
 import copy
-import gc
 import pickle
-import sys
-import threading
 from typing import Any, assert_type
 
 import attrs
@@ -235,7 +232,7 @@ def test_equal_to_the_hand_built_twin(pair: tuple[na.JobResult, na.JobResult]) -
     assert result != attrs.evolve(twin, images=[*twin.images, na.GeneratedImage(url="o")])
 
 
-def test_unread_results_compare_equal() -> None:
+def test_results_compare_by_value() -> None:
     assert one_url_job() == one_url_job()
     assert gathered(answer({"url": URL1})) != gathered(answer({"url": URL2}))
     assert gathered(answer({"url": URL1})) != gathered(answer({"url": URL1}), job_id="k")
@@ -290,8 +287,8 @@ def test_pickled_state_names_the_fields() -> None:
 
 # pickle.dumps(JobResult(job_id="j", urls=[URL1], images=[GeneratedImage(url=URL1)],
 # errors=[ServerError("boom", status_code=500)], submissions=2, attempts=3, retries=1,
-# elapsed_s=0.5, requested_images=2), protocol=4) made by nebula_async 0.x before results
-# were built lazily: pickles of earlier versions keep loading.
+# elapsed_s=0.5, requested_images=2), protocol=4) made by nebula_async 0.x: pickles of
+# earlier versions keep loading.
 OLD_PICKLE = (
     b"\x80\x04\x95\x80\x01\x00\x00\x00\x00\x00\x00\x8c\x14nebula_async._models\x94\x8c\tJobRes"
     b"ult\x94\x93\x94)\x81\x94}\x94(\x8c\x06job_id\x94\x8c\x01j\x94\x8c\x04urls\x94]\x94\x8c\x0f"
@@ -437,7 +434,7 @@ outcomes = st.lists(
 
 
 def eager(outcomes: list[na.ImageResult | na.NebulaError]) -> na.JobResult:
-    """What aggregate() gave before results were built lazily: plain lists."""
+    """What aggregate() must give: plain lists gathered by hand."""
     images = [
         image
         for outcome in outcomes
@@ -458,7 +455,7 @@ def eager(outcomes: list[na.ImageResult | na.NebulaError]) -> na.JobResult:
 def test_any_outcomes_give_what_plain_lists_would(
     outcomes: list[na.ImageResult | na.NebulaError], first: str
 ) -> None:
-    result = gathered(*outcomes)  # first, while the decoded answers are unread
+    result = gathered(*outcomes)
     twin = eager(outcomes)
     # Whatever is looked at first, the result then matches its plain-list twin.
     look: dict[str, Any] = {
@@ -478,61 +475,3 @@ def test_any_outcomes_give_what_plain_lists_would(
     assert result.urls is result.urls
     assert result.images is result.images
     assert result.errors is result.errors
-
-
-# -- what a kept result costs the garbage collector -----------------------------------------
-
-
-def tracked_objects(root: object) -> int:
-    """Objects reachable from ``root`` (itself included) that the cyclic GC tracks."""
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or not gc.is_tracked(obj) or isinstance(obj, type):
-            continue
-        seen.add(id(obj))
-        stack.extend(gc.get_referents(obj))
-    return len(seen)
-
-
-def test_a_url_job_result_holds_few_tracked_objects() -> None:
-    """run_batch keeps a result per job: each tracked object it holds brings the next
-    GC collection nearer, and mid-batch those are dear (docs/benchmarks.md)."""
-    result = one_url_job()
-    assert result.ok
-    assert tracked_objects(result) == 1  # the result itself, until a list is read
-    assert result.urls == [URL1]
-    assert tracked_objects(result) == 2  # and the urls list, once read
-    assert tracked_objects(gathered(answer({"url": URL1}, {"url": URL2}))) == 2  # + a tuple
-
-
-def _read_images_at_once(result: na.JobResult, readers: int) -> list[object]:
-    """What ``readers`` threads, released together, read as ``result.images``."""
-    got: list[object] = [None] * readers
-    barrier = threading.Barrier(readers)
-
-    def read(slot: int) -> None:
-        barrier.wait()
-        got[slot] = result.images
-
-    threads = [threading.Thread(target=read, args=(k,)) for k in range(readers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return got
-
-
-def test_threads_reading_a_fresh_result_at_once_get_the_one_stored_list() -> None:
-    # Without the first-read lock about 1% of these trials handed threads
-    # different lists, so a change made through one of them was lost.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for _ in range(3000):
-            result = gathered(answer(*({"url": f"https://x/{k}.png"} for k in range(8))))
-            got = _read_images_at_once(result, readers=4)
-            assert all(images is result.images for images in got)
-    finally:
-        sys.setswitchinterval(interval)
