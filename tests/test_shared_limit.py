@@ -60,7 +60,7 @@ def test_config_pickles_and_is_a_factory() -> None:
     )
     again = pickle.loads(pickle.dumps(limit))
     assert again == limit
-    assert again.per_second == 12.5 and again.burst == 4 and again.adaptive is False
+    assert (again.per_second, again.burst, again.adaptive) == (12.5, 4, False)
     assert isinstance(limit, LimiterFactory)
     assert isinstance(limit.create_limiter(), Limiter)
     assert "SharedRateLimit" in na.__all__
@@ -135,7 +135,7 @@ async def test_gcra_across_tasks_keeps_rate_and_window(redis_server: RedisServer
     assert slots[burst] - slots[0] >= 1 / rate - 1e-5
     assert long_run_rate(returned) == pytest.approx(rate, rel=0.02)
     stats = limiter.statistics()
-    assert stats.acquired == 180 and stats.current_rate == rate and stats.paused_for_s == 0
+    assert (stats.acquired, stats.current_rate, stats.paused_for_s) == (180, rate, 0)
     assert limiter.round_trips == 180  # one per acquire
 
 
@@ -395,8 +395,11 @@ async def test_unreachable_redis_is_a_clear_error() -> None:
         await limiter.acquire()
     assert time.monotonic() - started < 5.0
     message = str(caught.value)
-    assert message.startswith(f"shared rate limit: Redis at redis://:***@127.0.0.1:{port}/0 unreachable")
-    assert "hunter2-secret" not in message and "hunter2-secret" not in repr(caught.value)
+    assert message.startswith(
+        f"shared rate limit: Redis at redis://:***@127.0.0.1:{port}/0 unreachable"
+    )
+    assert "hunter2-secret" not in message
+    assert "hunter2-secret" not in repr(caught.value)
     assert caught.value.request_sent is False
     assert isinstance(caught.value, na.NebulaError)
     with pytest.raises(na.APIConnectionError):
