@@ -22,7 +22,8 @@ Figures per cell, over the sends of all processes (stamped with
 ``time.monotonic``, one clock for all processes on Linux): the aggregate
 rate over the fixed window from 1 s after the common start to the end, against
 the target (the long-run rate error), the busiest
-one-second window against ``rate + burst``, Redis round trips per request, and
+one-second window against ``rate + burst``, Redis round trips per request (per
+acquire that returned a slot, the last ones past the end included), and
 the added latency per acquire (the time acquire took beyond the wait the
 limiter meant: the round trip plus the timer's lateness; p50, p99).
 
@@ -203,8 +204,8 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     added: list[float] = []
     refusals: list[float] = []
     senders = max(_MIN_SENDERS, math.ceil(rate * _IN_FLIGHT_S / spec["processes"]))
-    # Round trips for acquires that came after the end (dropped, not sent).
-    dropped_trips = 0
+    # Acquires that returned after the end (their slots are dropped, not sent).
+    dropped = 0
     connector = aiohttp.TCPConnector(limit=senders)
     async with aiohttp.ClientSession(connector=connector) as session:
         # Warm up (connect to Redis and the server) before the common start.
@@ -215,14 +216,13 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         end = spec["start"] + spec["duration_s"]
 
         async def sender() -> None:
-            nonlocal dropped_trips
+            nonlocal dropped
             while time.monotonic() < end:
                 asked = time.monotonic()
-                trips = limiter.round_trips
                 ticket, due = await limiter.acquire()
                 sent = time.monotonic()
                 if sent >= end:
-                    dropped_trips += limiter.round_trips - trips
+                    dropped += 1
                     break
                 if not math.isnan(due):
                     added.append(sent - asked - max(due, 0.0))
@@ -245,7 +245,8 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "sends": sends,
         "added": added,
         "refusals": refusals,
-        "round_trips": limiter.round_trips - dropped_trips,
+        "round_trips": limiter.round_trips,
+        "acquires": len(sends) + dropped,
     }
 
 
@@ -321,6 +322,7 @@ def _measure(
     sends = sorted(t for out in outputs for t in out["sends"])
     added = [a for out in outputs for a in out["added"]]
     round_trips = sum(out["round_trips"] for out in outputs)
+    acquires = sum(out["acquires"] for out in outputs)
     return SharedResult(
         contender=contender,
         processes=processes,
@@ -329,7 +331,7 @@ def _measure(
         requests=len(sends),
         long_run_rate=_steady_rate(sends, spec["start"], spec["start"] + spec["duration_s"]),
         busiest_window=busiest_window(sends),
-        round_trips_per_request=round_trips / len(sends) if sends else math.nan,
+        round_trips_per_request=round_trips / acquires if acquires else math.nan,
         added_p50_ms=_percentile(added, 0.5) * 1e3,
         added_p99_ms=_percentile(added, 0.99) * 1e3,
         refused=sum(len(out["refusals"]) for out in outputs),
