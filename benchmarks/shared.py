@@ -40,6 +40,7 @@ import asyncio
 import json
 import math
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -63,7 +64,7 @@ CONTENDERS: Final = ("shared", "per-process R/N", "limits moving window")
 _MIN_SENDERS: Final = 8  # concurrent senders per process, at least
 #: Senders enough for this many seconds of the target rate in flight, so that
 #: they wait on the limiter, not on the loaded machine (500/s: 30 over all processes).
-_IN_FLIGHT_S: Final = 0.06
+_IN_FLIGHT_S: Final = 0.2
 _LATENCY_S: Final = 0.005
 _PAUSE_PROCESSES: Final = 4
 _PAUSE_RATE: Final = 100.0
@@ -212,8 +213,11 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         async with session.post(url, data=body, headers=headers) as response:
             await response.read()
         await limiter.warm_up()
-        await asyncio.sleep(max(0.0, spec["start"] - time.monotonic()))
-        end = spec["start"] + spec["duration_s"]
+        # Ready: the parent answers with the common start once every process is.
+        print("ready", flush=True)
+        start = float(await asyncio.to_thread(sys.stdin.readline))
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        end = start + spec["duration_s"]
 
         async def sender() -> None:
             nonlocal dropped
@@ -242,6 +246,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     if hasattr(limiter, "aclose"):
         await limiter.aclose()
     return {
+        "start": start,
         "sends": sends,
         "added": added,
         "refusals": refusals,
@@ -261,10 +266,12 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]:
+    """Run one worker per spec; all start together once every one has warmed up."""
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "benchmarks.shared", "--worker", json.dumps(spec)],
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -273,6 +280,16 @@ def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]
     ]
     outputs = []
     try:
+        for child in children:
+            assert child.stdout is not None
+            ready, _, _ = select.select([child.stdout], [], [], cap_s)
+            if not ready or child.stdout.readline().strip() != "ready":
+                raise RuntimeError("shared benchmark worker did not get ready")
+        start = time.monotonic() + 0.2
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(f"{start!r}\n")
+            child.stdin.flush()
         for child in children:
             out, _ = child.communicate(timeout=cap_s)
             if child.returncode != 0:
@@ -289,8 +306,6 @@ def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]
 def _specs(
     contender: str, processes: int, rate: float, base_url: str, redis_url: str, duration_s: float
 ) -> list[dict[str, Any]]:
-    # Start together once every process has imported and warmed up (~0.5 s each here).
-    start = time.monotonic() + 1.5 + 0.5 * processes
     key = f"bench-{contender}-{processes}-{rate:g}-{time.monotonic_ns()}".replace(" ", "_")
     common = {
         "contender": contender,
@@ -300,7 +315,6 @@ def _specs(
         "base_url": base_url,
         "redis_url": redis_url,
         "key": key,
-        "start": start,
         "duration_s": duration_s,
     }
     return [dict(common, index=i) for i in range(processes)]
@@ -329,7 +343,9 @@ def _measure(
         rate=rate,
         burst=1,
         requests=len(sends),
-        long_run_rate=_steady_rate(sends, spec["start"], spec["start"] + spec["duration_s"]),
+        long_run_rate=_steady_rate(
+            sends, outputs[0]["start"], outputs[0]["start"] + spec["duration_s"]
+        ),
         busiest_window=busiest_window(sends),
         round_trips_per_request=round_trips / acquires if acquires else math.nan,
         added_p50_ms=_percentile(added, 0.5) * 1e3,
