@@ -140,9 +140,7 @@ class ClientSettings:
             base_url=self.base_url,
             max_concurrency=self.concurrency,
             rate_limit=self.rate_limit(),
-            retry=RetryPolicy(
-                max_attempts=self.retries + 1, retry_ambiguous=self.retry_ambiguous
-            ),
+            retry=RetryPolicy(max_attempts=self.retries + 1, retry_ambiguous=self.retry_ambiguous),
             timeout=self.timeout,
             payload_style=self.payload_style,
             trust_env=self.trust_env,
