@@ -34,6 +34,7 @@ from .memory import run_memory
 from .open_loop import run_open_loop
 from .overhead import run_overhead
 from .report import BASELINE, Results, render_markdown, render_text, write_json
+from .shared import run_part as run_shared_part
 
 __all__ = ["DEFAULT_PARTS", "PARTS", "Plan", "main"]
 
@@ -46,9 +47,11 @@ PARTS: Final = (
     "codec",
     "overhead",
     "instructions",
+    "shared",
 )
-#: What a run without --only measures: all but the slow callgrind part (~5.5 min).
-DEFAULT_PARTS: Final = tuple(part for part in PARTS if part != "instructions")
+#: What a run without --only measures: all but the slow callgrind part (~5.5 min) and
+#: the shared-limit part (~4 min, needs redis-server).
+DEFAULT_PARTS: Final = tuple(part for part in PARTS if part not in {"instructions", "shared"})
 CONCURRENCY: Final = 64
 LITTLE_LATENCY_S: Final = 0.05
 OPEN_LOOP_LATENCY_S: Final = 0.02
@@ -75,6 +78,7 @@ class Plan:
     open_loop_s: float = 4.0
     memory_sizes: tuple[int, ...] = (10_000, 100_000)
     limiter_s: float = 8.0
+    shared_s: float = 5.0
     codec_count: int = 200_000
     codec_repeats: int = 7
     overhead_jobs: int = 10_000
@@ -95,6 +99,7 @@ class Plan:
             open_loop_s=2.0,
             memory_sizes=(1_000, 10_000),
             limiter_s=2.5,
+            shared_s=3.0,
             codec_count=50_000,
             codec_repeats=5,
             overhead_jobs=5_000,
@@ -280,6 +285,9 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
                 )
         else:
             log("[instructions] skipped: valgrind is not installed")
+    if "shared" in parts:
+        # Kept in meta: its tables are its own (benchmarks/shared.py renders them).
+        results.meta["shared"] = run_shared_part(duration_s=plan.shared_s, log=log)
     results.meta["duration_s"] = time.perf_counter() - started
     results.meta["loadavg_end"] = _loadavg()
     return results
@@ -317,12 +325,20 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warning: {busy:.2f} cores busy with other work just before the run; it skews figures")
     results = run(plan, args.only, log)
     print(render_text(results))
+    if "shared" in results.meta:
+        print("\nOne limit shared by N processes (benchmarks/shared.py)\n")
+        print(results.meta["shared"]["markdown"])
     # A run of some parts only must not overwrite the record of a whole run.
     stem = "latest" if set(args.only) >= set(DEFAULT_PARTS) else "latest-partial"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.results_dir / f"{stem}.json", args.results_dir / f"{stem}.md"
     write_json(results, json_path)
-    md_path.write_text(render_markdown(results))
+    markdown = render_markdown(results)
+    if "shared" in results.meta:
+        markdown += (
+            "\n\n## One limit shared by N processes\n\n" + results.meta["shared"]["markdown"]
+        )
+    md_path.write_text(markdown)
     print(f"\nwrote {json_path} and {md_path}")
     return 0
 

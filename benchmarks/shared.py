@@ -20,8 +20,10 @@ here). Contenders, each in the same harness:
 
 Figures per cell, over the sends of all processes (stamped with
 ``time.monotonic``, one clock for all processes on Linux): the aggregate
-long-run rate after the first second against the target, the busiest
-one-second window against ``rate + burst``, Redis round trips per request, and
+rate over the fixed window from 1 s after the common start to the end, against
+the target (the long-run rate error), the busiest
+one-second window against ``rate + burst``, Redis round trips per request (per
+acquire that returned a slot, the last ones past the end included), and
 the added latency per acquire (the time acquire took beyond the wait the
 limiter meant: the round trip plus the timer's lateness; p50, p99).
 
@@ -38,6 +40,7 @@ import asyncio
 import json
 import math
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -53,16 +56,19 @@ from nebula_async._limiter import Outcome
 from nebula_async._limits import GcraSchedule
 
 from ._server import ROOT, ServerProcess
-from .limiter_accuracy import busiest_window, long_run_rate
+from .limiter_accuracy import busiest_window
 
-__all__ = ["CONTENDERS", "PauseResult", "SharedResult", "run_shared"]
+__all__ = ["CONTENDERS", "PauseResult", "SharedResult", "render", "run_part", "run_shared"]
 
 CONTENDERS: Final = ("shared", "per-process R/N", "limits moving window")
-_SENDERS: Final = 8  # concurrent senders per process
+_MIN_SENDERS: Final = 8  # concurrent senders per process, at least
+#: Senders enough for this many seconds of the target rate in flight, so that
+#: they wait on the limiter, not on the loaded machine (500/s: 30 over all processes).
+_IN_FLIGHT_S: Final = 0.2
 _LATENCY_S: Final = 0.005
 _PAUSE_PROCESSES: Final = 4
 _PAUSE_RATE: Final = 100.0
-_PAUSE_AT: Final = 300  # the mock server answers this request 429
+_PAUSE_AT: Final = 150  # the mock server answers this request 429 (about 1.4 s in)
 _RETRY_AFTER_S: Final = 2.0
 _PAYLOAD: Final = na.to_payload(na.Img2ImgRequest(model="bench", prompt="a fox", n=1))
 
@@ -123,6 +129,9 @@ class _LocalGcra:
         if retry_after:
             self._schedule.defer_until(time.monotonic() + retry_after)
 
+    async def warm_up(self) -> None:
+        pass
+
 
 class _Shared:
     def __init__(self, url: str, key: str, rate: float, burst: int) -> None:
@@ -142,6 +151,10 @@ class _Shared:
 
     async def record(self, ticket: object, outcome: Outcome, retry_after: float | None) -> None:
         await self._limiter.record(ticket, outcome, retry_after=retry_after)
+
+    async def warm_up(self) -> None:
+        # Open the pool's connections and load the scripts without taking a slot.
+        await asyncio.gather(*(self._limiter.connect() for _ in range(_MIN_SENDERS)))
 
     async def aclose(self) -> None:
         await self._limiter.aclose()
@@ -173,6 +186,9 @@ class _Limits:
     async def record(self, ticket: object, outcome: Outcome, retry_after: float | None) -> None:
         pass  # no shared pause: a 429 is the sender's own business
 
+    async def warm_up(self) -> None:
+        await asyncio.gather(*(self._storage.check() for _ in range(_MIN_SENDERS)))
+
 
 async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     contender, rate, burst = spec["contender"], spec["rate"], spec["burst"]
@@ -188,20 +204,29 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     sends: list[float] = []
     added: list[float] = []
     refusals: list[float] = []
-    connector = aiohttp.TCPConnector(limit=_SENDERS)
+    senders = max(_MIN_SENDERS, math.ceil(rate * _IN_FLIGHT_S / spec["processes"]))
+    # Acquires that returned after the end (their slots are dropped, not sent).
+    dropped = 0
+    connector = aiohttp.TCPConnector(limit=senders)
     async with aiohttp.ClientSession(connector=connector) as session:
         # Warm up (connect to Redis and the server) before the common start.
         async with session.post(url, data=body, headers=headers) as response:
             await response.read()
-        await asyncio.sleep(max(0.0, spec["start"] - time.monotonic()))
-        end = spec["start"] + spec["duration_s"]
+        await limiter.warm_up()
+        # Ready: the parent answers with the common start once every process is.
+        print("ready", flush=True)
+        start = float(await asyncio.to_thread(sys.stdin.readline))
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        end = start + spec["duration_s"]
 
         async def sender() -> None:
+            nonlocal dropped
             while time.monotonic() < end:
                 asked = time.monotonic()
                 ticket, due = await limiter.acquire()
                 sent = time.monotonic()
                 if sent >= end:
+                    dropped += 1
                     break
                 if not math.isnan(due):
                     added.append(sent - asked - max(due, 0.0))
@@ -217,10 +242,17 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 else:
                     await limiter.record(ticket, Outcome.ACCEPTED, None)
 
-        await asyncio.gather(*(sender() for _ in range(_SENDERS)))
+        await asyncio.gather(*(sender() for _ in range(senders)))
     if hasattr(limiter, "aclose"):
         await limiter.aclose()
-    return {"sends": sends, "added": added, "refusals": refusals, "round_trips": limiter.round_trips}
+    return {
+        "start": start,
+        "sends": sends,
+        "added": added,
+        "refusals": refusals,
+        "round_trips": limiter.round_trips,
+        "acquires": len(sends) + dropped,
+    }
 
 
 # -- the parent ----------------------------------------------------------------------------------
@@ -234,10 +266,12 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]:
+    """Run one worker per spec; all start together once every one has warmed up."""
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "benchmarks.shared", "--worker", json.dumps(spec)],
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -246,6 +280,16 @@ def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]
     ]
     outputs = []
     try:
+        for child in children:
+            assert child.stdout is not None
+            ready, _, _ = select.select([child.stdout], [], [], cap_s)
+            if not ready or child.stdout.readline().strip() != "ready":
+                raise RuntimeError("shared benchmark worker did not get ready")
+        start = time.monotonic() + 0.2
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(f"{start!r}\n")
+            child.stdin.flush()
         for child in children:
             out, _ = child.communicate(timeout=cap_s)
             if child.returncode != 0:
@@ -262,8 +306,6 @@ def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]
 def _specs(
     contender: str, processes: int, rate: float, base_url: str, redis_url: str, duration_s: float
 ) -> list[dict[str, Any]]:
-    # Start together once every process has imported and warmed up (~0.5 s each here).
-    start = time.monotonic() + 1.5 + 0.5 * processes
     key = f"bench-{contender}-{processes}-{rate:g}-{time.monotonic_ns()}".replace(" ", "_")
     common = {
         "contender": contender,
@@ -273,27 +315,39 @@ def _specs(
         "base_url": base_url,
         "redis_url": redis_url,
         "key": key,
-        "start": start,
         "duration_s": duration_s,
     }
     return [dict(common, index=i) for i in range(processes)]
 
 
+def _steady_rate(sends: Sequence[float], start: float, end: float) -> float:
+    """Sends per second in ``[start + 1 s, end)``: the fixed window after the start-up
+    burst, the same for every contender (a limiter that bursts at window edges is
+    not flattered by where its first and last sends fall)."""
+    begin = start + 1.0
+    if end <= begin:
+        return math.nan
+    return sum(1 for t in sends if begin <= t < end) / (end - begin)
+
+
 def _measure(
-    contender: str, processes: int, rate: float, outputs: list[dict[str, Any]]
+    contender: str, processes: int, rate: float, outputs: list[dict[str, Any]], spec: dict[str, Any]
 ) -> SharedResult:
     sends = sorted(t for out in outputs for t in out["sends"])
     added = [a for out in outputs for a in out["added"]]
     round_trips = sum(out["round_trips"] for out in outputs)
+    acquires = sum(out["acquires"] for out in outputs)
     return SharedResult(
         contender=contender,
         processes=processes,
         rate=rate,
         burst=1,
         requests=len(sends),
-        long_run_rate=long_run_rate(sends),
+        long_run_rate=_steady_rate(
+            sends, outputs[0]["start"], outputs[0]["start"] + spec["duration_s"]
+        ),
         busiest_window=busiest_window(sends),
-        round_trips_per_request=round_trips / len(sends) if sends else math.nan,
+        round_trips_per_request=round_trips / acquires if acquires else math.nan,
         added_p50_ms=_percentile(added, 0.5) * 1e3,
         added_p99_ms=_percentile(added, 0.99) * 1e3,
         refused=sum(len(out["refusals"]) for out in outputs),
@@ -324,9 +378,7 @@ def _run_pause(contender: str, redis_url: str, duration_s: float, cap_s: float) 
     try:
         if not ready.wait(20):
             raise RuntimeError("pause-cell mock server did not start")
-        specs = _specs(
-            contender, _PAUSE_PROCESSES, _PAUSE_RATE, box["url"], redis_url, duration_s
-        )
+        specs = _specs(contender, _PAUSE_PROCESSES, _PAUSE_RATE, box["url"], redis_url, duration_s)
         outputs = _run_cell(specs, cap_s)
     finally:
         stop.set()
@@ -354,7 +406,7 @@ def run_shared(
     redis_url: str,
     rates: Sequence[float] = (50.0, 500.0),
     processes: Sequence[int] = (1, 2, 4, 8),
-    duration_s: float = 6.0,
+    duration_s: float = 5.0,
     log: Callable[[str], None],
 ) -> tuple[list[SharedResult], list[PauseResult]]:
     """Every contender at every rate and process count, then the pause cell."""
@@ -364,10 +416,9 @@ def run_shared(
         for rate in rates:
             for count in processes:
                 for contender in CONTENDERS:
-                    specs = _specs(
-                        contender, count, rate, server.base_url, redis_url, duration_s
-                    )
-                    result = _measure(contender, count, rate, _run_cell(specs, cap_s))
+                    specs = _specs(contender, count, rate, server.base_url, redis_url, duration_s)
+                    outputs = _run_cell(specs, cap_s)
+                    result = _measure(contender, count, rate, outputs, specs[0])
                     results.append(result)
                     log(
                         f"[shared] {rate:>4g}/s x{count} {contender:<21} "
@@ -419,26 +470,37 @@ def render(results: Sequence[SharedResult], pauses: Sequence[PauseResult]) -> st
     return "\n".join(lines)
 
 
+def run_part(*, duration_s: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """The ``shared`` part of ``python -m benchmarks``: starts its own redis-server.
+
+    Returns ``{"cells": [...], "pauses": [...], "markdown": "..."}`` for the run's record.
+    """
+    sys.path.insert(0, str(ROOT))
+    from tests.redis_server import RedisServer, require_redis_server
+
+    with RedisServer(require_redis_server()) as redis_server:
+        results, pauses = run_shared(redis_url=redis_server.url, duration_s=duration_s, log=log)
+    return {
+        "cells": [attrs.asdict(r) | {"long_run_error": r.long_run_error} for r in results],
+        "pauses": [attrs.asdict(p) for p in pauses],
+        "markdown": render(results, pauses),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.shared`` (standalone) or a worker (``--worker SPEC``)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.shared")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="3 s per cell instead of 6 s")
+    parser.add_argument("--quick", action="store_true", help="3 s per cell instead of 5 s")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(asyncio.run(_worker(json.loads(args.worker)))))
         return 0
-    sys.path.insert(0, str(ROOT))
-    from tests.redis_server import RedisServer, require_redis_server
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    with RedisServer(require_redis_server()) as redis_server:
-        results, pauses = run_shared(
-            redis_url=redis_server.url, duration_s=3.0 if args.quick else 6.0, log=log
-        )
-    print(render(results, pauses))
+    print(run_part(duration_s=3.0 if args.quick else 5.0, log=log)["markdown"])
     return 0
 
 

@@ -7,7 +7,10 @@ reserves the next GCRA slot (the virtual-scheduling algorithm of
 :mod:`nebula_async._limits`, shaping rather than policing: it never refuses,
 it returns how long to wait) and returns that wait, which the caller sleeps. No
 polling, and no host clock: every time is Redis' own, in microseconds, so hosts
-whose clocks disagree still share one schedule.
+whose clocks disagree still share one schedule. The sleep is anchored: it ends
+at the slot's local time (Redis time plus the least offset seen between the
+clocks), so a reply that came late shortens its sleep instead of making the
+send late (the anchoring of :mod:`nebula_async._limits`, across clocks).
 
 Keys, all under ``nebula-async:{KEY}:`` (one hash slot, so a cluster keeps
 them together), each given a ``PEXPIRE`` on every write so that an unused limit
@@ -177,6 +180,10 @@ _FLOOR_FRACTION: Final = 1 / 20
 #: short one, so that a dead Redis shows as an error in about a second.
 _RETRIES: Final = 2
 _SLACK_US: Final = 1000
+#: How fast the Redis-to-local clock offset may drift up (100 ppm), and the jump
+#: that resets it (see RedisLimiter._delay).
+_DRIFT: Final = 1e-4
+_OFFSET_RESET_S: Final = 0.5
 #: The pause-notice listener: how long one wait for a message lasts (a local
 #: wait on the socket, no traffic), and the back-off after its connection failed.
 _LISTEN_POLL_S: Final = 1.0
@@ -230,6 +237,9 @@ class RedisLimiter:
         self._acquired = 0
         self._refused = 0
         self._round_trips = 0
+        # Redis' clock -> time.monotonic() (see _delay); +inf: not seen yet.
+        self._offset = math.inf
+        self._offset_at = 0.0
 
     def __repr__(self) -> str:
         return f"<RedisLimiter {redact_url(self._config.redis_url)} key={self._config.key!r}>"
@@ -351,12 +361,13 @@ class RedisLimiter:
             wait_us, slot_us, rate, decreases, estimate, pause_us = await self._run(
                 acquire_script, self._common
             )
+            received = time.monotonic()
             self._note(rate, decreases, estimate, pause_us, slot_us - wait_us)
             if wait_us > 0:
                 waited_us += wait_us
                 # A cancelled sleeper's slot stays spent: giving it back would take
                 # a round trip the cancelled task should not make (errs slow).
-                await anyio.sleep(wait_us / 1e6)
+                await anyio.sleep(self._delay(slot_us, wait_us, received))
             # Reserved before a pause that this process has heard of since: the
             # slot lies inside that pause, so take a new one (placed after it).
             # (A millisecond of slack absorbs the script's float rounding.)
@@ -364,6 +375,25 @@ class RedisLimiter:
                 break
         self._acquired += 1
         return Ticket(slot_us, waited_us)
+
+    def _delay(self, slot_us: int, wait_us: int, received: float) -> float:
+        """How long to sleep for ``slot_us``, anchored to Redis' clock.
+
+        Sleeping the script's ``wait`` from the moment the reply arrived makes a
+        late reply (a stalled process, a busy host) a late send, for good: the
+        lateness is never paid back. Instead the sleep ends at the local time of
+        the slot: ``slot + offset``, where ``offset`` is the least
+        ``local receive time - Redis time`` seen (the clocks' offset plus the
+        quickest reply; never too small, so never early). It may grow by 100 ppm
+        of the time since it was last lowered (clock drift), and a reply over
+        0.5 s above it (a Redis clock step, a failover) resets it.
+        """
+        observed = received - (slot_us - wait_us) / 1e6
+        offset = self._offset + _DRIFT * (received - self._offset_at)
+        if observed < offset or observed - offset > _OFFSET_RESET_S:
+            offset = observed
+        self._offset, self._offset_at = offset, received
+        return max(0.0, slot_us / 1e6 + offset - time.monotonic())
 
     async def record(
         self, ticket: object, outcome: Outcome, *, retry_after: float | None = None

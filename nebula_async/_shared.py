@@ -53,6 +53,10 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _url_repr(url: str) -> str:
+    return repr(redact_url(url))
+
+
 def _fail(field: str, message: str) -> ValidationError:
     return ValidationError(f"SharedRateLimit.{field}: {message}", field=field)
 
@@ -134,7 +138,7 @@ class SharedRateLimit:
     True
     """  # noqa: E501
 
-    redis_url: str = attrs.field(validator=_check_url, repr=lambda url: repr(redact_url(url)))
+    redis_url: str = attrs.field(validator=_check_url, repr=_url_repr)
     key: str = attrs.field(kw_only=True, validator=_check_key)
     per_second: float = attrs.field(kw_only=True, validator=_positive)
     burst: int = attrs.field(default=1, kw_only=True, validator=_burst)

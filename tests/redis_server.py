@@ -18,10 +18,14 @@ In a test module::
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from types import TracebackType
@@ -50,6 +54,13 @@ def require_redis_server() -> str:
     if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
         raise pytest.fail.Exception(f"{message}; CI must have it (.ci/run installs it)")
     raise pytest.skip.Exception(message)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, however it dies (Linux
+    ``PR_SET_PDEATHSIG``), so that a killed test run leaves no redis-server behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -102,7 +113,11 @@ class RedisServer:
             *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not _ping(self.port):

@@ -14,7 +14,7 @@ import pickle
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import anyio
@@ -26,6 +26,7 @@ import nebula_async as na
 from benchmarks.limiter_accuracy import busiest_window, long_run_rate
 from nebula_async._limiter import Limiter, LimiterFactory, Outcome
 from nebula_async._redis import RedisLimiter, Ticket
+from nebula_async.testing import MockNebulaServer
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +61,7 @@ def test_config_pickles_and_is_a_factory() -> None:
     )
     again = pickle.loads(pickle.dumps(limit))
     assert again == limit
-    assert again.per_second == 12.5 and again.burst == 4 and again.adaptive is False
+    assert (again.per_second, again.burst, again.adaptive) == (12.5, 4, False)
     assert isinstance(limit, LimiterFactory)
     assert isinstance(limit.create_limiter(), Limiter)
     assert "SharedRateLimit" in na.__all__
@@ -135,7 +136,7 @@ async def test_gcra_across_tasks_keeps_rate_and_window(redis_server: RedisServer
     assert slots[burst] - slots[0] >= 1 / rate - 1e-5
     assert long_run_rate(returned) == pytest.approx(rate, rel=0.02)
     stats = limiter.statistics()
-    assert stats.acquired == 180 and stats.current_rate == rate and stats.paused_for_s == 0
+    assert (stats.acquired, stats.current_rate, stats.paused_for_s) == (180, rate, 0)
     assert limiter.round_trips == 180  # one per acquire
 
 
@@ -395,8 +396,11 @@ async def test_unreachable_redis_is_a_clear_error() -> None:
         await limiter.acquire()
     assert time.monotonic() - started < 5.0
     message = str(caught.value)
-    assert message.startswith(f"shared rate limit: Redis at redis://:***@127.0.0.1:{port}/0 unreachable")
-    assert "hunter2-secret" not in message and "hunter2-secret" not in repr(caught.value)
+    assert message.startswith(
+        f"shared rate limit: Redis at redis://:***@127.0.0.1:{port}/0 unreachable"
+    )
+    assert "hunter2-secret" not in message
+    assert "hunter2-secret" not in repr(caught.value)
     assert caught.value.request_sent is False
     assert isinstance(caught.value, na.NebulaError)
     with pytest.raises(na.APIConnectionError):
@@ -449,3 +453,93 @@ async def test_closed_limiter_refuses_use(redis_server: RedisServer, key: str) -
     assert limiter.statistics().acquired == 1  # statistics need no connection
     with pytest.raises(RuntimeError, match="closed"):
         await limiter.acquire()
+
+
+# -- end to end: NebulaClient + MockNebulaServer -------------------------------------------------
+
+
+def _jobs(count: int, prefix: str) -> list[na.Job]:
+    return [
+        na.Job(na.Img2ImgRequest(model="m", prompt="a fox"), id=f"{prefix}{i}")
+        for i in range(count)
+    ]
+
+
+async def test_two_clients_share_one_limit_end_to_end(redis_server: RedisServer, key: str) -> None:
+    """Two clients (two limiters, two pools: as two processes) at one shared 40/s: the
+    server, limiting at 40/s itself, refuses nothing, and sees at most rate + burst a second."""
+    rate = 40.0
+    limit = na.SharedRateLimit(redis_server.url, key=key, per_second=rate, burst=2)
+    async with MockNebulaServer(latency=0.01, rate_limit=rate, rate_limit_burst=4) as server:
+
+        async def one(prefix: str) -> na.BatchReport:
+            async with na.NebulaClient(
+                token="mock-token", base_url=server.base_url, max_concurrency=8, rate_limit=limit
+            ) as client:
+                return await client.run_batch(_jobs(30, prefix))
+
+        started = time.monotonic()
+        reports: list[na.BatchReport] = []
+        async with anyio.create_task_group() as tg:
+            for prefix in ("a", "b"):
+                tg.start_soon(_append, reports, one(prefix))
+        elapsed = time.monotonic() - started
+    assert [r.succeeded for r in reports] == [30, 30]
+    assert sum(r.rate_limited for r in reports) == 0
+    arrivals = sorted(record.received_at for record in server.requests)
+    assert len(arrivals) == 60
+    assert busiest_window(arrivals) <= rate + 2
+    assert elapsed >= (60 - 2) / rate - 0.05  # one 40/s for both, not 40/s each
+
+
+async def test_a_429_in_one_client_pauses_the_other(redis_server: RedisServer, key: str) -> None:
+    limit = na.SharedRateLimit(redis_server.url, key=key, per_second=30.0, adaptive=False)
+    script = [None] * 8 + ["http_429"]
+    async with MockNebulaServer(latency=0.01, fault_script=iter(script), retry_after=1.0) as server:
+
+        async def run(prefix: str) -> na.BatchReport:
+            async with na.NebulaClient(
+                token="mock-token", base_url=server.base_url, max_concurrency=4, rate_limit=limit
+            ) as client:
+                return await client.run_batch(_jobs(20, prefix))
+
+        reports: list[na.BatchReport] = []
+        async with anyio.create_task_group() as tg:
+            for prefix in ("a", "b"):
+                tg.start_soon(_append, reports, run(prefix))
+    assert sum(r.succeeded for r in reports) == 40
+    assert sum(r.rate_limited for r in reports) == 1
+    refused = next(r for r in server.requests if r.status == 429)
+    # The refusal reached its client after the server's latency; from then on
+    # neither client sends until the Retry-After is over.
+    heard = refused.received_at + 0.01
+    inside = [r for r in server.requests if heard + 0.02 < r.received_at < heard + 0.95]
+    assert inside == []
+    assert any(r.received_at >= heard + 0.95 for r in server.requests)
+
+
+async def _append(out: list[na.BatchReport], report: Awaitable[na.BatchReport]) -> None:
+    out.append(await report)
+
+
+async def test_redis_unreachable_fails_the_jobs_and_sends_nothing() -> None:
+    limit = na.SharedRateLimit(
+        f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0",
+        key="k",
+        per_second=10,
+        connect_timeout_s=0.5,
+    )
+    async with MockNebulaServer() as server:
+        async with na.NebulaClient(
+            token="mock-token",
+            base_url=server.base_url,
+            rate_limit=limit,
+            retry=na.RetryPolicy(max_attempts=1),
+        ) as client:
+            report = await client.run_batch(_jobs(3, "j"))
+        assert server.request_count == 0  # never silently unlimited
+    assert report.failed == 3
+    for result in report.results:
+        assert isinstance(result.error, na.APIConnectionError)
+        assert "shared rate limit: Redis at redis://:***@127.0.0.1" in str(result.error)
+        assert "hunter2-secret" not in str(result.error)
