@@ -489,7 +489,7 @@ class NebulaClient:
                 self._counters.rate_limited += 1
             await self._record(ticket, error)
             return error, generation
-        await self._limiter.record(ticket, Outcome.ACCEPTED)
+        await self._tell(ticket, Outcome.ACCEPTED)
         return result, generation
 
     async def _record(self, ticket: object, error: NebulaError) -> None:
@@ -504,7 +504,18 @@ class NebulaClient:
             outcome = Outcome.FAILED  # nothing usable came back: no news of the rate
         else:
             outcome = Outcome.ACCEPTED
-        await self._limiter.record(ticket, outcome, retry_after=retry_after)
+        await self._tell(ticket, outcome, retry_after=retry_after)
+
+    async def _tell(
+        self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        """``limiter.record``; a limiter that fails to hear (Redis down) never costs
+        the answer that already came back: it is logged, and the answer goes on."""
+        assert self._limiter is not None
+        try:
+            await self._limiter.record(ticket, outcome, retry_after=retry_after)
+        except NebulaError as exc:
+            _log.warning("the rate limiter could not record an outcome: %s", exc)
 
     def _request_headers(self, authorization: str) -> dict[str, str]:
         # Rebuilt only when the token changes, not per request.
@@ -529,7 +540,7 @@ class NebulaClient:
         async with self._concurrency:
             ticket = await self._send_slot()
             if control is not None and (stopped := control.not_started()) is not None:
-                await self._limiter.record(ticket, Outcome.UNUSED)
+                await self._tell(ticket, Outcome.UNUSED)
                 raise stopped
             authorization, generation = self._auth.current()  # no await from here to the send
             request = HttpRequest("POST", self._url, self._request_headers(authorization), body)
@@ -542,10 +553,10 @@ class NebulaClient:
                 # Refused by aiohttp before anything went out: not an attempt.
                 tally.attempts -= 1
                 counters.attempts -= 1
-                await self._limiter.record(ticket, Outcome.UNUSED)
+                await self._tell(ticket, Outcome.UNUSED)
                 raise
             except NebulaError:
-                await self._limiter.record(ticket, Outcome.FAILED)
+                await self._tell(ticket, Outcome.FAILED)
                 raise
             finally:
                 counters.in_flight -= 1
@@ -562,7 +573,7 @@ class NebulaClient:
             ticket = await limiter.acquire()
             if not auth.needs_login:
                 return ticket
-            await limiter.record(ticket, Outcome.UNUSED)
+            await self._tell(ticket, Outcome.UNUSED)
 
     async def _after_refused_token(
         self, error: NebulaError, generation: int | None, tries: _Tries

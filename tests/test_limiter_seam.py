@@ -202,3 +202,25 @@ def test_rate_limit_refuses_what_is_neither_a_rate_nor_a_limiter() -> None:
     for bad in ("10", object(), True, [1.0]):
         with pytest.raises(na.ValidationError, match="rate_limit"):
             na.NebulaClient(token="t", base_url="http://127.0.0.1:1", rate_limit=bad)
+
+
+class DeafLimiter(CountingLimiter):
+    """A limiter whose ``record`` fails, as a shared one does when its Redis goes away."""
+
+    async def record(
+        self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        await super().record(ticket, outcome, retry_after=retry_after)
+        raise na.APIConnectionError("shared rate limit: Redis unreachable", request_sent=False)
+
+
+async def test_a_limiter_that_cannot_record_never_costs_the_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = DeafLimiter()
+    async with MockNebulaServer() as server, client_for(server, limiter) as client:
+        result = await client.img2img(request())
+    assert len(result.urls) == 1
+    assert len(server.requests) == 1  # generated once: not retried, not lost
+    assert limiter.outcomes() == [(Outcome.ACCEPTED, None)]
+    assert "could not record an outcome" in caplog.text
