@@ -99,7 +99,8 @@ class RateController:
     Sans-I/O: every method takes ``now``, seconds on the caller's monotonic clock
     (never going backwards), and nothing awaits. Tell it of every send
     (:meth:`on_sent`) and answer (:meth:`on_accepted`, :meth:`on_refused`); ask
-    :meth:`rate_at` for the rate to pace at (None: unlimited).
+    :meth:`rate_at` for the rate to pace at (None: unlimited) and
+    :meth:`hold_until` whether the next send should wait for the window to pass.
 
     ``initial_rate`` None: unlimited until the first refusal. A number: a guess,
     started at ``start_fraction`` of it and ramped up (it may be too high or too
@@ -242,10 +243,45 @@ class RateController:
 
     def rate_at(self, now: float) -> float | None:
         """The rate to send at ``now``, requests per second (None: unlimited)."""
+        return self._pace(now)
+
+    def hold_until(self, now: float) -> float:
+        """The earliest time a new send should go; ``now`` when it may go at once.
+
+        Later than ``now`` while the sends of the last window that were not
+        refused already fill what the estimate allows: a burst sent before the
+        first refusal (while unlimited, or at a guess too high) keeps the server's
+        window full until it slides past, and sending meanwhile would only be
+        refused. A limiter treats it like a short pause, for new reservations only.
+        It is the client-side image of a sliding window; for a token bucket or a
+        fixed window it is merely cautious, and in steady pacing it never holds.
+        """
         rate = self._pace(now)
-        if rate is None or self._phase != _STEADY:
-            return rate
-        return self._within_budget(now, rate)
+        estimate = self._estimate
+        if rate is None or estimate is None or self._phase != _STEADY:
+            return now
+        allowed = max(self._target(estimate), rate) * self._window
+        # Whole bins only: the oldest, partly outside the window, is left out, so
+        # that steady pacing at ``rate`` (about ``allowed`` sends a window) never
+        # counts as full; a burst is many more.
+        first = self._index(now - self._window) + 1
+        last = self._index(now)
+        bins = self._bins
+        held = 0
+        for index in range(first, last + 1):
+            counts = bins.get(index)
+            if counts is not None:
+                held += counts[0] - counts[2]
+        if held <= allowed:
+            return now
+        for index in range(first, last + 1):
+            counts = bins.get(index)
+            if counts is not None:
+                held -= counts[0] - counts[2]
+            if held <= allowed:
+                free_at = (index + 1) * self._bin_width + self._window
+                return free_at if free_at - now > 1.0 / rate else now
+        return now
 
     # -- events ----------------------------------------------------------------------------
 
@@ -293,7 +329,7 @@ class RateController:
     # -- internals -------------------------------------------------------------------------
 
     def _pace(self, now: float) -> float | None:
-        """The rate of the current phase, before :meth:`_within_budget`."""
+        """The rate of the current phase."""
         phase = self._phase
         if phase == _UNLIMITED:
             return None
@@ -340,7 +376,7 @@ class RateController:
                     self._hold = self._unproven_hold
                 measured = min(measured, upper)
         self._last_refused = sent_at
-        current = self._pace(now)  # a hold for a full window is no rate to cut from
+        current = self._pace(now)
         previous = self._estimate
         probing = self._phase == _STEADY and now > self._cut_at + self._hold
         if probing and previous is not None and measured > 1.15 * previous:
@@ -429,45 +465,6 @@ class RateController:
         # Over the time since the first send while that is less than a window.
         span = min(self._window, max(now - self._started_at, self._bin_width))
         return max(floor, gain * self._count_between(now - span, now, 0) / span)
-
-    def _within_budget(self, now: float, rate: float) -> float:
-        """``rate``, or slower while the last window is already full.
-
-        The client-side image of a sliding window: the sends of the last ``W``
-        seconds that were not refused (accepted or still in flight) may not exceed
-        what the rate allows. A burst sent before the first refusal (while
-        unlimited, or at a guess too high) fills the server's window until it
-        slides past; sending at the estimated rate meanwhile would only be refused.
-        For a token bucket or a fixed window the bound is merely cautious.
-        """
-        estimate = self._estimate
-        if estimate is None:
-            return rate
-        allowed = max(self._target(estimate), rate) * self._window
-        # Whole bins only: the oldest, partly outside the window, is left out, so
-        # that steady pacing at ``rate`` (about ``allowed`` sends a window) never
-        # counts as full; a burst is many more.
-        first = self._index(now - self._window) + 1
-        last = self._index(now)
-        bins = self._bins
-        held = 0
-        for index in range(first, last + 1):
-            counts = bins.get(index)
-            if counts is not None:
-                held += counts[0] - counts[2]
-        if held <= allowed:
-            return rate
-        # Full: the next send waits until enough of the window has slid past.
-        for index in range(first, last + 1):
-            counts = bins.get(index)
-            if counts is not None:
-                held -= counts[0] - counts[2]
-            if held <= allowed:
-                wait = (index + 1) * self._bin_width + self._window - now
-                if wait * rate <= 1.0:
-                    return rate
-                return self._clamp(1.0 / wait)
-        return rate
 
     def _clamp(self, rate: float) -> float:
         return min(max(rate, self._min_rate), self._ceiling)

@@ -230,6 +230,8 @@ def simulate(
     """
     rng = random.Random(seed)
     half = latency / 2
+    # A controller may ask that new sends wait (RateController.hold_until).
+    hold: Callable[[float], float] = getattr(controller, "hold_until", lambda now: now)
     events: list[tuple[float, int, int, int]] = []
     sequence = 0
 
@@ -254,14 +256,15 @@ def simulate(
     def reserve(now: float, job: int) -> None:
         nonlocal schedule
         rate = controller.rate_at(now)
+        start = max(now, hold(now))
         if rate is None:
-            slot = now
+            slot = start
         else:
             if schedule is None:
                 schedule = GcraSchedule(rate, burst)
             elif rate != schedule.rate:
                 schedule.set_rate(rate, now)
-            slot = schedule.reserve(now)
+            slot = schedule.reserve(start)
         rates.append((slot, rate))
         push(slot, _SEND, job)
 
