@@ -1,4 +1,4 @@
-"""Project gates: ``nox -s tests lint typing docs bench`` (``nox -l`` lists them)."""
+"""Project gates: ``nox -s tests lint typing docs``; ``bench``, ``soak`` apart (``nox -l``)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,12 @@ def bench(session: nox.Session) -> None:
     """Benchmarks side by side with the baselines; pass ``-- --quick`` for a short run."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """The long reliability run (minutes): 10,000 jobs per phase through ~20% mixed
+    faults, SIGKILL + resume at random moments, with and without --download,
+    reconciled against the mock server's record. ``-- --jobs N --kills K`` to resize."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "benchmarks.soak", *session.posargs)

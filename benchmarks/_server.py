@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cpu:
         pin(args.cpu)
-    asyncio.run(serve_mock_server(args))
+    sys.exit(asyncio.run(serve_mock_server(args)))
 
 
 if __name__ == "__main__":

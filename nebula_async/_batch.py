@@ -1,32 +1,28 @@
-"""The batch pipeline: lazy input, a bounded worker pool, and the aggregator.
+"""The batch pipeline: lazy input, one feeder, a bounded worker pool, a drain.
 
 ::
 
-    plain iterable  --next(), by the worker that is free-->  N workers --run_job-->
-    async iterable  -> feeder --[memory stream, buffer = workers]--> N workers --run_job-->
-      -> [memory stream, buffer = workers] -> the caller, unordered or reordered
+    jobs (any iterable or async iterable)
+      -> feeder --[rendezvous stream]--> workers --run_item--> [bounded stream] -> JobStream
 
-A plain iterable is read by the workers themselves, one item when a worker is
-free (no feeder task, no hand-off); an async iterable by one feeder task
-through a bounded stream, since its ``__anext__`` must not run concurrently.
-Either way a job is read only when a worker is about to take it, and the results
-stream is bounded too: memory stays flat in the number of jobs (backpressure).
+One feeder reads the input, plain or async alike, one item at a time and only
+when a worker is free to take it (a rendezvous stream: nothing read waits in a
+buffer), so memory stays flat in the number of jobs and a drain leaves no job
+half-taken. The workers outnumber the client's concurrency by half again: the
+concurrency cap itself is a semaphore taken per HTTP attempt and released during
+a retry's backoff, so a job sleeping in a backoff never idles a slot while other
+jobs wait. Results flow back through a stream bounded by the workers
+(backpressure on a slow consumer).
 
-Workers and backoff: ``workers`` (the client's concurrency) workers run jobs, each
-holding one of the pool's permits (:class:`WorkerPermits`) across jobs, so with
-no retries every request finds a concurrency slot free and nothing is handed from
-task to task. Spare workers (half as many again) wait for a permit. A submission
-that sleeps in a retry backoff lends a permit out for the sleep
-(:func:`backoff_sleep`): a spare takes it and runs another job meanwhile, so a
-backoff never idles a concurrency slot. Awake again, the submission takes a
-permit back at once, on credit if none is free, so its retry waits for nothing
-but the concurrency slot; the next worker to finish a job while the pool is in
-debt repays it and waits as a spare.
+:class:`JobStream` owns the pipeline's task group when entered
+(``async with client.stream(jobs) as results``), the structured form. Iterated
+bare (``async for r in client.stream(jobs)``), it runs the same pipeline in a
+task of the client's, because a task group cannot live in the frame of an
+abandoned async iterator (PEP 789); dropping the iterator cancels that task.
 
-The pipeline runs in a task of its own that the client tracks, not inside the caller's async
-generator frame: a task group entered in an async generator and closed by the
-garbage collector would exit its cancel scope in another task. Leaving the
-stream (break, cancellation, error) cancels the pipeline and waits for it.
+:meth:`JobStream.drain` stops the feeder and every submission not yet started
+(they end as :class:`~nebula_async.NotAttemptedError`); the jobs in flight finish
+and are yielded, then the stream ends.
 """
 
 from __future__ import annotations
@@ -34,154 +30,92 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
+    Coroutine,
     Iterable,
-    Iterator,
     Mapping,
 )
-from contextvars import ContextVar
-from typing import Final, TypeVar
+from functools import partial
+from types import TracebackType
+from typing import Any, Final, Self
 
 import anyio
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._exceptions import ValidationError
-from ._limits import FifoLimiter
-from ._models import (
-    JobResult,
-)
+from ._breaker import CircuitBreaker
+from ._exceptions import ClientStateError, NotAttemptedError, ValidationError
+from ._models import JobResult
 
-__all__ = [
-    "WorkerPermits",
-    "backoff_sleep",
-    "default_window",
-    "run_pipeline",
-    "spare_worker_count",
-    "worker_count",
-]
+__all__ = ["BatchControl", "JobStream", "default_window", "iterate", "worker_count"]
+
+RunItem = Callable[[int, object, "BatchControl"], Awaitable[JobResult]]
+Admit = Callable[[int, object], object]
+_Pair = tuple[int, JobResult]
 # Closing a cancelled pipeline is prompt (aiohttp aborts at once); this only
-# guards against a run_job that ignores cancellation.
+# guards against a run_item that ignores cancellation.
 _CLOSE_GRACE_S: Final = 10.0
 
 
-_T = TypeVar("_T")
-_END: Final = object()  # the end of a plain iterable
+def default_window(max_concurrency: int) -> int:
+    """The reorder window of ``stream(ordered=True)``: 4x the concurrency, at least 64."""
+    return max(64, 4 * max_concurrency)
 
 
-class WorkerPermits(FifoLimiter):
-    """Which workers of a batch may run a job: ``workers`` permits, lent out on backoff.
+def worker_count(max_concurrency: int) -> int:
+    """Workers of a batch: the concurrency, and half again to use slots freed by backoffs."""
+    return max_concurrency + max(1, math.ceil(max_concurrency / 2))
 
-    A :class:`FifoLimiter` (``acquire()`` waits its turn for a free permit) that may
-    also run into debt: ``take()`` takes a permit at once, on credit when none is
-    free (``in_debt``), and ``release()`` repays a debt before it hands a permit to
-    a waiter or frees it. Unlike a limiter, a release needs no earlier acquire:
-    every sleeping submission lends one permit, so the free count can briefly
-    exceed ``workers`` (the spare workers bound what that starts).
-    """
 
-    __slots__ = ()
+class BatchControl:
+    """What one batch's submissions ask before they start: drained? circuit open?"""
+
+    def __init__(self, *, breaker_threshold: int | None) -> None:
+        self._breaker = CircuitBreaker(breaker_threshold)
+        self._drained = False
+        self._on_drain: list[Callable[[], None]] = []
 
     @property
-    def in_debt(self) -> bool:
-        """Whether a permit was taken on credit and not yet repaid."""
-        return self._free < 0
+    def draining(self) -> bool:
+        """Whether the batch was told to stop taking work."""
+        return self._drained
 
-    def release(self) -> None:
-        """Give back or lend a permit: repay a debt, else wake a waiter, else free it."""
-        # No over-release check: a lent permit is released without an acquire.
-        if self._free < 0 or not self._hand_over():
-            self._free += 1
+    def drain(self) -> None:
+        """Start no more jobs or submissions; those in flight finish."""
+        if not self._drained:
+            self._drained = True
+            for callback in self._on_drain:
+                callback()
 
-    def take(self) -> None:
-        """Take a permit now, on credit when none is free."""
-        self._free -= 1
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when :meth:`drain` is first called."""
+        self._on_drain.append(callback)
 
+    def not_started(self) -> NotAttemptedError | None:
+        """The error a submission about to start gets instead, or None to go ahead."""
+        if self._drained:
+            return NotAttemptedError("not attempted: the batch was drained", reason="drained")
+        opened = self._breaker.opened
+        if opened is None:
+            return None
+        # A fresh copy each: errors kept in results must not share tracebacks.
+        return NotAttemptedError(str(opened), reason=opened.reason, cause=opened.cause)
 
-#: The worker permits of the batch whose worker runs the current task (and the
-#: tasks of its job), for :func:`backoff_sleep` to lend out; None outside a batch.
-_WORKER_PERMITS: ContextVar[WorkerPermits | None] = ContextVar(
-    "nebula_async_worker_permits", default=None
-)
+    def record(self, outcome: object) -> None:
+        """Count a finished submission's outcome toward the circuit breaker."""
+        self._breaker.record(outcome)
 
-
-async def backoff_sleep(
-    delay: float, sleep: Callable[[float], Awaitable[None]] = anyio.sleep
-) -> None:
-    """``sleep(delay)`` before a retry, lending a worker permit meanwhile.
-
-    Inside a batch the permit goes to a spare worker, which runs another job during
-    the sleep; afterwards the permit is taken back at once (on credit if need be,
-    repaid by the next worker to finish a job). Outside a
-    batch (``img2img``) this is a plain sleep.
-    """
-    permits = _WORKER_PERMITS.get()
-    if permits is None:
-        await sleep(delay)
-        return
-    permits.release()
-    # Cancelled in the sleep, the pipeline is going away: nothing to take back.
-    await sleep(delay)
-    permits.take()
+    @property
+    def stopped_by(self) -> NotAttemptedError | None:
+        """The circuit breaker's error once it opened, else None."""
+        return self._breaker.opened
 
 
-# anyio's send()/receive() checkpoint on every call, an extra event-loop round trip
-# per item; try the non-blocking call first and wait only when the stream is full
-# (or empty). Every job still reaches a real await (its HTTP request).
-async def _send(stream: MemoryObjectSendStream[_T], item: _T) -> None:
-    try:
-        stream.send_nowait(item)
-    except anyio.WouldBlock:
-        await stream.send(item)
-
-
-async def _receive(stream: MemoryObjectReceiveStream[_T]) -> _T:
-    try:
-        return stream.receive_nowait()
-    except anyio.WouldBlock:
-        return await stream.receive()
-
-
-async def _iterate(jobs: Iterable[object] | AsyncIterable[object]) -> AsyncGenerator[object]:
-    if isinstance(jobs, AsyncIterable):
-        try:
-            async for item in jobs:
-                yield item
-        finally:
-            # Stopped early (break, cancel): close the caller's async generator now,
-            # in this task, rather than leave it to the garbage collector.
-            if isinstance(jobs, AsyncGenerator):
-                with anyio.CancelScope(shield=True):
-                    await jobs.aclose()
-    else:
-        for item in jobs:
-            yield item
-
-
-async def run_pipeline(
-    jobs: Iterable[object] | AsyncIterable[object],
-    run_item: Callable[[int, object], Awaitable[JobResult]],
-    *,
-    workers: int,
-    ordered: bool,
-    window: int,
-    track: Callable[[asyncio.Task[None]], None],
-    admit: Callable[[int, object], object] | None = None,
-) -> AsyncGenerator[tuple[int, JobResult]]:
-    """Yield ``(input index, JobResult)`` for every job, as they finish or in order.
-
-    ``admit(index, item)``, if given, sees every item in input order as it is read
-    and returns what the workers get in its place (a check that needs input order,
-    such as refusing a repeated id, belongs here, not in the workers).
-
-    ``run_item(index, item)`` turns one input item into its result and never raises
-    for a bad job. With ``ordered=True`` at most ``window`` jobs are started beyond
-    the oldest one not yet yielded, which bounds the reorder buffer to ``window``
-    results. An exception raised by the input iterable stops the feeding; the jobs
-    already started still finish and are yielded, then the exception is raised.
-    """
+def check_jobs(jobs: object) -> Iterable[object] | AsyncIterable[object]:
+    """``jobs`` if it is an iterable of jobs; a :class:`ValidationError` otherwise."""
     if isinstance(jobs, str | bytes):
         raise ValidationError("jobs: expected an iterable of jobs, got a string", field="jobs")
     if isinstance(jobs, Mapping):
@@ -190,169 +124,272 @@ async def run_pipeline(
             "jobs: expected an iterable of jobs, got a mapping (one job? wrap it in a list)",
             field="jobs",
         )
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValidationError(f"window: must be an integer >= 1, got {window!r}", field="window")
     if not isinstance(jobs, Iterable | AsyncIterable):
         raise ValidationError(
             f"jobs: expected an iterable or async iterable, got {type(jobs).__name__}",
             field="jobs",
         )
-    send_results, receive_results = anyio.create_memory_object_stream[tuple[int, JobResult]](
-        workers
-    )
-    window_slots = anyio.Semaphore(window) if ordered else None
-    input_failure: list[BaseException] = []
-    permits = WorkerPermits(workers)
+    return jobs
 
-    async def work(
-        take: Callable[[], Awaitable[tuple[int, object] | None]],
-        send: MemoryObjectSendStream[tuple[int, JobResult]],
+
+async def iterate(jobs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[object]:
+    """Both kinds of input as one async iterator; an async generator input is closed here."""
+    if not isinstance(jobs, AsyncIterable):
+        for item in jobs:
+            yield item
+        return
+    try:
+        async for item in jobs:
+            yield item
+    finally:
+        aclose = getattr(jobs, "aclose", None)
+        if aclose is not None:
+            # Stopped early (drain, cancel): close the caller's generator in this task.
+            with anyio.CancelScope(shield=True):
+                await aclose()
+
+
+class _Pipeline:
+    """The feeder and the workers of one stream, in a task group the caller provides."""
+
+    def __init__(
+        self,
+        jobs: Iterable[object] | AsyncIterable[object],
+        run_item: RunItem,
+        *,
+        control: BatchControl,
+        workers: int,
+        window: anyio.Semaphore | None,
+        admit: Admit | None,
     ) -> None:
-        async with send:
-            # Every worker (its job's tasks included) lends this pool's permit on backoff.
-            _WORKER_PERMITS.set(permits)
-            await permits.acquire()  # spares wait here until a backoff lends a permit
+        self._jobs = jobs
+        self._run_item = run_item
+        self._control = control
+        self._workers = workers
+        self._window = window
+        self._admit = admit
+        self._feed_scope = anyio.CancelScope()
+        control.on_drain(self._feed_scope.cancel)
+        self.input_failure: BaseException | None = None
+        self.cut_short: ClientStateError | None = None
+
+    async def run_in(
+        self, send_results: MemoryObjectSendStream[_Pair], call_scope: Callable[[], Any]
+    ) -> None:
+        """:meth:`run` inside the client's call scope; a client closing under it is noted."""
+        try:
+            with call_scope():
+                await self.run(send_results)
+        except ClientStateError as exc:
+            self.cut_short = exc
+        finally:
+            send_results.close()
+
+    async def run(self, send_results: MemoryObjectSendStream[_Pair]) -> None:
+        """Feed and work until the input ends (or is drained) and every job is done."""
+        send_jobs, receive_jobs = anyio.create_memory_object_stream[tuple[int, object]](0)
+        async with send_results, receive_jobs, anyio.create_task_group() as task_group:
+            task_group.start_soon(self._feed, send_jobs)
+            for _ in range(self._workers):
+                task_group.start_soon(self._work, receive_jobs.clone(), send_results.clone())
+
+    async def _feed(self, send_jobs: MemoryObjectSendStream[tuple[int, object]]) -> None:
+        async with send_jobs:
+            with self._feed_scope:
+                await self._feed_items(send_jobs)
+
+    async def _feed_items(self, send_jobs: MemoryObjectSendStream[tuple[int, object]]) -> None:
+        source = iterate(self._jobs)
+        index = 0
+        try:
             while True:
-                if permits.in_debt:
-                    # A job back from a backoff took a permit on credit: repay it with
-                    # this worker's, and wait as a spare.
-                    permits.release()
-                    await permits.acquire()
-                taken = await take()
-                if taken is None:
-                    permits.release()  # repays a debt, or lets a spare find the end too
-                    return
-                index, item = taken
-                result = await run_item(index, item)
-                await _send(send, (index, result))
-
-    if isinstance(jobs, AsyncIterable):
-        # An async iterable is read by one feeder task (its __anext__ must not run
-        # concurrently), through a stream bounded by the workers.
-        send_jobs, receive_jobs = anyio.create_memory_object_stream[tuple[int, object]](workers)
-
-        async def feed() -> None:
-            async with send_jobs:
-                index = 0
-                source = _iterate(jobs)
                 try:
-                    async for item in source:
-                        if admit is not None:
-                            item = admit(index, item)
-                        if window_slots is not None:
-                            await window_slots.acquire()
-                        await _send(send_jobs, (index, item))
-                        index += 1
-                except Exception as exc:  # the caller's iterable failed: stop, keep results
-                    input_failure.append(exc)
+                    item = await anext(source)
+                    if self._admit is not None:
+                        item = self._admit(index, item)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:  # the caller's input failed: stop, keep results
+                    self.input_failure = exc
+                    return
                 except asyncio.CancelledError as exc:
                     if _really_cancelled():
                         raise
-                    input_failure.append(_stray_cancel(exc))
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await source.aclose()
-
-        async def work_on_stream(receive: MemoryObjectReceiveStream[tuple[int, object]]) -> None:
-            async def take() -> tuple[int, object] | None:
+                    self.input_failure = _stray_cancel(exc)
+                    return
+                if self._window is not None:
+                    await self._window.acquire()
                 try:
-                    return await _receive(receive)
-                except anyio.EndOfStream:
-                    return None
+                    await send_jobs.send((index, item))
+                except anyio.BrokenResourceError:
+                    return  # every worker is gone: the consumer left
+                index += 1
+        finally:
+            with anyio.CancelScope(shield=True):
+                await source.aclose()  # type: ignore[attr-defined]
 
-            async with receive:
-                await work(take, send_results.clone())
+    async def _work(
+        self,
+        receive_jobs: MemoryObjectReceiveStream[tuple[int, object]],
+        send_results: MemoryObjectSendStream[_Pair],
+    ) -> None:
+        async with receive_jobs, send_results:
+            async for index, item in receive_jobs:
+                result = await self._run_item(index, item, self._control)
+                try:
+                    await send_results.send((index, result))
+                except anyio.BrokenResourceError:
+                    return  # the consumer left (a bare loop abandoned): nobody wants it
 
-        async def pipeline() -> None:
-            async with send_results, receive_jobs, anyio.create_task_group() as task_group:
-                task_group.start_soon(feed)
-                for _ in range(workers + spare_worker_count(workers)):
-                    task_group.start_soon(work_on_stream, receive_jobs.clone())
 
-    else:
-        # A plain iterable is read by the workers themselves, each taking the next
-        # item when it is free (next() never runs concurrently: it does not await).
-        # No feeder task and no job stream: one task switch less per job.
-        iterator: Iterator[object] | None = None
-        read_index = 0
+class JobStream:
+    """Results of a batch as they finish: an async iterator, and an async context manager.
 
-        async def take() -> tuple[int, object] | None:
-            nonlocal iterator, read_index
-            if read_index < 0:  # the input ended or failed
-                return None
-            if window_slots is not None:
-                await window_slots.acquire()
+    >>> async def main(client, jobs):  # doctest: +SKIP
+    ...     async with client.stream(jobs) as results:
+    ...         async for result in results:
+    ...             print(result.job_id, result.ok, result.urls)
+    ...             if time_to_stop():
+    ...                 results.drain()   # the jobs in flight still come
+
+    Entered, it owns its task group: leaving the block cancels the jobs still
+    running. Iterated bare, it runs in a task of the client's, cancelled when the
+    iterator is dropped or the client closes. A failing job never raises here:
+    its result carries the error. An exception raised by the jobs iterable
+    stops the feeding; the jobs already started finish and are yielded, then it
+    is raised.
+    """
+
+    def __init__(
+        self,
+        jobs: Iterable[object] | AsyncIterable[object],
+        run_item: RunItem,
+        *,
+        control: BatchControl,
+        workers: int,
+        ordered: bool,
+        window: int,
+        admit: Admit | None = None,
+        call_scope: Callable[[], Any],
+        detach: Callable[[Callable[[], Coroutine[Any, Any, None]]], asyncio.Task[None]],
+    ) -> None:
+        self._control = control
+        self._window = anyio.Semaphore(window) if ordered else None
+        self._pipeline = _Pipeline(
+            check_jobs(jobs),
+            run_item,
+            control=control,
+            workers=workers,
+            window=self._window,
+            admit=admit,
+        )
+        self._send, self._receive = anyio.create_memory_object_stream[_Pair](workers)
+        self._call_scope = call_scope
+        self._detach = detach
+        self._task_group: TaskGroup | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._reorder: dict[int, JobResult] = {}
+        self._next_index = 0
+        self._finished = False
+
+    @property
+    def stopped_by(self) -> NotAttemptedError | None:
+        """Set when the circuit breaker opened: why jobs were not attempted."""
+        return self._control.stopped_by
+
+    def drain(self) -> None:
+        """Take no more jobs and start no more submissions; in-flight jobs still come.
+
+        Submissions of running jobs not yet started end as
+        :class:`~nebula_async.NotAttemptedError` (``reason="drained"``). Cancelling
+        (leaving the ``async with`` block) stays the immediate stop.
+        """
+        self._control.drain()
+
+    async def __aenter__(self) -> Self:
+        if self._task_group is not None or self._task is not None:
+            raise ClientStateError("this stream was already started")
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        task_group.start_soon(self._pipeline.run_in, self._send, self._call_scope)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()  # early exit: stop the jobs still running
+        try:
+            # The pipeline never raises; the block's own exception (if any) goes on
+            # as it is, not wrapped in an ExceptionGroup.
+            await self._task_group.__aexit__(None, None, None)
+        finally:
+            self._receive.close()
+        return None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> JobResult:
+        return (await self.next_pair())[1]
+
+    async def next_pair(self) -> tuple[int, JobResult]:
+        """The next ``(input index, result)``; ``StopAsyncIteration`` at the end."""
+        if self._task_group is None and self._task is None:
+            # The task holds the pipeline, not this stream, so dropping the stream
+            # (a bare loop left with break) reaches __del__, which cancels it.
+            self._task = self._detach(partial(self._pipeline.run_in, self._send, self._call_scope))
+        if self._window is None:
+            return await self._receive_one()
+        while self._next_index not in self._reorder:
+            index, result = await self._receive_one()
+            self._reorder[index] = result
+        index = self._next_index
+        self._next_index += 1
+        self._window.release()
+        return index, self._reorder.pop(index)
+
+    async def _receive_one(self) -> tuple[int, JobResult]:
+        if not self._finished:
             try:
-                if iterator is None:
-                    iterator = iter(jobs)
-                item = next(iterator) if read_index >= 0 else _END
-            except StopIteration:
-                item = _END
-            except Exception as exc:  # the caller's iterable failed: stop, keep results
-                input_failure.append(exc)
-                item = _END
-            except asyncio.CancelledError as exc:  # next() never awaits: not ours
-                input_failure.append(_stray_cancel(exc))
-                item = _END
-            if item is not _END and admit is not None:
-                try:
-                    item = admit(read_index, item)
-                except Exception as exc:  # as if the input had failed here
-                    input_failure.append(exc)
-                    item = _END
-            if item is _END:
-                read_index = -1
-                if window_slots is not None:
-                    window_slots.release()
-                return None
-            # No await since next(): items were admitted in input order.
-            index = read_index
-            read_index += 1
-            return index, item
+                return await self._receive.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                self._finished = True
+                self._receive.close()
+            except BaseException:
+                # A bare loop cancelled while waiting: stop its jobs before leaving.
+                if self._task is not None:
+                    await _stop(self._task)
+                raise
+        if self._pipeline.cut_short is not None:
+            raise self._pipeline.cut_short
+        task = self._task
+        if task is not None and task.done() and not task.cancelled():
+            task.result()  # surfaces a bug in the pipeline rather than hiding it
+        if self._pipeline.input_failure is not None:
+            raise self._pipeline.input_failure
+        raise StopAsyncIteration
 
-        async def pipeline() -> None:
-            async with send_results, anyio.create_task_group() as task_group:
-                for _ in range(workers + spare_worker_count(workers)):
-                    task_group.start_soon(work, take, send_results.clone())
-
-    task = asyncio.get_running_loop().create_task(pipeline())
-    track(task)
-    try:
-        if window_slots is None:
-            while True:
-                try:
-                    pair = await _receive(receive_results)
-                except anyio.EndOfStream:
-                    break
-                yield pair
-        else:
-            pending: dict[int, JobResult] = {}
-            next_index = 0
-            while True:
-                try:
-                    index, result = await _receive(receive_results)
-                except anyio.EndOfStream:
-                    break
-                pending[index] = result
-                while next_index in pending:
-                    yield next_index, pending.pop(next_index)
-                    next_index += 1
-                    window_slots.release()
-        if task.cancelled():
-            raise RuntimeError("the NebulaClient was closed while this stream was running")
-        await task  # surfaces a bug in run_item rather than hiding it
-        if input_failure:
-            raise input_failure[0]
-    finally:
-        # Stop the pipeline before closing our end of the results stream, so that no
-        # worker can find it closed (BrokenResourceError) while finishing a job.
-        if not task.done():
+    def __del__(self) -> None:
+        # A bare iteration abandoned (break), or a stream never started: stop and close.
+        task = getattr(self, "_task", None)
+        if task is not None and not task.done():
             task.cancel()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_GRACE_S):
-                await asyncio.wait({task})
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: raised above if it matters
-        receive_results.close()
+        if hasattr(self, "_receive"):
+            self._receive.close()
+            if task is None and self._task_group is None:
+                self._send.close()
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel a detached pipeline and wait for it (shielded, within a grace period)."""
+    task.cancel()
+    with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_GRACE_S):
+        await asyncio.wait({task})
 
 
 def _really_cancelled() -> bool:
@@ -367,18 +404,3 @@ def _stray_cancel(exc: BaseException) -> RuntimeError:
     error = RuntimeError("the jobs iterable raised CancelledError")
     error.__cause__ = exc
     return error
-
-
-def default_window(max_concurrency: int) -> int:
-    """The reorder window of ``stream(ordered=True)``: 4x the concurrency, at least 64."""
-    return max(64, 4 * max_concurrency)
-
-
-def worker_count(max_concurrency: int) -> int:
-    """Workers running jobs at a time in a batch: one per concurrency slot."""
-    return max_concurrency
-
-
-def spare_worker_count(workers: int) -> int:
-    """Spare workers of a batch, which run jobs only while others sleep in a backoff."""
-    return max(1, math.ceil(workers / 2))

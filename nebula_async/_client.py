@@ -1,11 +1,12 @@
 """``NebulaClient``: the public face of the library.
 
-Each HTTP attempt takes, in this order: a concurrency slot (``FifoLimiter``,
-first come first served), the client-wide pause gate (``Retry-After``), the token
-(waiting out a re-login), a rate slot (GCRA), then sends at once. Taking the rate
-slot last, while holding the concurrency slot, is what keeps sends spaced: slots
-freed together by answers that arrive together cannot turn into a burst. Backoff
-sleeps hold no slot.
+Each HTTP attempt takes, in this order: a concurrency slot (an anyio semaphore,
+first come first served), the token (waiting out a re-login), a send slot from
+the rate limiter (which also holds everyone through a ``Retry-After`` pause),
+then sends at once, and tells the limiter what came of it. Taking the rate slot
+last, while holding the concurrency slot, keeps sends spaced: slots freed
+together by answers that arrive together cannot turn into a burst. Backoff sleeps
+hold no slot.
 """
 
 from __future__ import annotations
@@ -17,14 +18,7 @@ import os
 import random as _random
 import re
 import time
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    Awaitable,
-    Callable,
-    Iterable,
-    Mapping,
-)
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -34,7 +28,8 @@ import orjson
 
 from ._aggregate import aggregate, detach_error
 from ._auth import Authenticator
-from ._batch import backoff_sleep, default_window, run_pipeline, worker_count
+from ._batch import BatchControl, JobStream, default_window, worker_count
+from ._breaker import DEFAULT_BREAKER_THRESHOLD
 from ._codec import payload_encoder
 from ._exceptions import (
     APIStatusError,
@@ -43,7 +38,9 @@ from ._exceptions import (
     ValidationError,
 )
 from ._jobs import RefusedItem, RepeatedIdCheck, coerce_job, job_id_of
-from ._limits import FifoLimiter, PauseGate, RateLimiter
+from ._lifecycle import Lifecycle
+from ._limiter import Limiter, LimiterFactory, Outcome
+from ._limits import in_process_limiter
 from ._models import (
     BatchReport,
     ImageResult,
@@ -57,6 +54,7 @@ from ._models import (
 )
 from ._protocol import (
     DEFAULT_BASE_URL,
+    DEFAULT_MAX_RESPONSE_BYTES,
     IMG2IMG_PATH,
     JSON_HEADERS,
     HttpRequest,
@@ -65,7 +63,7 @@ from ._protocol import (
     has_control_characters,
     normalize_base_url,
 )
-from ._retry import decide_retry
+from ._retry import backoff_delay, decide_retry
 from ._stats import ClientStatistics, Counters, percentile
 from ._transport import AiohttpTransport, RawResponse
 
@@ -78,10 +76,12 @@ _log = logging.getLogger("nebula_async")
 # repeat this often with a token another caller fetched, so that a service
 # refusing every token never loops.
 _MAX_STALE_REPEATS: Final = 3
+#: Refusals for the rate (429) a submission repeats without using up
+#: ``max_attempts``: the limiter slows down on each, so a rate set too high never
+#: fails a job, while a service that refuses everything still ends each one.
+MAX_RATE_LIMITED_REPEATS: Final = 10
 
-
-def _closed_error() -> RuntimeError:
-    return RuntimeError("NebulaClient was closed while this request was retrying")
+RateLimitOption = float | RateLimit | Limiter | LimiterFactory | None
 
 
 class _Tally:
@@ -95,20 +95,67 @@ class _Tally:
         self.rate_limited = 0
 
 
+class _Tries:
+    """Where one submission's retry loop stands."""
+
+    __slots__ = ("counted", "logged_in", "rate_limited", "stale_repeats")
+
+    def __init__(self) -> None:
+        self.counted = 0  # tries that use up max_attempts
+        self.rate_limited = 0  # 429s repeated apart from them
+        self.logged_in = False  # this call logs in again at most once
+        self.stale_repeats = 0
+
+
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value else None
 
 
-def _rate_limit(value: float | RateLimit | None) -> RateLimit | None:
-    if value is None or isinstance(value, RateLimit):
+def _credentials(
+    token: str | None, username: str | None, password: str | None
+) -> tuple[str | None, str | None, str | None]:
+    # Each credential falls back to its own variable: a token passed in code may
+    # still be renewed by a login whose password comes from the environment.
+    token = _env("NEBULA_TOKEN") if token is None else token
+    username = _env("NEBULA_USERNAME") if username is None else username
+    password = _env("NEBULA_PASSWORD") if password is None else password
+    if (username is None) != (password is None):
+        missing = "password" if password is None else "username"
+        raise ValidationError(
+            f"username and password must be given together: {missing} is missing "
+            f"(pass {missing}= or set NEBULA_{missing.upper()})",
+            field=missing,
+        )
+    if not token and username is None:
+        raise ValidationError(
+            "no credentials: pass token= or username=/password=, or set NEBULA_TOKEN "
+            "(or NEBULA_USERNAME and NEBULA_PASSWORD)",
+            field="token",
+        )
+    if token:
+        authorization_value(token)  # a bad token fails here, not mid-batch
+    return token or None, username, password
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{name}: must be an integer, got {value!r}", field=name)
+    if value < 1:
+        raise ValidationError(f"{name}: must be at least 1, got {value}", field=name)
+    return value
+
+
+def _rate_limit(value: object) -> RateLimit | Limiter | LimiterFactory | None:
+    if value is None or isinstance(value, RateLimit | Limiter | LimiterFactory):
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValidationError(
-            f"rate_limit: must be requests per second or a RateLimit, got {value!r}",
+            "rate_limit: must be requests per second, a RateLimit, a SharedRateLimit "
+            f"or a Limiter, got {value!r}",
             field="rate_limit",
         )
-    return RateLimit(float(value))
+    return RateLimit(value)
 
 
 _OWN_HEADERS: Final = frozenset({"authorization", "content-type", "content-length", "host"})
@@ -148,11 +195,15 @@ def _timeout(value: float | Timeout | None) -> Timeout:
         return value
     if value is None:
         return Timeout(attempt=None)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValidationError(
             f"timeout: must be positive seconds or a Timeout, got {value!r}", field="timeout"
         )
     return Timeout(attempt=float(value))
+
+
+def _is_rate_refusal(error: NebulaError) -> bool:
+    return isinstance(error, APIStatusError) and error.effective_code == 429
 
 
 class NebulaClient:
@@ -181,6 +232,12 @@ class NebulaClient:
     ``NO_PROXY`` (a proxy's credentials may come from ``~/.netrc``; the API host's
     never do), as behind a corporate proxy; off by default, so that an
     environment variable never reroutes the token.
+
+    ``allow_insecure_http=True`` accepts an ``http://`` base URL to a host that is
+    not loopback (the token and password then travel unencrypted).
+    ``max_response_bytes`` caps one answer, before and after decompression (default
+    1 GiB: 15 ``b64_json`` images at 4096x4096); a bigger one is a
+    ``ResponseDecodeError``.
     """
 
     def __init__(
@@ -191,104 +248,79 @@ class NebulaClient:
         password: str | None = None,
         base_url: str | None = None,
         max_concurrency: int = 16,
-        rate_limit: float | RateLimit | None = None,
+        rate_limit: RateLimitOption = None,
         retry: RetryPolicy | None = None,
         timeout: float | Timeout | None = 120.0,
         payload_style: str = "dotted",
         trust_env: bool = False,
         default_headers: Mapping[str, str] | None = None,
+        circuit_breaker: int | None = DEFAULT_BREAKER_THRESHOLD,
         random: Callable[[], float] | None = None,
+        allow_insecure_http: bool = False,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        # Each credential falls back to its own variable: a token passed in code may
-        # still be renewed by a login whose password comes from the environment.
-        if token is None:
-            token = _env("NEBULA_TOKEN")
-        if username is None:
-            username = _env("NEBULA_USERNAME")
-        if password is None:
-            password = _env("NEBULA_PASSWORD")
-        if (username is None) != (password is None):
-            missing = "password" if password is None else "username"
-            raise ValidationError(
-                f"username and password must be given together: {missing} is missing "
-                f"(pass {missing}= or set NEBULA_{missing.upper()})",
-                field=missing,
-            )
-        if not token and username is None:
-            raise ValidationError(
-                "no credentials: pass token= or username=/password=, or set NEBULA_TOKEN "
-                "(or NEBULA_USERNAME and NEBULA_PASSWORD)",
-                field="token",
-            )
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
-            raise ValidationError(
-                f"max_concurrency: must be an integer, got {max_concurrency!r}",
-                field="max_concurrency",
-            )
-        if max_concurrency < 1:
-            raise ValidationError(
-                f"max_concurrency: must be at least 1, got {max_concurrency}",
-                field="max_concurrency",
-            )
+        self._token, self._username, self._password = _credentials(token, username, password)
+        self._max_concurrency = _positive_int("max_concurrency", max_concurrency)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ValidationError(f"retry: must be a RetryPolicy, got {retry!r}", field="retry")
-        self._base_url = normalize_base_url(base_url or _env("NEBULA_BASE_URL") or DEFAULT_BASE_URL)
+        if circuit_breaker is not None:
+            _positive_int("circuit_breaker", circuit_breaker)
+        self._base_url = normalize_base_url(
+            base_url or _env("NEBULA_BASE_URL") or DEFAULT_BASE_URL,
+            allow_insecure_http=allow_insecure_http,
+        )
         self._url = self._base_url + IMG2IMG_PATH
-        if token:
-            authorization_value(token)  # a bad token fails here, not mid-batch
-        self._token = token or None
-        self._username = username
-        self._password = password
-        self._max_concurrency = max_concurrency
         self._rate_limit = _rate_limit(rate_limit)
         self._retry = retry or RetryPolicy()
         self._timeout = _timeout(timeout)
         self._payload_style = payload_style
         self._encode = payload_encoder(payload_style)
+        self._breaker_threshold = circuit_breaker
         self._random = random or _random.random
         self._counters = Counters()
+        self._lifecycle = Lifecycle()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._state = "new"
         self._headers: dict[str, str] = {}
         self._headers_for = ""
-        # Made in __aenter__, inside the running loop.
         # One connection beyond the cap for a re-login, which runs outside a slot:
         # requests never wait in aiohttp's pool, so the attempt timeout never counts a wait.
         self._transport = AiohttpTransport(
-            connection_limit=max_concurrency + 1,
+            connection_limit=self._max_concurrency + 1,
             timeout=self._timeout,
             trust_env=trust_env,
             headers=_default_headers(default_headers),
+            max_response_bytes=max_response_bytes,
         )
+        # Made in __aenter__, inside the running loop.
         self._auth: Authenticator | None = None
-        self._concurrency: FifoLimiter | None = None
-        self._rate: RateLimiter | None = None
-        self._gate: PauseGate | None = None
-        self._closed: anyio.Event | None = None
+        self._concurrency: anyio.Semaphore | None = None
+        self._limiter: Limiter | None = None
+        self._owns_limiter = False
 
     def __repr__(self) -> str:
-        rate = "None" if self._rate_limit is None else f"{self._rate_limit.per_second:g}/s"
+        limit = self._rate_limit
+        rate = (
+            "None"
+            if limit is None
+            else f"{limit.per_second:g}/s"
+            if isinstance(limit, RateLimit)
+            else type(limit).__name__
+        )
         auth = "token" if self._token else "login"
         return (
             f"<NebulaClient base_url={self._base_url!r} max_concurrency={self._max_concurrency} "
             f"rate_limit={rate} payload_style={self._payload_style!r} auth={auth} "
-            f"state={self._state}>"
+            f"state={self._lifecycle.state.value}>"
         )
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if self._state != "new":
-            raise RuntimeError(f"this NebulaClient is {self._state}; create a new one")
-        self._concurrency = FifoLimiter(self._max_concurrency)
-        # Waits for a pause, a rate slot or a backoff end early when the client closes.
-        self._closed = anyio.Event()
-        self._gate = PauseGate(sleep=self._sleep)
-        self._rate = (
-            RateLimiter(self._rate_limit, sleep=self._sleep)
-            if self._rate_limit is not None
-            else None
-        )
+        self._lifecycle.open()
+        # fast_acquire: a free permit is taken without a trip through the event loop
+        # (the send right after is the checkpoint).
+        self._concurrency = anyio.Semaphore(self._max_concurrency, fast_acquire=True)
+        self._limiter, self._owns_limiter = self._make_limiter()
         await self._transport.open()
         self._auth = Authenticator(
             base_url=self._base_url,
@@ -297,8 +329,17 @@ class NebulaClient:
             password=self._password,
             send=self._transport.send,
         )
-        self._state = "open"
         return self
+
+    def _make_limiter(self) -> tuple[Limiter, bool]:
+        """The limiter for ``rate_limit=``, and whether this client owns (closes) it."""
+        limit = self._rate_limit
+        if limit is None or isinstance(limit, RateLimit):
+            # None: unlimited until the first 429, which turns on an adaptive rate.
+            return in_process_limiter(limit), True
+        if isinstance(limit, LimiterFactory):
+            return limit.create_limiter(), True
+        return limit, False  # a Limiter instance: its owner closes it
 
     async def __aexit__(
         self,
@@ -309,35 +350,35 @@ class NebulaClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Cancel running batches, wait for them, and close the HTTP session."""
-        if self._state == "closed":
-            return
-        self._state = "closed"
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        # After the cancels, so batch tasks end cancelled; this wakes direct callers
-        # sleeping in a backoff, a pause or a rate wait.
-        if self._closed is not None:
-            self._closed.set()
-        with anyio.CancelScope(shield=True):
-            if tasks:
-                await asyncio.wait(tasks)
-            await self._transport.aclose()
+        """Cancel every running call and stream, wait for them, and close the session.
 
-    def _require_open(self) -> None:
-        if self._state != "open":
-            hint = (
-                "use 'async with NebulaClient(...) as client:'"
-                if self._state == "new"
-                else "it was closed; create a new client"
-            )
-            raise RuntimeError(f"NebulaClient is not open: {hint}")
+        The callers get a :class:`~nebula_async.ClientStateError`.
+        """
+        if not self._lifecycle.close():
+            return
+        with anyio.CancelScope(shield=True):
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+            await self._transport.aclose()
+            if self._owns_limiter and self._limiter is not None:
+                await self._limiter.aclose()
+
+    def drain(self) -> None:
+        """Stop taking new work; let what is in flight finish.
+
+        Every running :meth:`stream` and :meth:`run_batch` stops reading jobs and
+        starts no more submissions (those not started end as
+        :class:`~nebula_async.NotAttemptedError`); the jobs in flight finish and are
+        yielded or reported. New calls are refused with
+        :class:`~nebula_async.ClientStateError`. Closing stays the immediate stop.
+        """
+        self._lifecycle.drain()
 
     def statistics(self) -> ClientStatistics:
         """A frozen snapshot of the client's counters, at any moment."""
         counters = self._counters
-        gate = self._gate
+        limits = self._limiter.statistics() if self._limiter is not None else None
+        paused = limits is not None and limits.paused_for_s > 0
         return ClientStatistics(
             attempts=counters.attempts,
             retries=counters.retries,
@@ -349,8 +390,9 @@ class NebulaClient:
             jobs_ok=counters.jobs_ok,
             jobs_failed=counters.jobs_failed,
             logins=self._auth.logins if self._auth else 0,
-            current_rate=self._rate.current_rate if self._rate else None,
-            paused_until=gate.resume_at if gate and gate.is_paused() else None,
+            current_rate=limits.current_rate if limits else None,
+            paused_until=time.monotonic() + limits.paused_for_s if limits and paused else None,
+            estimated_limit=limits.estimated_limit if limits else None,
         )
 
     # -- one submission -----------------------------------------------------------------
@@ -364,33 +406,90 @@ class NebulaClient:
         ...                                                       image="https://.../in.png"))
         ...         print(result.urls)
         """
-        self._require_open()
+        self._lifecycle.require_open()
         if not isinstance(request, Img2ImgRequest):
             raise ValidationError(
                 f"request: expected an Img2ImgRequest, got {type(request).__name__}",
                 field="request",
             )
-        outcome = await self._submission(request, _Tally())
+        with self._lifecycle.call():
+            outcome = await self._submission(request, _Tally(), None)
         if isinstance(outcome, NebulaError):
             raise outcome
         return outcome
 
     async def _submission(
-        self, request: Img2ImgRequest, tally: _Tally
+        self, request: Img2ImgRequest, tally: _Tally, control: BatchControl | None
     ) -> ImageResult | NebulaError:
+        """One submission to its final outcome; never raises a :class:`NebulaError`."""
+        if control is not None and (not_started := control.not_started()) is not None:
+            return not_started
         try:
             body = orjson.dumps(self._encode(request))
         except TypeError as exc:  # valid by type, yet not JSON (a set, an int over 64 bits)
             self._counters.submissions_failed += 1
             return ValidationError(f"request cannot be encoded as JSON: {exc}", field="request")
         try:
-            result = await self._submit(body, tally)
+            result = await self._submit(body, tally, control)
         except NebulaError as exc:
             self._counters.submissions_failed += 1
+            if control is not None:
+                control.record(exc)
             return exc
         self._counters.submissions_ok += 1
         self._counters.images += image_count(result)
+        if control is not None:
+            control.record(result)
         return result
+
+    async def _submit(
+        self, body: bytes, tally: _Tally, control: BatchControl | None
+    ) -> ImageResult:
+        """Attempt until success, a final error, or attempts run out."""
+        tries = _Tries()
+        while True:
+            outcome, generation = await self._try_once(body, tally)
+            if isinstance(outcome, ImageResult):
+                return outcome
+            error = await self._after_refused_token(outcome, generation, tries)
+            if error is None:
+                continue  # repeat with the new token: not a retry
+            delay = self._retry_delay(error, tries)
+            if control is not None and control.draining:
+                raise error  # draining: a retry would be a new submission
+            tally.retries += 1
+            self._counters.retries += 1
+            _log.debug("retrying in %.3fs after %s", delay, type(error).__name__)
+            await anyio.sleep(delay)
+
+    async def _try_once(
+        self, body: bytes, tally: _Tally
+    ) -> tuple[ImageResult | NebulaError, int | None]:
+        """One attempt and its decoded answer, with the token generation it was sent with."""
+        try:
+            (status, headers, data), generation, ticket = await self._exchange(body, tally)
+        except NebulaError as error:
+            return error, None
+        assert self._limiter is not None
+        try:
+            result = decipher_img2img(status, headers, data)
+        except NebulaError as error:
+            if _is_rate_refusal(error):
+                tally.rate_limited += 1
+                self._counters.rate_limited += 1
+            await self._record(ticket, error)
+            return error, generation
+        await self._limiter.record(ticket, Outcome.ACCEPTED)
+        return result, generation
+
+    async def _record(self, ticket: object, error: NebulaError) -> None:
+        """Tell the limiter of a failed answer; a ``Retry-After`` pauses every caller."""
+        assert self._limiter is not None
+        retry_after = error.retry_after if isinstance(error, APIStatusError) else None
+        if retry_after is not None and retry_after > self._retry.retry_after_max:
+            retry_after = None  # the caller gives up at once; nobody need wait for it
+        outcome = Outcome.REFUSED if _is_rate_refusal(error) else Outcome.ACCEPTED
+        await self._limiter.record(ticket, outcome, retry_after=retry_after)
 
     def _request_headers(self, authorization: str) -> dict[str, str]:
         # Rebuilt only when the token changes, not per request.
@@ -399,43 +498,18 @@ class NebulaClient:
             self._headers_for = authorization
         return self._headers
 
-    async def _exchange(self, body: bytes, tally: _Tally) -> tuple[RawResponse, int, float]:
-        """One HTTP attempt under the limits: (response, token generation, send time).
+    async def _exchange(self, body: bytes, tally: _Tally) -> tuple[RawResponse, int, object]:
+        """One HTTP attempt under the limits: (response, token generation, limiter ticket).
 
         The attempt is counted only once it is about to be sent.
         """
         assert self._concurrency is not None
-        assert self._gate is not None
+        assert self._limiter is not None
         assert self._auth is not None
         counters = self._counters
-        concurrency = self._concurrency
-        gate = self._gate
-        rate = self._rate
-        auth = self._auth
-        # Fast path without a checkpoint (an extra event-loop round trip per request);
-        # the send below is the cancellation point.
-        if not concurrency.try_acquire():
-            await concurrency.acquire()
-        try:
-            sent_at = 0.0
-            while True:
-                if gate.is_paused():
-                    await gate.wait()
-                if auth.needs_login:
-                    # Wait for the token before the rate slot: a slot held through a
-                    # login would be sent, with all the others, the moment it ends.
-                    await auth.authorization()
-                    continue
-                if rate is None:
-                    break
-                sent_at = await rate.acquire()
-                # A Retry-After or a refused token may have come in while this caller
-                # waited for its slot: the slot is forfeited (erring slow) and taken anew.
-                if not gate.is_paused() and not auth.needs_login:
-                    break
-            if self._state != "open":
-                raise _closed_error()
-            authorization, generation = auth.current()  # no await from here to the send
+        async with self._concurrency:
+            ticket = await self._send_slot()
+            authorization, generation = self._auth.current()  # no await from here to the send
             request = HttpRequest("POST", self._url, self._request_headers(authorization), body)
             tally.attempts += 1
             counters.attempts += 1
@@ -446,221 +520,241 @@ class NebulaClient:
                 # Refused by aiohttp before anything went out: not an attempt.
                 tally.attempts -= 1
                 counters.attempts -= 1
+                await self._limiter.record(ticket, Outcome.UNUSED)
+                raise
+            except NebulaError:
+                await self._limiter.record(ticket, Outcome.FAILED)
                 raise
             finally:
                 counters.in_flight -= 1
-        finally:
-            concurrency.release()
-        return response, generation, sent_at
+        return response, generation, ticket
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, but wake at once, with the closed-client error, when :meth:`aclose` runs."""
-        closed = self._closed
-        assert closed is not None
-        with anyio.move_on_after(seconds):
-            await closed.wait()
-        if closed.is_set():
-            raise _closed_error()
+    async def _send_slot(self) -> object:
+        """Wait for the token, then for a rate slot; a slot that a re-login overtook is
+        forfeited (sent with all the others the moment the login ends, it would be a burst)."""
+        auth, limiter = self._auth, self._limiter
+        assert auth is not None
+        assert limiter is not None
+        while True:
+            await auth.authorization()  # at once unless a login is due or under way
+            ticket = await limiter.acquire()
+            if not auth.needs_login:
+                return ticket
+            await limiter.record(ticket, Outcome.UNUSED)
 
-    def _pause(self, seconds: float) -> None:
-        """Honour a ``Retry-After``: hold every caller, and push the rate schedule past it."""
-        assert self._gate is not None
-        self._gate.pause_for(seconds)
-        if self._rate is not None:
-            self._rate.defer_until(self._gate.resume_at)
+    async def _after_refused_token(
+        self, error: NebulaError, generation: int | None, tries: _Tries
+    ) -> NebulaError | None:
+        """None to repeat at once with a renewed token; else the error to go on with.
 
-    async def _submit(self, body: bytes, tally: _Tally) -> ImageResult:
-        """Attempt until success, a final error, or attempts run out."""
+        A 401 triggers one login for all callers refused with the same token (single
+        flight); a caller refused with a token already replaced just repeats.
+        """
         auth = self._auth
         assert auth is not None
-        counters = self._counters
-        policy = self._retry
-        counted_attempts = 0  # tries that use up max_attempts (re-login repeats do not)
-        logged_in = False  # this call logs in again at most once
-        stale_repeats = 0
-        while True:
-            if self._state != "open":
-                raise _closed_error()
-            counted_attempts += 1
-            generation: int | None = None
-            sent_at = 0.0
-            try:
-                (status, headers, data), generation, sent_at = await self._exchange(body, tally)
-                return decipher_img2img(status, headers, data)
-            except AuthenticationError as exc:
-                error: NebulaError = exc
-                if exc.effective_code == 401 and generation is not None and auth.can_login:
-                    auth.mark_refused(generation)
-                    if auth.is_current(generation) and not logged_in:
-                        _log.info("token refused (%s); logging in again", exc.msg or exc.code)
-                        try:
-                            logged_in = await auth.refresh(generation)
-                        except AuthenticationError:
-                            raise
-                        except NebulaError as login_error:
-                            error = login_error  # a transient login failure: retry below
-                        else:
-                            # False: another caller logged in meanwhile (a stale repeat).
-                            if logged_in or stale_repeats < _MAX_STALE_REPEATS:
-                                stale_repeats += not logged_in
-                                counted_attempts -= 1
-                                continue
-                    elif not auth.is_current(generation) and stale_repeats < _MAX_STALE_REPEATS:
-                        # Another caller already logged in again: repeat with its token.
-                        stale_repeats += 1
-                        counted_attempts -= 1
-                        continue
-            except NebulaError as exc:
-                error = exc
+        if not (
+            isinstance(error, AuthenticationError)
+            and error.effective_code == 401
+            and generation is not None
+            and auth.can_login
+        ):
+            return error
+        auth.mark_refused(generation)
+        if not auth.is_current(generation):
+            # Another caller already logged in again: repeat with its token.
+            if tries.stale_repeats < _MAX_STALE_REPEATS:
+                tries.stale_repeats += 1
+                return None
+            return error
+        if tries.logged_in:
+            return error
+        _log.info("token refused (%s); logging in again", error.msg or error.code)
+        try:
+            tries.logged_in = await auth.refresh(generation)
+        except AuthenticationError:
+            raise
+        except NebulaError as login_error:
+            return login_error  # a transient login failure: retried below
+        # False: another caller logged in meanwhile (a stale repeat).
+        if tries.logged_in or tries.stale_repeats < _MAX_STALE_REPEATS:
+            tries.stale_repeats += not tries.logged_in
+            return None
+        return error
 
-            retry_after: float | None = None
-            if isinstance(error, APIStatusError):
-                retry_after = error.retry_after
-                if error.effective_code == 429:
-                    tally.rate_limited += 1
-                    counters.rate_limited += 1
-                    if self._rate is not None and generation is not None:
-                        self._rate.on_rate_limited(sent_at)
-            if retry_after is not None and retry_after <= policy.retry_after_max:
-                # The service asked every caller to wait, whether or not this one retries.
-                self._pause(retry_after)
+    def _retry_delay(self, error: NebulaError, tries: _Tries) -> float:
+        """How long to wait before the next try; raises ``error`` when it is final.
+
+        A refusal for the rate is the limiter's to fix (it slowed down already), so it
+        is repeated up to :data:`MAX_RATE_LIMITED_REPEATS` times apart from
+        ``max_attempts``, unless its ``Retry-After`` exceeds ``retry_after_max``.
+        """
+        policy = self._retry
+        if _is_rate_refusal(error) and tries.rate_limited < MAX_RATE_LIMITED_REPEATS:
+            tries.rate_limited += 1
+            decision = decide_retry(error, attempts_made=0, policy=policy, random=self._random)
+            if decision.retry and not (isinstance(error, APIStatusError) and error.retry_after):
+                return backoff_delay(tries.rate_limited, policy, self._random)
+        else:
+            tries.counted += 1
             decision = decide_retry(
-                error, attempts_made=counted_attempts, policy=policy, random=self._random
+                error, attempts_made=tries.counted, policy=policy, random=self._random
             )
-            if not decision.retry:
-                _log.debug("giving up: %s (%s)", decision.reason, error)
-                raise error
-            tally.retries += 1
-            counters.retries += 1
-            _log.debug("retrying in %.3fs: %s (%s)", decision.delay, decision.reason, error)
-            # Lends a batch worker's slot meanwhile; wakes early if the client closes.
-            await backoff_sleep(decision.delay, self._sleep)
+        if not decision.retry:
+            _log.debug("giving up: %s (%s)", decision.reason, error)
+            raise error
+        return decision.delay
 
     # -- jobs and batches ----------------------------------------------------------------
 
-    async def _run_item(self, index: int, item: object) -> JobResult:
-        """One input item of a batch: a bad item fails its own job, nothing is sent."""
-        if isinstance(item, RefusedItem):
-            self._counters.jobs_failed += 1
-            return JobResult(job_id=item.job_id, errors=[item.error])
+    async def run_job(self, job: Job | Img2ImgRequest | Mapping[str, Any]) -> JobResult:
+        """Run one job with its fan-out and return its :class:`JobResult`; never raises
+        for the job's own failure (the result carries it).
+
+        >>> async def main(client):  # doctest: +SKIP
+        ...     result = await client.run_job(Job(request, images=6))   # 6 images, 3 calls of n=2
+        ...     print(result.ok, result.urls)
+        """
+        self._lifecycle.require_open()
+        with self._lifecycle.call():
+            return await self._run_item(0, job, None)
+
+    async def _run_item(self, index: int, item: object, control: BatchControl | None) -> JobResult:
+        """One input item: a bad item fails its own job, nothing is sent; anything
+        unexpected in its processing becomes its error, never the batch's end."""
         try:
+            if isinstance(item, RefusedItem):
+                self._counters.jobs_failed += 1
+                return JobResult(job_id=item.job_id, errors=[item.error])
             job = coerce_job(item, index)
         except ValidationError as exc:
             detach_error(exc)  # its frames hold the raw item
             self._counters.jobs_failed += 1
             return JobResult(job_id=job_id_of(item, index), errors=[exc])
-        return await self._run_job(job)
+        try:
+            return await self._run_job(job, control)
+        except Exception as exc:  # a bug, or a value nothing above foresaw
+            _log.exception("unexpected error in job %r", job.id)
+            error = NebulaError(f"unexpected {type(exc).__name__} in this job: {exc}")
+            self._counters.jobs_failed += 1
+            return JobResult(job_id=job.id or str(index), errors=[error])
 
-    async def _run_job(self, job: Job) -> JobResult:
+    async def _run_job(self, job: Job, control: BatchControl | None) -> JobResult:
         """All submissions of one job, concurrently under the client's limits."""
         started = time.perf_counter()
-        request = job.request
-        total = job.total_images
-        if total <= request.n:
-            # One submission, the common case: no task group, no per-submission lists.
-            tally = _Tally()
-            if total != request.n:
-                request = attrs.evolve(request, n=total)
-            outcome = await self._submission(request, tally)
-            result = aggregate(
-                job.id or "",
-                [outcome],
-                attempts=tally.attempts,
-                retries=tally.retries,
-                rate_limited=tally.rate_limited,
-                elapsed_s=time.perf_counter() - started,
-                requested_images=total,
-            )
-        else:
-            result = await self._run_fanned_out(job, started)
-        if result.ok:
-            self._counters.jobs_ok += 1
-        else:
-            self._counters.jobs_failed += 1
-        return result
-
-    async def _run_fanned_out(self, job: Job, started: float) -> JobResult:
-        """A job of several submissions, on at most ``max_concurrency`` tasks of its own."""
         sizes = job.submission_sizes()
         tallies = [_Tally() for _ in sizes]
-        slots: list[ImageResult | NebulaError | None] = [None] * len(sizes)
-        pending = iter(enumerate(sizes))
-
-        async def submit_pending() -> None:
-            # Shared iterator: a job of 1,000 submissions runs on a few tasks, not 1,000.
-            for index, size in pending:
-                request = (
-                    job.request if size == job.request.n else attrs.evolve(job.request, n=size)
-                )
-                slots[index] = await self._submission(request, tallies[index])
-
-        async with anyio.create_task_group() as task_group:
-            for _ in range(min(len(sizes), self._max_concurrency)):
-                task_group.start_soon(submit_pending)
-        outcomes = [outcome for outcome in slots if outcome is not None]
-        return aggregate(
+        outcomes: list[ImageResult | NebulaError | None] = [None] * len(sizes)
+        if len(sizes) == 1:
+            outcomes[0] = await self._submission(
+                self._request_of(job, sizes[0]), tallies[0], control
+            )
+        else:
+            await self._fan_out(job, sizes, tallies, outcomes, control)
+        result = aggregate(
             job.id or "",
-            outcomes,
+            [outcome for outcome in outcomes if outcome is not None],
             attempts=sum(t.attempts for t in tallies),
             retries=sum(t.retries for t in tallies),
             rate_limited=sum(t.rate_limited for t in tallies),
             elapsed_s=time.perf_counter() - started,
             requested_images=job.total_images,
         )
+        if result.ok:
+            self._counters.jobs_ok += 1
+        else:
+            self._counters.jobs_failed += 1
+        return result
 
-    def _pipeline(
+    @staticmethod
+    def _request_of(job: Job, size: int) -> Img2ImgRequest:
+        return job.request if size == job.request.n else attrs.evolve(job.request, n=size)
+
+    async def _fan_out(
         self,
-        jobs: Iterable[Any] | AsyncIterable[Any],
-        *,
-        ordered: bool,
-        window: int | None,
-        admit: Callable[[int, object], object] | None = None,
-    ) -> AsyncGenerator[tuple[int, JobResult]]:
-        self._require_open()
-        return run_pipeline(
-            jobs,
-            self._run_item,
-            admit=admit,
-            workers=worker_count(self._max_concurrency),
-            ordered=ordered,
-            window=default_window(self._max_concurrency) if window is None else window,
-            track=self._track,
-        )
+        job: Job,
+        sizes: list[int],
+        tallies: list[_Tally],
+        outcomes: list[ImageResult | NebulaError | None],
+        control: BatchControl | None,
+    ) -> None:
+        """A job's submissions on at most ``max_concurrency`` tasks of its own."""
+        pending = iter(enumerate(sizes))
 
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        async def submit_pending() -> None:
+            # Shared iterator: a job of 1,000 submissions runs on a few tasks, not 1,000.
+            for index, size in pending:
+                request = self._request_of(job, size)
+                outcomes[index] = await self._submission(request, tallies[index], control)
 
-    async def stream(
+        async with anyio.create_task_group() as task_group:
+            for _ in range(min(len(sizes), self._max_concurrency)):
+                task_group.start_soon(submit_pending)
+
+    def stream(
         self,
         jobs: Iterable[Any] | AsyncIterable[Any],
         *,
         ordered: bool = False,
         window: int | None = None,
-    ) -> AsyncGenerator[JobResult]:
-        """Run ``jobs`` and yield a :class:`JobResult` for each as it finishes.
+    ) -> JobStream:
+        """Run ``jobs``; a :class:`~nebula_async.JobStream` of each :class:`JobResult`
+        as it finishes.
 
         ``jobs`` is any iterable or async iterable of :class:`Job`,
         :class:`Img2ImgRequest` (ids ``"0"``, ``"1"``, ... by position) or dicts of
         request fields that may also hold ``id`` and ``images``. It is read lazily,
         as workers free up, so memory stays flat however many jobs there are.
 
+        Use it as ``async with client.stream(jobs) as results: async for r in
+        results: ...`` (the stream owns its task group; ``results.drain()`` stops
+        taking jobs and lets the running ones finish), or iterate it directly.
         A failing job never raises here: its result carries the error. With
         ``ordered=True`` results come in input order; at most ``window`` jobs
         (default ``max(64, 4 * max_concurrency)``) run ahead of the oldest
-        unfinished one, which bounds the reorder buffer. Leaving the loop early
-        (``break``, cancellation) cancels the jobs still running.
+        unfinished one, which bounds the reorder buffer. Leaving early (``break``,
+        cancellation, leaving the block) cancels the jobs still running.
 
         >>> async def main(client):  # doctest: +SKIP
         ...     async for result in client.stream(requests):
         ...         print(result.job_id, result.ok, result.urls)
         """
-        pipeline = self._pipeline(jobs, ordered=ordered, window=window)
-        try:
-            async for _, result in pipeline:
-                yield result
-        finally:
-            await pipeline.aclose()
+        return self._stream(jobs, ordered=ordered, window=window, admit=None)
+
+    def _stream(
+        self,
+        jobs: Iterable[Any] | AsyncIterable[Any],
+        *,
+        ordered: bool,
+        window: int | None,
+        admit: Callable[[int, object], object] | None,
+    ) -> JobStream:
+        self._lifecycle.require_open()
+        if window is None:
+            window = default_window(self._max_concurrency)
+        elif isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValidationError(
+                f"window: must be an integer >= 1, got {window!r}", field="window"
+            )
+        stream = JobStream(
+            jobs,
+            self._run_item,
+            control=BatchControl(breaker_threshold=self._breaker_threshold),
+            workers=worker_count(self._max_concurrency),
+            ordered=ordered,
+            window=window,
+            admit=admit,
+            call_scope=self._lifecycle.call,
+            detach=self._detach,
+        )
+        self._lifecycle.watch(stream)
+        return stream
+
+    def _detach(self, run: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
+        """Run a bare stream's pipeline in a task of the client's (awaited by aclose)."""
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def run_batch(
         self,
@@ -674,15 +768,18 @@ class NebulaClient:
         for progress or to write results out as they come. Job ids must be unique
         within a batch (they key ``BatchReport.urls_by_job``): a job repeating an
         earlier id fails with a :class:`ValidationError` on ``id`` and is not sent.
+        :meth:`drain` ends it early with the jobs that ran.
         """
         started = time.perf_counter()
-        # Results arrive nearly in input order: a list indexed by position, grown as
-        # needed (a dict of every result also made glibc churn its heap top).
+        # Results arrive nearly in input order: a list indexed by position, grown as needed.
         slots: list[JobResult | None] = []
-        admit = RepeatedIdCheck().check  # in the feeder: "earlier" is in input order
-        pipeline = self._pipeline(jobs, ordered=False, window=None, admit=admit)
-        try:
-            async for index, result in pipeline:
+        stream = self._stream(jobs, ordered=False, window=None, admit=RepeatedIdCheck().check)
+        async with stream:
+            while True:
+                try:
+                    index, result = await stream.next_pair()
+                except StopAsyncIteration:
+                    break
                 if index >= len(slots):
                     slots.extend([None] * (index + 1 - len(slots)))
                 slots[index] = result
@@ -690,17 +787,18 @@ class NebulaClient:
                     maybe = on_result(result)
                     if inspect.isawaitable(maybe):
                         await maybe
-        finally:
-            await pipeline.aclose()
-        results = [result for result in slots if result is not None]
-        latencies = sorted(result.elapsed_s for result in results)
-        return BatchReport(
-            results=results,
-            elapsed_s=time.perf_counter() - started,
-            attempts=sum(result.attempts for result in results),
-            retries=sum(result.retries for result in results),
-            rate_limited=sum(result.rate_limited for result in results),
-            latency_p50_s=percentile(latencies, 0.50),
-            latency_p95_s=percentile(latencies, 0.95),
-            latency_p99_s=percentile(latencies, 0.99),
-        )
+        return _report([result for result in slots if result is not None], started)
+
+
+def _report(results: list[JobResult], started: float) -> BatchReport:
+    latencies = sorted(result.elapsed_s for result in results)
+    return BatchReport(
+        results=results,
+        elapsed_s=time.perf_counter() - started,
+        attempts=sum(result.attempts for result in results),
+        retries=sum(result.retries for result in results),
+        rate_limited=sum(result.rate_limited for result in results),
+        latency_p50_s=percentile(latencies, 0.50),
+        latency_p95_s=percentile(latencies, 0.95),
+        latency_p99_s=percentile(latencies, 0.99),
+    )

@@ -1,4 +1,4 @@
-"""Limits: a FIFO concurrency limiter, an anchored GCRA schedule, AIMD on 429, a pause.
+"""The embedded rate limiter: an anchored GCRA schedule, a pause, an adaptive rate.
 
 GCRA
 ----
@@ -24,63 +24,44 @@ sleeper actually woke up. Timers fire late (by the event loop's granularity and
 load); a limiter that re-bases the next slot on the late wake-up adds that
 lateness to every interval and so runs slow for good (aiometer and aiolimiter
 lose about 6% at 200/s). Anchored to ``TAT``, lateness is paid back by the next
-sends, so the long-run rate stays on target, while the window bound above still
-holds for the scheduled times (actual sends that a stall of ``d`` seconds delayed
-bunch up by at most ``d * rate`` extra). ``max(TAT, t)`` brings an idle schedule
-up to the present, so idleness never banks more than ``burst``.
+sends, so the long-run rate stays on target. ``max(TAT, t)`` brings an idle
+schedule up to the present, so idleness never banks more than ``burst``.
 
-Adaptation and pause
---------------------
-:class:`AdaptiveRate` is an AIMD controller: a 429 cuts the rate by
-``decrease_factor`` once per congestion event (TCP-style: 429s for requests sent
-before the cut are echoes of the same event), and the rate then recovers
-linearly. :class:`RateLimiter` joins the schedule and the controller behind one
-``acquire()``. :class:`PauseGate` is the client-wide pause that honours
-``Retry-After``; callers wait on it *before* taking a rate slot, so a pause does
-not leave a pile of expired slots that would all fire at once when it ends.
-
-Concurrency
+The limiter
 -----------
-:class:`FifoLimiter` is a counting limiter on bare asyncio futures, first come
-first served. It replaces anyio's ``CapacityLimiter`` on the hot path: that one raises
-``WouldBlock`` twice, makes an ``Event`` and checks for cancellation on every
-contended acquire, several times the cost of one future. A release hands the
-permit straight to the first waiter, so a newcomer's non-blocking acquire can
-never overtake a queued task; a waiter cancelled after it was handed a permit
-passes it on, so cancellation never leaks one.
-
-:class:`GcraSchedule` and :class:`AdaptiveRate` are sans-I/O: they take the time
-as an argument and never await, so they are tested on simulated timelines.
+:class:`InProcessLimiter` is the client's embedded :class:`~nebula_async._limiter.Limiter`:
+the schedule, the ``Retry-After`` pause (one number, ``_pause_until``; the
+schedule is pushed past it so the resume is not a burst) and a rate controller
+that says which rate to schedule at. :class:`GcraSchedule` and the controllers
+are sans-I/O: they take the time as an argument and never await, so they are
+tested on simulated timelines.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
-import attrs
 
+from ._limiter import LimiterStatistics, Outcome
 from ._models import RateLimit
 
 __all__ = [
     "AdaptiveRate",
-    "FifoLimiter",
     "GcraSchedule",
-    "PauseGate",
-    "RateLimiter",
-    "RateLimiterStatistics",
+    "InProcessLimiter",
+    "RateController",
+    "in_process_limiter",
 ]
 
 #: With no ``min_per_second``, the adaptive rate never falls below this fraction of
 #: the target: about four halvings, slow enough to relieve a throttled server yet
 #: still sending, so that recovery can notice when the server is back. Longer stops
-#: are the business of ``Retry-After`` (:class:`PauseGate`).
+#: are the business of ``Retry-After``.
 DEFAULT_FLOOR_FRACTION: Final = 1 / 20
 #: With no ``recovery_per_s``, the rate regains this fraction of the target per
 #: second (from half the target back to it in 5 s).
@@ -112,7 +93,7 @@ class GcraSchedule:
     [0.0, 0.0, 0.1, 0.2]
     """
 
-    __slots__ = ("_burst", "_interval", "_last_slot", "_latest", "_rate", "_tat", "_tau")
+    __slots__ = ("_burst", "_interval", "_latest", "_rate", "_tat", "_tau")
 
     def __init__(self, per_second: float, burst: int = 1) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
@@ -122,10 +103,7 @@ class GcraSchedule:
         self._interval = 1.0 / self._rate
         self._tau = (burst - 1) * self._interval
         self._tat = _NEVER
-        # The slot handed out last, while it may still be given back (NaN: none).
-        self._last_slot = math.nan
-        # The latest slot ever handed out (kept through give-backs: an upper bound).
-        self._latest = _NEVER
+        self._latest = _NEVER  # the latest slot handed out
 
     @property
     def rate(self) -> float:
@@ -155,22 +133,8 @@ class GcraSchedule:
             slot = self._latest
         # Advance from the schedule, not from when the caller will wake up.
         self._tat = tat + self._interval
-        self._last_slot = self._latest = slot
+        self._latest = slot
         return slot
-
-    def cancel(self, slot: float) -> bool:
-        """Give back a reserved ``slot`` whose caller will not send.
-
-        Only the slot handed out last can be given back (the schedule keeps no
-        history); then the state is as if it had never been reserved, and this
-        returns True. Otherwise, or after a rate change, this is a no-op that
-        returns False: the slot stays spent, which errs on the slow side.
-        """
-        if slot == self._last_slot:  # NaN never compares equal
-            self._tat -= self._interval
-            self._last_slot = math.nan
-            return True
-        return False
 
     def set_rate(self, per_second: float, now: float) -> None:
         """Use ``per_second`` for the slots not yet handed out.
@@ -194,7 +158,6 @@ class GcraSchedule:
         self._rate = rate
         self._interval = interval
         self._tau = (self._burst - 1) * interval
-        self._last_slot = math.nan  # the give-back arithmetic was for the old interval
 
     def defer_until(self, until: float) -> None:
         """Hand out no new slot before ``until`` (a server-requested pause).
@@ -211,7 +174,6 @@ class GcraSchedule:
         busy_until = until + self._tau
         if self._tat < busy_until:
             self._tat = busy_until
-            self._last_slot = math.nan
 
     def horizon(self, now: float) -> float:
         """The latest slot handed out so far, or ``now`` if that is later."""
@@ -306,263 +268,180 @@ class AdaptiveRate:
         return True
 
 
-@attrs.frozen
-class RateLimiterStatistics:
-    """A snapshot of a :class:`RateLimiter`.
+class RateController(Protocol):
+    """Which rate to schedule at, learnt from what the service answers; sans-I/O.
 
-    ``acquired``: slots taken by callers that were not cancelled; ``waited_s``: the
-    total time those callers were scheduled to wait; ``current_rate``: requests per
-    second now; ``decreases``: congestion events that cut the rate;
-    ``rate_limited``: 429s reported.
+    Every method takes ``now`` on the limiter's clock. ``rate_at`` returning None
+    means unlimited (no limit configured and none met yet).
     """
 
-    acquired: int
-    waited_s: float
-    current_rate: float
-    decreases: int
-    rate_limited: int = 0
+    def on_sent(self, now: float) -> None:
+        """A request was sent at ``now``."""
+
+    def on_accepted(self, sent_at: float, now: float) -> None:
+        """The request sent at ``sent_at`` was not refused for the rate."""
+
+    def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
+        """The request sent at ``sent_at`` was refused for the rate (a 429)."""
+
+    def rate_at(self, now: float) -> float | None:
+        """The rate to send at now, or None for unlimited."""
+
+    @property
+    def estimated_limit(self) -> float | None:
+        """The controller's estimate of the service's limit, if it has one."""
+
+    @property
+    def decreases(self) -> int:
+        """How many times the rate was cut."""
 
 
-class RateLimiter:
-    """Async rate limiter: an anchored :class:`GcraSchedule` steered by :class:`AdaptiveRate`.
+class _SendRate:
+    """Sends per second over the last second: what slow start seeds a rate from."""
 
-    ``acquire()`` waits for the caller's slot and returns its scheduled send time
-    per ``clock`` (time latency from there, wrk2's rule). Report a 429 with
-    ``on_rate_limited(sent_at)`` using that value. ``clock`` and ``sleep`` are
-    injectable for tests; they must agree (``sleep(d)`` lets ``clock()`` advance by
-    at least ``d``).
+    __slots__ = ("_sent",)
+
+    def __init__(self) -> None:
+        self._sent: deque[float] = deque()
+
+    def add(self, now: float) -> None:
+        self._sent.append(now)
+        while self._sent[0] < now - 1.0:
+            self._sent.popleft()
+
+    def per_second(self, now: float) -> float:
+        """The rate over the last second, or over the time since the first send if shorter."""
+        while self._sent and self._sent[0] < now - 1.0:
+            self._sent.popleft()
+        if len(self._sent) < 2:
+            return 1.0
+        return len(self._sent) / max(now - self._sent[0], 1e-3)
+
+
+class _AimdController:
+    """:class:`AdaptiveRate` as a :class:`RateController`, with slow start.
+
+    With no configured rate it is unlimited until the first refusal, which turns
+    on an adaptive rate seeded from the send rate just measured.
     """
 
-    __slots__ = (
-        "_acquired",
-        "_adaptive",
-        "_clock",
-        "_limit",
-        "_rate_limited",
-        "_schedule",
-        "_sleep",
-        "_waited_s",
-    )
+    def __init__(self, limit: RateLimit | None) -> None:
+        self._limit = limit
+        self._adaptive = None if limit is None else AdaptiveRate(limit)
+        self._sent = _SendRate()
+
+    def on_sent(self, now: float) -> None:
+        if self._adaptive is None:
+            self._sent.add(now)
+
+    def on_accepted(self, sent_at: float, now: float) -> None:
+        pass
+
+    def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
+        if self._adaptive is None:
+            seed = max(1.0, self._sent.per_second(now))  # not below one per second
+            self._adaptive = AdaptiveRate(RateLimit(seed))
+        self._adaptive.on_rate_limited(sent_at, now)
+
+    def rate_at(self, now: float) -> float | None:
+        return None if self._adaptive is None else self._adaptive.rate_at(now)
+
+    @property
+    def estimated_limit(self) -> float | None:
+        return None
+
+    @property
+    def decreases(self) -> int:
+        return 0 if self._adaptive is None else self._adaptive.decreases
+
+
+class InProcessLimiter:
+    """The embedded :class:`~nebula_async._limiter.Limiter`: GCRA, pause and controller.
+
+    ``acquire()`` returns the scheduled send time as its ticket (per ``clock``).
+    ``clock`` and ``sleep`` are injectable for tests; they must agree (``sleep(d)``
+    lets ``clock()`` advance by at least ``d``).
+    """
 
     def __init__(
         self,
-        limit: RateLimit,
+        controller: RateController,
         *,
+        burst: int = 1,
         clock: Clock = time.monotonic,
         sleep: Sleep = anyio.sleep,
     ) -> None:
-        self._limit = limit
+        self._controller = controller
         self._clock = clock
         self._sleep = sleep
-        self._adaptive = AdaptiveRate(limit)
-        self._schedule = GcraSchedule(limit.per_second, limit.burst)
+        # The schedule's own rate is replaced before every reservation.
+        self._schedule = GcraSchedule(1.0, burst)
+        self._pause_until = _NEVER
         self._acquired = 0
-        self._waited_s = 0.0
-        self._rate_limited = 0
-
-    @property
-    def limit(self) -> RateLimit:
-        """The policy this limiter enforces."""
-        return self._limit
-
-    @property
-    def current_rate(self) -> float:
-        """Requests per second allowed now (lower than the target after a 429)."""
-        return self._adaptive.rate_at(self._clock())
+        self._refused = 0
 
     async def acquire(self) -> float:
-        """Wait for the next send slot; return its scheduled time per ``clock``.
-
-        Returns without yielding when the slot is due. Cancelled while waiting, the
-        caller gives its slot back when it was the last one handed out.
-        """
-        now = self._clock()
-        schedule = self._schedule
-        rate = self._adaptive.rate_at(now)
-        if rate != schedule.rate:  # recovering after a cut
-            schedule.set_rate(rate, now)
-        slot = schedule.reserve(now)
-        delay = slot - now
-        if delay > 0.0:
-            try:
-                await self._sleep(delay)
-            except BaseException:
-                # Cancelled (or the sleep failed): this slot will not be used.
-                schedule.cancel(slot)
-                raise
-            self._waited_s += delay
+        """Wait out a pause, then wait for the next send slot; return its time."""
+        while True:
+            now = self._clock()
+            slot = self._reserve(now)
+            if slot > now:
+                await self._sleep(slot - now)
+            if self._pause_until <= slot:
+                break
+            # A Retry-After came in while this caller slept: its slot falls inside the
+            # pause, so it is forfeited (erring slow) and a new one taken after it.
+        self._controller.on_sent(slot)
         self._acquired += 1
         return slot
 
-    def on_rate_limited(self, sent_at: float) -> None:
-        """Report a 429 for the request sent at ``sent_at`` (from :meth:`acquire`)."""
-        self._rate_limited += 1
+    def _reserve(self, now: float) -> float:
+        rate = self._controller.rate_at(now)
+        start = self._pause_until if self._pause_until > now else now
+        if rate is None:
+            return start
+        if rate != self._schedule.rate:
+            self._schedule.set_rate(rate, now)
+        return self._schedule.reserve(start)
+
+    async def record(
+        self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        """Tell the controller what became of the slot; a ``retry_after`` pauses all."""
         now = self._clock()
-        schedule = self._schedule
-        if self._adaptive.on_rate_limited(sent_at, now, horizon=schedule.horizon(now)):
-            schedule.set_rate(self._adaptive.rate_at(now), now)
+        if retry_after is not None and retry_after > 0 and now + retry_after > self._pause_until:
+            self._pause_until = now + retry_after
+            self._schedule.defer_until(self._pause_until)
+        sent_at = ticket if isinstance(ticket, float) else now
+        if outcome is Outcome.ACCEPTED:
+            self._controller.on_accepted(sent_at, now)
+        elif outcome is Outcome.REFUSED:
+            self._refused += 1
+            self._controller.on_refused(sent_at, now, retry_after=retry_after)
 
-    def defer_until(self, until: float) -> None:
-        """Hand out no slot before ``until`` per ``clock`` (a ``Retry-After`` pause)."""
-        self._schedule.defer_until(until)
-
-    def statistics(self) -> RateLimiterStatistics:
-        """A snapshot of the counters."""
-        return RateLimiterStatistics(
+    def statistics(self) -> LimiterStatistics:
+        """A snapshot: the current rate, the estimate of the limit, the pause left."""
+        now = self._clock()
+        return LimiterStatistics(
+            current_rate=self._controller.rate_at(now),
+            estimated_limit=self._controller.estimated_limit,
+            paused_for_s=max(0.0, self._pause_until - now),
             acquired=self._acquired,
-            waited_s=self._waited_s,
-            current_rate=self.current_rate,
-            decreases=self._adaptive.decreases,
-            rate_limited=self._rate_limited,
+            refused=self._refused,
+            decreases=self._controller.decreases,
         )
 
-
-class PauseGate:
-    """The client-wide pause that honours ``Retry-After``.
-
-    ``pause_for(s)`` holds every caller of ``wait()`` until ``s`` seconds from now,
-    extending (never shortening) a pause already in force.
-    """
-
-    __slots__ = ("_clock", "_resume_at", "_sleep")
-
-    def __init__(self, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep) -> None:
-        self._clock = clock
-        self._sleep = sleep
-        self._resume_at = _NEVER
-
-    @property
-    def resume_at(self) -> float:
-        """When the pause ends, per ``clock`` (``-inf`` when none was seen in force)."""
-        return self._resume_at
-
-    def pause_for(self, seconds: float) -> None:
-        """Pause until ``seconds`` from now, unless already paused longer.
-
-        A zero, negative or NaN duration is ignored.
-        """
-        if not seconds > 0:
-            return
-        until = self._clock() + seconds
-        if until > self._resume_at:
-            self._resume_at = until
-
-    def is_paused(self, now: float | None = None) -> bool:
-        """Whether a pause is in force at ``now`` (default: the clock)."""
-        if self._resume_at == _NEVER:
-            return False
-        return (self._clock() if now is None else now) < self._resume_at
-
-    async def wait(self) -> None:
-        """Return at once when not paused; otherwise sleep until the pause ends.
-
-        Re-checks after each sleep, since the pause may have been extended
-        meanwhile. Not a checkpoint when not paused.
-        """
-        if self._resume_at == _NEVER:  # the hot path: one comparison, no clock read
-            return
-        while True:
-            resume_at = self._resume_at
-            now = self._clock()
-            if now >= resume_at:
-                # Expired: forget it so that later calls take the hot path again.
-                self._resume_at = _NEVER
-                return
-            await self._sleep(resume_at - now)
+    async def aclose(self) -> None:
+        """Nothing to release: the in-process limiter holds no connection."""
 
 
-class FifoLimiter:
-    """A counting limiter for asyncio: at most ``total`` holders, served in arrival order.
-
-    ``try_acquire()`` takes a permit without waiting when one is free (never ahead
-    of a queued caller); ``await acquire()`` waits its turn (it is not a checkpoint
-    when a permit is free at once). ``release()`` hands the permit to the first
-    waiter, or frees it. Not thread-safe; use it from one event loop.
-
-    >>> async def main():
-    ...     limiter = FifoLimiter(1)
-    ...     await limiter.acquire()
-    ...     busy = limiter.try_acquire()
-    ...     limiter.release()
-    ...     return busy, limiter.available
-    >>> asyncio.run(main())
-    (False, 1)
-    """
-
-    __slots__ = ("_free", "_total", "_waiters")
-
-    def __init__(self, total: int) -> None:
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-            raise ValueError(f"total must be an integer >= 1, got {total!r}")
-        self._total = total
-        self._free = total
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    def __repr__(self) -> str:
-        return f"<FifoLimiter total={self._total} available={self._free} waiting={self.waiting}>"
-
-    @property
-    def total(self) -> int:
-        """How many permits there are."""
-        return self._total
-
-    @property
-    def available(self) -> int:
-        """Permits free right now."""
-        return self._free
-
-    @property
-    def borrowed(self) -> int:
-        """Permits held right now."""
-        return self._total - self._free
-
-    @property
-    def waiting(self) -> int:
-        """Callers queued for a permit."""
-        return len(self._waiters)
-
-    def try_acquire(self) -> bool:
-        """Take a permit if one is free (never ahead of a waiter); True when taken."""
-        # A free permit with waiters queued cannot happen: release() hands it over.
-        if self._free > 0:
-            self._free -= 1
-            return True
-        return False
-
-    async def acquire(self) -> None:
-        """Take a permit, waiting in line for it when none is free.
-
-        Cancelled while waiting, the caller leaves the line; cancelled after a
-        permit was handed to it, it passes that permit on.
-        """
-        if self.try_acquire():
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        try:
-            await future
-        except BaseException:
-            if future.done() and not future.cancelled():
-                self.release()  # handed a permit, but will not use it
-            else:
-                with contextlib.suppress(ValueError):  # already dropped by release()
-                    self._waiters.remove(future)
-            raise
-
-    def release(self) -> None:
-        """Give a permit back: to the first live waiter, or to the free pool."""
-        if self._hand_over():
-            return
-        if self._free >= self._total:
-            raise RuntimeError("FifoLimiter released more often than acquired")
-        self._free += 1
-
-    def _hand_over(self) -> bool:
-        """Pass a permit straight to the first live waiter; False when none waits."""
-        waiters = self._waiters
-        while waiters:
-            future = waiters.popleft()
-            if not future.done():
-                future.set_result(None)
-                return True
-        return False
+def in_process_limiter(
+    limit: RateLimit | None, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep
+) -> InProcessLimiter:
+    """The embedded limiter for ``rate_limit=`` (None: unlimited until a 429, then adaptive)."""
+    return InProcessLimiter(
+        _AimdController(limit),
+        burst=1 if limit is None else limit.burst,
+        clock=clock,
+        sleep=sleep,
+    )

@@ -12,10 +12,12 @@ class (keeping the body ``code`` when the body has one); under HTTP 2xx the body
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -30,12 +32,15 @@ from ._exceptions import (
     ServerError,
     ValidationError,
 )
-from ._models import ImageResult, seeded_image_result, url_seed
+from ._models import GeneratedImage, ImageResult, seeded_image_result, url_seed
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "IMG2IMG_PATH",
+    "LOGIN_MAX_RESPONSE_BYTES",
     "LOGIN_PATH",
+    "MAX_TEXT_CHARS",
     "HttpRequest",
     "authorization_value",
     "build_img2img_request",
@@ -43,9 +48,12 @@ __all__ = [
     "decipher_img2img",
     "decipher_login",
     "has_control_characters",
+    "is_image_url",
+    "is_loopback_host",
     "normalize_base_url",
     "parse_retry_after",
     "status_error_class",
+    "truncate_text",
 ]
 
 DEFAULT_BASE_URL: Final = "https://ai-nebula.com"
@@ -53,10 +61,36 @@ IMG2IMG_PATH: Final = "/prod-api/nebula/v4/api/img2imgSubmit"
 LOGIN_PATH: Final = "/prod-api/v3/auth/getToken"
 JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
 _SNIPPET = 200
+#: The largest answer read, before and after decompression. The biggest legitimate
+#: one is n=15 ``b64_json`` images at the largest size, 4096x4096 (16.8 MP): as a
+#: PNG that cannot be compressed, 3 bytes a pixel + a filter byte a row + zlib's
+#: stored-block framing = 50.35 MB, 67.14 MB in base64, so 15 of them are 1,007 MB
+#: (960 MiB) of JSON strings. 1 GiB leaves room for the envelope. A lower cap would
+#: throw away an answer already paid for; with ``url`` answers (a few KB) a much
+#: lower one (``max_response_bytes=16 * 2**20``) is safe.
+DEFAULT_MAX_RESPONSE_BYTES: Final = 2**30
+#: The getToken answer holds one token (a JWT of a few hundred bytes).
+LOGIN_MAX_RESPONSE_BYTES: Final = 2**20
+#: Server texts (``msg``, quoted values) longer than this are cut on errors and results.
+MAX_TEXT_CHARS: Final = 1000
 _TAGS = re.compile(r"<[^>]+>")
 # C0 controls and DEL: a CR or LF in a header value would split the HTTP message.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def truncate_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how many more there were.
+
+    Server texts end up on errors and results, which a batch keeps by the
+    thousand: a 400 MB ``msg`` must not stay on one.
+
+    >>> truncate_text("x" * 1005)[-14:]
+    'x... (5 more)'
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more)"
 
 
 def has_control_characters(text: str) -> bool:
@@ -87,14 +121,50 @@ class HttpRequest:
     url: str
     headers: Mapping[str, str] = attrs.field(repr=_redacted_headers)
     body: bytes = attrs.field(repr=lambda body: f"<{len(body)} bytes>")
+    #: A tighter cap on the answer than the transport's own, or None for that one.
+    max_response_bytes: int | None = None
 
 
-def normalize_base_url(base_url: str) -> str:
+def is_loopback_host(host: str | None) -> bool:
+    """Whether ``host`` (a URL's host, IPv6 without brackets) names this machine:
+    ``localhost``, 127.0.0.0/8 or ``::1`` (also as ``::ffff:127.x.x.x``).
+
+    Only literal addresses and the name ``localhost`` count: any other name may
+    resolve elsewhere. Legacy forms such as ``127.1`` do not count either.
+
+    >>> is_loopback_host("127.0.0.1"), is_loopback_host("::1"), is_loopback_host("example.com")
+    (True, True, False)
+    """
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def normalize_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
     """``https://host/`` -> ``https://host``; only http(s) URLs without credentials.
+
+    ``http://`` sends the token and the getToken password in cleartext, so it is
+    refused unless the host is loopback (see :func:`is_loopback_host`) or
+    ``allow_insecure_http`` is True.
 
     >>> normalize_base_url("https://ai-nebula.com/")
     'https://ai-nebula.com'
+    >>> normalize_base_url("http://127.0.0.1:8080")
+    'http://127.0.0.1:8080'
     """
+    if not isinstance(allow_insecure_http, bool):
+        raise ValidationError(
+            f"allow_insecure_http: must be true or false, got {allow_insecure_http!r}",
+            field="allow_insecure_http",
+        )
     url = base_url.strip().rstrip("/") if isinstance(base_url, str) else ""
     if "@" in url:
         # user:password@host. Never echo what precedes the last "@": a password may
@@ -109,9 +179,38 @@ def normalize_base_url(base_url: str) -> str:
         )
     if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url, re.IGNORECASE):
         raise ValidationError(
-            f"base_url: must be an http(s) URL, got {base_url!r}", field="base_url"
+            f"base_url: must be an http(s) URL, got {truncate_text(repr(base_url), 200)}",
+            field="base_url",
         )
+    if url[:5].lower() == "http:" and not allow_insecure_http:
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:  # an unbalanced "[" in the host
+            host = None
+        if not is_loopback_host(host):
+            raise ValidationError(
+                f"base_url: http:// would send the token and password unencrypted to "
+                f"{truncate_text(repr(url), 200)}; use https://, or pass "
+                "allow_insecure_http=True (plain http is accepted without it only for "
+                "localhost, 127.0.0.0/8 and [::1])",
+                field="base_url",
+            )
     return url
+
+
+# http(s), "://", a host (not empty, not userinfo or a port alone), no control characters.
+_IMAGE_URL: Final = re.compile(r"https?://[^\x00-\x20\x7f/?#@:\\][^\x00-\x1f\x7f]*", re.IGNORECASE)
+
+
+def is_image_url(url: str) -> bool:
+    """Whether an answer's image URL is one a client may fetch: http(s) with a host.
+
+    ``""``, ``javascript:``, ``file:`` and ``data:`` URLs are not.
+
+    >>> is_image_url("https://cdn.example/1.png"), is_image_url("file:///etc/passwd")
+    (True, False)
+    """
+    return _IMAGE_URL.fullmatch(url) is not None
 
 
 def authorization_value(token: str) -> str:
@@ -144,7 +243,13 @@ def build_img2img_request(base_url: str, authorization: str, body: bytes) -> Htt
 def build_login_request(base_url: str, username: str, password: str) -> HttpRequest:
     """The getToken call that trades a username and password for a token."""
     body = orjson.dumps({"username": username, "password": password})
-    return HttpRequest("POST", base_url + LOGIN_PATH, dict(JSON_HEADERS), body)
+    return HttpRequest(
+        "POST",
+        base_url + LOGIN_PATH,
+        dict(JSON_HEADERS),
+        body,
+        max_response_bytes=LOGIN_MAX_RESPONSE_BYTES,
+    )
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -204,13 +309,13 @@ def status_error_class(effective_code: int) -> type[APIStatusError]:
     return APIStatusError
 
 
-def _snippet(body: bytes) -> str:
+def _snippet(body: bytes | bytearray) -> str:
     text = body[: _SNIPPET * 4].decode("utf-8", "replace")
     text = _SPACES.sub(" ", _TAGS.sub(" ", text)).strip()
     return text[:_SNIPPET]
 
 
-def _load(body: bytes) -> tuple[Any, str | None]:
+def _load(body: bytes | bytearray) -> tuple[Any, str | None]:
     """The decoded JSON and None, or None and what was wrong."""
     if not body.strip():
         return None, "empty body"
@@ -236,7 +341,7 @@ def _status_error(
 
 
 def _envelope(
-    status: int, headers: Mapping[str, str], body: bytes, now: Callable[[], float]
+    status: int, headers: Mapping[str, str], body: bytes | bytearray, now: Callable[[], float]
 ) -> tuple[int, str, Any]:
     """Read ``{"code", "msg", "data"}``; raise for anything but body code 200."""
     envelope, problem = _load(body)
@@ -246,6 +351,7 @@ def _envelope(
         code = None
     raw_msg = envelope.get("msg") if is_object else None
     msg = raw_msg if isinstance(raw_msg, str) else ("" if is_object else _snippet(body))
+    msg = truncate_text(msg)
 
     if 300 <= status < 400:
         # Redirects are not followed: a POST must not turn into a GET elsewhere, nor
@@ -265,7 +371,7 @@ def _envelope(
     if code is None:
         raise ResponseDecodeError(
             "malformed answer: missing or non-integer code @ $.code"
-            f" (got {envelope.get('code')!r})",
+            f" (got {truncate_text(repr(envelope.get('code')))})",
             status_code=status,
             path="$.code",
         )
@@ -277,7 +383,7 @@ def _envelope(
 def decipher_img2img(
     status: int,
     headers: Mapping[str, str],
-    body: bytes,
+    body: bytes | bytearray,
     *,
     now: Callable[[], float] = time.time,
 ) -> ImageResult:
@@ -295,14 +401,38 @@ def decipher_img2img(
 
 
 def _decipher_img2img_strict(
-    status: int, headers: Mapping[str, str], body: bytes, now: Callable[[], float]
+    status: int, headers: Mapping[str, str], body: bytes | bytearray, now: Callable[[], float]
 ) -> ImageResult:
     """The general path: every answer, every error, with the cattrs JSON paths."""
     code, msg, data = _envelope(status, headers, body, now)
-    return ImageResult(images=structure_images(data, status_code=status), code=code, msg=msg)
+    try:
+        images = structure_images(data, status_code=status)
+    except ResponseDecodeError as exc:
+        # One message per bad image: an answer of a million bad images is one huge text.
+        text = str(exc)
+        if len(text) <= MAX_TEXT_CHARS:
+            raise
+        raise ResponseDecodeError(
+            truncate_text(text), status_code=exc.status_code, path=exc.path
+        ) from None
+    _check_image_urls(images, status)
+    return ImageResult(images=images, code=code, msg=msg)
 
 
-def _common_img2img(body: bytes) -> ImageResult | None:
+def _check_image_urls(images: list[GeneratedImage], status: int) -> None:
+    """Every image URL must be http(s) with a host, else the answer is malformed."""
+    for index, image in enumerate(images):
+        if image.url is not None and not is_image_url(image.url):
+            path = f"$.data.images[{index}].url"
+            raise ResponseDecodeError(
+                "malformed answer: an image URL must be http(s) with a host, got "
+                f"{truncate_text(repr(image.url), 200)} @ {path}",
+                status_code=status,
+                path=path,
+            )
+
+
+def _common_img2img(body: bytes | bytearray) -> ImageResult | None:
     """The fast path for the common answer, or None to take the strict path.
 
     Only ``{"code": 200, "msg": str (optional), "data": {"images": [{"url": str},
@@ -329,10 +459,12 @@ def _common_img2img(body: bytes) -> ImageResult | None:
         if type(image) is not dict:
             return None
         url = image.get("url")
-        if type(url) is not str or image.get("b64_json") is not None:
+        if type(url) is not str or image.get("b64_json") is not None or not is_image_url(url):
             return None
         urls.append(url)
     msg = envelope.get("msg")
+    if type(msg) is str and len(msg) > MAX_TEXT_CHARS:
+        msg = truncate_text(msg)
     # URL-only images: the GeneratedImage list is made if and when it is read.
     return seeded_image_result(images=url_seed(urls), code=200, msg=msg if type(msg) is str else "")
 
@@ -340,7 +472,7 @@ def _common_img2img(body: bytes) -> ImageResult | None:
 def decipher_login(
     status: int,
     headers: Mapping[str, str],
-    body: bytes,
+    body: bytes | bytearray,
     *,
     now: Callable[[], float] = time.time,
 ) -> str:

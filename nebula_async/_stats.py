@@ -30,6 +30,7 @@ class ClientStatistics:
     logins: int
     current_rate: float | None
     paused_until: float | None
+    estimated_limit: float | None = None
 
 
 class Counters:

@@ -6,6 +6,12 @@ Network timeouts are aiohttp's ``sock_connect`` / ``sock_read``; the per-attempt
 limit is our own scope around the send, because aiohttp's ``total`` also counts
 time spent waiting for a pooled connection (REFERENCES, aiohttp). The connector
 limit matches our concurrency cap, so our limiter, not aiohttp's pool, queues.
+
+Answers are read under ``max_response_bytes``: a Content-Length over it is refused
+before reading, and a body without one (chunked, or compressed) is read chunk by
+chunk and dropped the moment it passes the cap. aiohttp (3.13.3+) inflates a
+gzip/deflate body in pieces of at most its read buffer (64 KiB) as we consume them,
+so a gzip bomb never exists inflated beyond the cap.
 """
 
 from __future__ import annotations
@@ -20,17 +26,66 @@ from aiohttp import BasicAuth
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from ._exceptions import APIConnectionError, APITimeoutError, ValidationError
+from ._exceptions import (
+    APIConnectionError,
+    APITimeoutError,
+    ResponseDecodeError,
+    ValidationError,
+)
 from ._models import Timeout
-from ._protocol import HttpRequest
+from ._protocol import DEFAULT_MAX_RESPONSE_BYTES, HttpRequest, truncate_text
 
-__all__ = ["AiohttpTransport", "RawResponse", "USER_AGENT"]
+__all__ = ["AiohttpTransport", "RawResponse", "USER_AGENT", "check_max_response_bytes"]
 
 USER_AGENT: Final = "nebula-async/0.1.0"
 #: How many distinct request URLs keep their proxy answer (the API uses two or three).
 _PROXY_URL_CACHE: Final = 32
 
-RawResponse = tuple[int, Mapping[str, str], bytes]
+#: (status, headers, body). A body read in pieces is the bytearray it was gathered
+#: in: converting it to bytes would hold a second copy of an answer of up to 1 GiB.
+RawResponse = tuple[int, Mapping[str, str], bytes | bytearray]
+
+
+def check_max_response_bytes(value: object) -> int:
+    """``value`` if it is a usable answer cap (an int >= 1), else a ``ValidationError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(
+            f"max_response_bytes: must be a whole number of bytes >= 1, got "
+            f"{truncate_text(repr(value), 100)}",
+            field="max_response_bytes",
+        )
+    return value
+
+
+def _too_large(status: int, limit: int, what: str) -> ResponseDecodeError:
+    return ResponseDecodeError(
+        f"answer too large: {what}, over max_response_bytes ({limit:,} bytes); not read further",
+        status_code=status,
+        path="$",
+    )
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | bytearray:
+    """The body, decompressed, or a ``ResponseDecodeError`` once it passes ``limit``."""
+    length = response.content_length
+    if length is not None and length > limit:
+        raise _too_large(response.status, limit, f"Content-Length is {length:,} bytes")
+    header = response.headers.get("Content-Encoding")
+    encoding = "identity" if header is None else header.strip().lower() or "identity"
+    if length is not None and encoding == "identity":
+        # aiohttp reads exactly Content-Length bytes: the common answer, in one call.
+        return await response.read()
+    # One growing buffer, not a list of chunks joined at the end: the join would
+    # hold the answer twice at its peak.
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        if len(body) + len(chunk) > limit:
+            shown = "after decompression " if encoding != "identity" else ""
+            raise _too_large(
+                response.status, limit, f"{len(body) + len(chunk):,}+ bytes {shown}read so far"
+            )
+        body += chunk
+    return body
 
 
 class AiohttpTransport:
@@ -43,7 +98,9 @@ class AiohttpTransport:
         timeout: Timeout,
         trust_env: bool = False,
         headers: Mapping[str, str] | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
+        self._max_response_bytes = check_max_response_bytes(max_response_bytes)
         self._connection_limit = connection_limit
         self._trust_env = trust_env
         self._headers = {"User-Agent": USER_AGENT, **(headers or {})}
@@ -108,10 +165,17 @@ class AiohttpTransport:
         return answer
 
     async def send(self, request: HttpRequest) -> RawResponse:
-        """One HTTP exchange: (status, headers, body), or an ``APIConnectionError``."""
+        """One HTTP exchange: (status, headers, body), or an ``APIConnectionError``.
+
+        An answer over the cap (the request's own, if tighter) is a
+        ``ResponseDecodeError``; its body is not kept.
+        """
         session = self._session
         if session is None:
             raise APIConnectionError("transport is closed", request_sent=False)
+        limit = self._max_response_bytes
+        if request.max_response_bytes is not None and request.max_response_bytes < limit:
+            limit = request.max_response_bytes
         proxy, proxy_auth = self._proxy_for(request.url)
         try:
             # asyncio.timeout is one timer handle; an anyio cancel scope costs several
@@ -126,7 +190,7 @@ class AiohttpTransport:
                     proxy=proxy,
                     proxy_auth=proxy_auth,
                 ) as response:
-                    body = await response.read()
+                    body = await _read_capped(response, limit)
                     return response.status, response.headers, body
         except aiohttp.ConnectionTimeoutError as exc:
             raise APITimeoutError(f"connect timed out: {exc}", request_sent=False) from exc
@@ -138,8 +202,9 @@ class AiohttpTransport:
             # The connection was never made: nothing reached the server.
             raise APIConnectionError(f"cannot connect: {exc}", request_sent=False) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            # A malformed answer's text may quote the server at length.
             raise APIConnectionError(
-                f"connection failed: {type(exc).__name__}: {exc}".rstrip(": ")
+                truncate_text(f"connection failed: {type(exc).__name__}: {exc}".rstrip(": "))
             ) from exc
         except ValueError as exc:
             # aiohttp refuses, before sending, a header or URL it cannot write. Its

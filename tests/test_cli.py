@@ -509,14 +509,16 @@ async def test_a_partly_failed_job_is_sent_again_only_for_its_missing_images(
         {"id": "whole", "model": "m", "prompt": "whole", "n": 2, "images": 4},  # 2 + 2
     )
     out = tmp_path / "out.jsonl"
-    # One at a time, so the script hits known submissions: fan's 2nd fails for good,
-    # and both of whole's fail (it keeps no URL, so it is sent again whole).
-    async with MockNebulaServer(fault_script=[None, "http_500", None, "http_500", "http_500"]) as (
+    # One request at a time; the two jobs' submissions take turns for the one slot
+    # (fan, whole, fan, whole, fan), so the script hits known submissions: fan's 2nd
+    # fails for good, and both of whole's fail (it keeps no URL, so it is sent again whole).
+    async with MockNebulaServer(fault_script=[None, "http_500", "http_500", "http_500", None]) as (
         server
     ):
         args = run_args(jobs, out, server, "--retries", "0", "--concurrency", "1")
         assert await cli(*args) == 1
-        assert [r.field("n") for r in server.requests] == [2, 2, 1, 2, 2]
+        assert [r.field("prompt") for r in server.requests] == ["fan", "whole"] * 2 + ["fan"]
+        assert [r.field("n") for r in server.requests] == [2, 2, 2, 2, 1]
         first = by_id(read_records(out))
         fan = first["fan"]
         assert (fan["ok"], fan["error"]["type"], len(fan["urls"])) == (False, "ServerError", 3)

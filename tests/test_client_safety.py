@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import pickle
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -211,14 +212,32 @@ async def test_retry_after_holds_callers_already_waiting_for_a_rate_slot() -> No
 
 
 async def test_retry_after_on_the_last_attempt_still_pauses_the_client() -> None:
-    async with MockNebulaServer(retry_after=0.4, fault_script=["http_429"]) as server:
+    sent: list[float] = []
+
+    async def busy_once(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        sent.append(time.monotonic())
+        if len(sent) == 1:
+            return web.json_response({"code": 503}, status=503, headers={"Retry-After": "0.4"})
+        return web.json_response(OK_BODY)
+
+    async with tiny_server({SUBMIT: busy_once}) as (base_url, _):
         policy = na.RetryPolicy(max_attempts=1)
-        async with client_for(server.base_url, retry=policy) as client:
-            with pytest.raises(na.RateLimitError):
+        async with client_for(base_url, retry=policy) as client:
+            with pytest.raises(na.ServerError):
                 await client.img2img(REQUEST)
             await client.img2img(REQUEST)
-    gap = server.requests[1].received_at - server.requests[0].received_at
-    assert gap >= 0.35
+    assert sent[1] - sent[0] >= 0.35
+
+
+async def test_a_429_does_not_use_up_max_attempts() -> None:
+    # A refusal for the rate is the limiter's to fix: even with no retries allowed,
+    # the submission is repeated (the limiter paced it) instead of failing the job.
+    async with MockNebulaServer(retry_after=0.05, fault_script=["http_429", "body_429"]) as server:
+        async with client_for(server.base_url, retry=na.RetryPolicy(max_attempts=1)) as client:
+            result = await client.img2img(REQUEST)
+    assert len(result.urls) == 1
+    assert [r.fault for r in server.requests] == ["http_429", "body_429", None]
 
 
 async def test_redirects_are_not_followed() -> None:

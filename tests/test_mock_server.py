@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import math
+import pathlib
 import re
+import socket
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -29,6 +32,7 @@ from nebula_async.testing import (
     MockNebulaServer,
     ReceivedRequest,
     add_mock_server_arguments,
+    busiest_window,
     serve_mock_server,
 )
 
@@ -481,6 +485,220 @@ async def test_rate_limit_body_style() -> None:
         assert server.requests[1].fault == "rate_limited"
 
 
+async def burst(session: aiohttp.ClientSession, url: str, n: int) -> list[Answer]:
+    return list(await asyncio.gather(*(post(session, url) for _ in range(n))))
+
+
+def replay_sliding(
+    records: Sequence[ReceivedRequest], capacity: int, window_s: float
+) -> list[bool]:
+    """Which requests a sliding-window limit admits, replayed from the server's own record
+    of arrival times: the server's decisions must match, however the clock ran."""
+    passed: list[float] = []
+    decisions = []
+    for record in records:
+        t = record.received_at
+        ok = sum(1 for a in passed if a <= t < a + window_s) < capacity
+        if ok:
+            passed.append(t)
+        decisions.append(ok)
+    return decisions
+
+
+REFUSAL_STYLES = [
+    # (rate_limit_style, retry_after, HTTP status, Retry-After header)
+    ("http", 2, 429, "2"),
+    ("http", 0.5, 429, "0.5"),
+    ("http", None, 429, None),
+    ("body", 1.0, 200, None),
+]
+
+
+@pytest.mark.parametrize(("style", "retry_after", "status", "header"), REFUSAL_STYLES)
+async def test_sliding_window_refusal_styles(
+    style: str, retry_after: float | None, status: int, header: str | None
+) -> None:
+    # floor(2.5 * 2.0) = 5 requests in any 2 s window.
+    knobs = {"rate_limit": 2.5, "rate_limit_window_s": 2.0, "rate_limit_style": style}
+    async with serve(rate_limit_algorithm="sliding_window", retry_after=retry_after, **knobs) as (
+        server,
+        session,
+        url,
+    ):
+        answers = await burst(session, url, 8)
+        refused = [a for a in answers if a.code == 429]
+        assert (len(answers) - len(refused), len(refused)) == (5, 3)
+        for answer in refused:
+            assert answer.status == status
+            assert answer.headers.get("Retry-After") == header
+            assert answer.json == {"code": 429, "msg": "too many requests", "data": None}
+        records = server.requests
+        assert [not r.rate_limited for r in records] == replay_sliding(records, 5, 2.0)
+        assert {(r.fault, r.status, r.code) for r in records if r.rate_limited} == {
+            ("rate_limited", status, 429)
+        }
+
+
+async def test_sliding_window_reopens_when_the_oldest_leaves() -> None:
+    async with serve(rate_limit=2, rate_limit_algorithm="sliding_window") as (s, session, url):
+        codes = [(await post(session, url)).code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        await asyncio.sleep(max(0.0, s.requests[0].received_at + 1.0 - time.monotonic()) + 0.02)
+        assert (await post(session, url)).code == 200
+        assert [not r.rate_limited for r in s.requests] == replay_sliding(s.requests, 2, 1.0)
+
+
+async def test_fixed_window_counts_from_the_start() -> None:
+    # floor(4 * 0.5) = 2 per window [start + 0.5k, start + 0.5(k+1)).
+    knobs = {"rate_limit": 4, "rate_limit_algorithm": "fixed_window", "rate_limit_window_s": 0.5}
+    async with serve(**knobs) as (server, session, url):
+        for _ in range(2):
+            await burst(session, url, 4)
+            await asyncio.sleep(0.3)
+        started = server.started_at
+        assert started is not None
+        windows: dict[int, list[bool]] = {}
+        for record in server.requests:
+            key = math.floor((record.received_at - started) / 0.5)
+            windows.setdefault(key, []).append(not record.rate_limited)
+        # In each window the first two pass and the rest are refused.
+        for decisions in windows.values():
+            assert decisions == [True] * min(2, len(decisions)) + [False] * (len(decisions) - 2)
+        assert any(r.rate_limited for r in server.requests)
+
+
+async def test_rate_limit_changes_mid_run_by_assignment() -> None:
+    # A sliding window of 2 s, far longer than the test: nothing leaves it.
+    async with serve(
+        rate_limit=2.5, rate_limit_algorithm="sliding_window", rate_limit_window_s=2.0
+    ) as (server, session, url):
+        assert [a.code for a in await burst(session, url, 6)].count(200) == 5
+        server.rate_limit = 1.5  # 3 per window: the 5 already in keep it shut
+        assert (await post(session, url)).code == 429
+        server.rate_limit = 5  # 10 per window: 5 more
+        assert [a.code for a in await burst(session, url, 7)].count(200) == 5
+        assert server.rate_limit == 5
+        server.rate_limit = None
+        assert (await post(session, url)).code == 200
+
+
+async def test_rate_limit_schedule() -> None:
+    # 2 per 10 s window at first; from 0.5 s after the start, 5; from 0.8 s, no limit.
+    knobs = {"rate_limit_algorithm": "sliding_window", "rate_limit_window_s": 10.0}
+    schedule = [(0.5, 0.5), (0.8, None)]
+    async with serve(rate_limit=0.2, rate_limit_schedule=schedule, **knobs) as (s, session, url):
+        assert s.rate_limit_schedule == ((0.5, 0.5), (0.8, None))
+        assert [a.code for a in await burst(session, url, 3)].count(200) == 2
+        assert s.started_at is not None
+        await asyncio.sleep(max(0.0, s.started_at + 0.55 - time.monotonic()))
+        assert s.rate_limit == 0.2  # an entry applies at the first arrival after its time
+        assert [a.code for a in await burst(session, url, 4)].count(200) == 3
+        assert s.rate_limit == 0.5
+        await asyncio.sleep(max(0.0, s.started_at + 0.85 - time.monotonic()))
+        assert [a.code for a in await burst(session, url, 3)] == [200] * 3
+        assert s.rate_limit is None
+        # Assigning a schedule restarts it (times still count from the start).
+        s.rate_limit_schedule = [(0.0, 0.1)]
+        assert (await post(session, url)).code == 429
+        assert s.rate_limit == 0.1
+
+
+async def test_changing_the_algorithm_starts_the_limit_afresh() -> None:
+    async with serve(rate_limit=1) as (server, session, url):
+        assert [(await post(session, url)).code for _ in range(2)] == [200, 429]
+        server.rate_limit_algorithm = "sliding_window"
+        assert [(await post(session, url)).code for _ in range(2)] == [200, 429]
+        server.rate_limit_window_s = 5.0  # 5 per 5 s window, from a clean log
+        assert [(await post(session, url)).code for _ in range(6)].count(200) == 5
+
+
+async def test_records_hold_monotonic_receive_times() -> None:
+    async with serve(rate_limit=50, rate_limit_burst=3) as (server, session, url):
+        before = time.monotonic()
+        await burst(session, url, 10)
+        after = time.monotonic()
+        times = [r.received_at for r in server.requests]
+        assert server.started_at is not None
+        assert server.started_at <= before <= times[0]
+        assert times == sorted(times)  # index order is arrival order
+        assert times[-1] <= after
+        refused = [r for r in server.requests if r.rate_limited]
+        assert refused
+        assert all((r.fault, r.code, r.urls) == ("rate_limited", 429, ()) for r in refused)
+
+
+async def test_busiest_window_read_back_from_the_record() -> None:
+    # The issue-10 stand-in scaled down: at most 10 in any 0.25 s, offered about 3x that.
+    knobs = {"rate_limit": 40, "rate_limit_algorithm": "sliding_window"}
+    async with serve(rate_limit_window_s=0.25, **knobs) as (server, session, url):
+        for _ in range(6):
+            await burst(session, url, 8)
+            await asyncio.sleep(0.02)
+        passed = [r.received_at for r in server.requests if not r.rate_limited]
+        assert busiest_window(passed, 0.25) <= 10
+        assert [not r.rate_limited for r in server.requests] == replay_sliding(
+            server.requests, 10, 0.25
+        )
+        assert sum(r.rate_limited for r in server.requests) > 0
+
+
+@pytest.mark.parametrize(
+    ("knobs", "match"),
+    [
+        ({"rate_limit": 0}, "rate_limit must be finite and > 0"),
+        ({"rate_limit": "fast"}, "rate_limit must be a number"),
+        ({"rate_limit": math.inf}, "rate_limit"),
+        ({"rate_limit_algorithm": "token_bucket"}, "rate_limit_algorithm must be one of"),
+        ({"rate_limit_window_s": 0}, "rate_limit_window_s must be finite and > 0"),
+        ({"rate_limit_burst": True}, "rate_limit_burst must be an integer >= 1"),
+        ({"rate_limit_style": "json"}, "rate_limit_style must be one of"),
+        ({"retry_after": -1}, "retry_after must be finite and >= 0"),
+        ({"rate_limit_schedule": "5:10"}, "rate_limit_schedule must be a sequence"),
+        ({"rate_limit_schedule": [(1.0,)]}, r"rate_limit_schedule\[0\] must be an \(at_s"),
+        ({"rate_limit_schedule": [(1.0, 0)]}, r"rate_limit_schedule\[0\] must be finite and > 0"),
+        ({"rate_limit_schedule": [(-1, 5)]}, r"rate_limit_schedule\[0\] must be finite and >= 0"),
+        ({"rate_limit_schedule": [(2, 5), (1, 5)]}, "times must not decrease"),
+        ({"latency": "0.1"}, "latency must be a number"),
+        ({"latency": (0.1, 0.2, 0.3)}, "latency range must be"),
+        ({"faults": [("drop", 1.0)]}, "faults must be a mapping"),
+        ({"fault_script": 3}, "fault_script must be an iterable"),
+        ({"token": ""}, "token must be a non-empty string"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"lean": 1}, "lean must be a bool"),
+        ({"port": 70000}, "port must be an integer in 0..65535"),
+    ],
+)
+def test_bad_knob_names_the_knob_in_init_and_on_assignment(
+    knobs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        MockNebulaServer(**knobs)
+    server = MockNebulaServer()
+    ((name, value),) = knobs.items()
+    before = getattr(server, name)
+    with pytest.raises(ValueError, match=match):
+        setattr(server, name, value)
+    assert getattr(server, name) is before  # a refused assignment changes nothing
+
+
+def test_knob_values_are_normalised() -> None:
+    server = MockNebulaServer(latency=[0.1, 0.2], token="Bearer abc", rate_limit_schedule=[[1, 2]])
+    assert server.latency == (0.1, 0.2)
+    assert server.token == "abc"
+    assert server.rate_limit_schedule == ((1, 2),)
+    assert MockNebulaServer(rate_limit_schedule=None).rate_limit_schedule == ()
+    assert list(MockNebulaServer(faults={"http_500": 0.1, "drop": 0.2}).faults) == [
+        "drop",
+        "http_500",
+    ]
+
+
+def test_repr_hides_credentials() -> None:
+    server = MockNebulaServer(token="tok-SECRET", password="pw-SECRET")
+    assert "SECRET" not in repr(server)
+    assert repr(server) == "<MockNebulaServer not started requests=0 logins=0>"
+
+
 # --------------------------------------------------------------------------- answers
 
 
@@ -688,6 +906,12 @@ def test_parse_flags() -> None:
         (["--token-ttl-uses", "-1"], "--token-ttl-uses"),
         (["--seed", "x"], "--seed"),
         (["--duration", "nan"], "--duration"),
+        (["--rate-limit-algorithm", "token_bucket"], "--rate-limit-algorithm"),
+        (["--rate-limit-window", "0"], "--rate-limit-window"),
+        (["--rate-limit-schedule", "5"], "--rate-limit-schedule"),
+        (["--rate-limit-schedule", "5:0"], "--rate-limit-schedule"),
+        (["--rate-limit-schedule", "5:10,2:20"], "--rate-limit-schedule"),
+        (["--rate-limit-schedule", "x:10"], "--rate-limit-schedule"),
     ],
 )
 def test_bad_flag_values(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -712,7 +936,99 @@ async def test_serve_mock_server(capsys: pytest.CaptureFixture[str]) -> None:
     async with aiohttp.ClientSession() as session:
         answer = await post(session, match.group(1) + IMG2IMG_PATH)
         assert answer.code == 500
-    await asyncio.wait_for(task, 5)
+    assert await asyncio.wait_for(task, 5) == 0
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "1 img2img requests" in captured.err
+    assert "1 img2img requests (0 refused by the rate limit)" in captured.err
+
+
+def test_parse_rate_limit_flags() -> None:
+    args = parse(
+        [
+            "--rate-limit", "20", "--rate-limit-algorithm", "sliding_window",
+            "--rate-limit-window", "0.5", "--rate-limit-schedule", "10:10, 20:30,25:none",
+        ]
+    )  # fmt: skip
+    assert (args.rate_limit, args.rate_limit_algorithm) == (20, "sliding_window")
+    assert args.rate_limit_window_s == 0.5
+    assert args.rate_limit_schedule == ((10, 10), (20, 30), (25, None))
+    defaults = parse([])
+    assert (defaults.rate_limit, defaults.rate_limit_algorithm) == (None, "gcra")
+    assert (defaults.rate_limit_window_s, defaults.rate_limit_schedule) == (1.0, None)
+    assert (defaults.rate_limit_style, defaults.retry_after) == ("http", 1.0)
+
+
+def test_help_describes_the_rate_limit_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        parse(["--help"])
+    assert exc_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in (
+        "--rate-limit R",
+        "--rate-limit-algorithm {gcra,sliding_window,fixed_window}",
+        "--rate-limit-window W",
+        "--rate-limit-burst B",
+        "--rate-limit-schedule AT:R[,AT:R...]",
+        "--rate-limit-style {http,body}",
+        "--retry-after S",
+    ):
+        assert flag in text, flag
+    assert "at most floor(R*W)" in text
+
+
+async def test_flags_reach_the_server(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    argv = ["--port", "0", "--duration", "1", "--rate-limit", "2",
+            "--rate-limit-algorithm", "sliding_window", "--rate-limit-window", "5",
+            "--rate-limit-style", "body", "--record", str(tmp_path / "record.jsonl")]  # fmt: skip
+    task = asyncio.ensure_future(serve_mock_server(parse(argv)))
+    out = ""
+    for _ in range(200):
+        out += capsys.readouterr().out
+        if out:
+            break
+        await asyncio.sleep(0.01)
+    base_url = out.split()[-1]
+    async with aiohttp.ClientSession() as session:
+        codes = [(await post(session, base_url + IMG2IMG_PATH)).code for _ in range(12)]
+    assert codes == [200] * 10 + [429] * 2  # floor(2 * 5) = 10 in the 5 s window
+    assert await asyncio.wait_for(task, 5) == 0
+    err = capsys.readouterr().err
+    assert "12 img2img requests (2 refused by the rate limit)" in err
+    assert "busiest 5 s window 10 admitted" in err
+    lines = [orjson.loads(line) for line in (tmp_path / "record.jsonl").read_bytes().splitlines()]
+    assert [line["index"] for line in lines] == list(range(12))
+    assert [line["fault"] for line in lines] == [None] * 10 + ["rate_limited"] * 2
+    assert {(line["status"], line["code"]) for line in lines[10:]} == {(200, 429)}
+    assert all(0 <= line["received_s"] < 1 for line in lines)
+    assert [line["received_s"] for line in lines] == sorted(line["received_s"] for line in lines)
+
+
+async def test_unwritable_record_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    args = parse(["--port", "0", "--record", str(tmp_path / "no-such-dir" / "r.jsonl")])
+    assert await asyncio.wait_for(serve_mock_server(args), 5) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert "cannot write the record" in captured.err
+    assert "No such file or directory" in captured.err
+
+
+async def test_busy_port_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="in use"):
+            await MockNebulaServer(port=port).start()
+        code = await asyncio.wait_for(serve_mock_server(parse(["--port", str(port)])), 5)
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"nebula mock server: cannot listen on 127.0.0.1 port {port}: ")
+    assert "in use" in lines[0]

@@ -23,8 +23,11 @@ from nebula_async._protocol import (
     build_login_request,
     decipher_img2img,
     decipher_login,
+    is_image_url,
+    is_loopback_host,
     normalize_base_url,
     parse_retry_after,
+    truncate_text,
 )
 
 RECORDED = Path(__file__).parent / "recorded"
@@ -201,6 +204,154 @@ def test_base_url_trailing_slash_removed() -> None:
     assert normalize_base_url("https://ai-nebula.com/") == "https://ai-nebula.com"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://ai-nebula.com",
+        "HTTP://ai-nebula.com/",
+        "http://10.0.0.7:8080",
+        "http://127.1",  # a legacy form: not recognised as loopback
+        "http://localhost.example.com",
+        "http://[::2]:80",
+    ],
+)
+def test_plain_http_off_loopback_is_refused_unless_allowed(url: str) -> None:
+    with pytest.raises(na.ValidationError, match="unencrypted") as caught:
+        normalize_base_url(url)
+    assert caught.value.field == "base_url"
+    assert normalize_base_url(url, allow_insecure_http=True) == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1",
+        "http://127.8.9.10:81/",
+        "http://localhost:8080",
+        "http://LOCALHOST",
+        "http://[::1]:9000",
+        "http://[::ffff:127.0.0.1]",
+        "https://anything.example",
+    ],
+)
+def test_plain_http_to_loopback_and_https_need_no_permission(url: str) -> None:
+    assert normalize_base_url(url) == url.rstrip("/")
+
+
+def test_allow_insecure_http_must_be_a_bool() -> None:
+    with pytest.raises(na.ValidationError) as caught:
+        normalize_base_url("http://h", allow_insecure_http="yes")  # type: ignore[arg-type]
+    assert caught.value.field == "allow_insecure_http"
+
+
+def test_loopback_hosts() -> None:
+    assert all(
+        map(is_loopback_host, ["127.0.0.1", "127.255.0.1", "::1", "localhost", "::ffff:127.0.0.2"])
+    )
+    assert not any(
+        map(is_loopback_host, [None, "", "128.0.0.1", "::", "0.0.0.0", "127.1", "x.localhost"])
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://cdn.example/a.png",
+        "HTTP://cdn.example",
+        "http://[::1]:8/x",
+        "https://h/a b.png",
+        "https://user@h/x",
+    ],
+)
+def test_image_urls_that_may_be_fetched(url: str) -> None:
+    assert is_image_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "javascript:alert(1)",
+        "file:///etc/passwd",
+        "data:image/png;base64,AAAA",
+        "https://",
+        "https:///path",
+        "http://?q",
+        "http://@h",
+        "http://:80/x",
+        " https://h/x",
+        "https://h/x\r\nSet-Cookie: a=b",
+        "ftp://h/x",
+        "//h/x",
+        "https:/h/x",
+    ],
+)
+def test_image_urls_refused(url: str) -> None:
+    assert not is_image_url(url)
+
+
+@pytest.mark.parametrize("bad", ["", "javascript:alert(1)", "file:///etc/passwd", "data:,x"])
+def test_an_answer_with_a_bad_image_url_is_malformed_at_its_path(bad: str) -> None:
+    good = "https://cdn.example/1.png"
+    for images in (
+        [{"url": bad}],
+        [{"url": good}, {"url": bad}],
+        [{"b64_json": "aGk="}, {"url": bad}],
+    ):
+        raw = orjson.dumps({"code": 200, "msg": "ok", "data": {"images": images}})
+        with pytest.raises(na.ResponseDecodeError) as caught:
+            decipher_img2img(200, {}, raw)
+        assert caught.value.path == f"$.data.images[{len(images) - 1}].url"
+        assert_same(200, {}, raw)
+
+
+def test_truncate_text() -> None:
+    assert truncate_text("short") == "short"
+    assert truncate_text("x" * 1000) == "x" * 1000
+    assert truncate_text("x" * 1001) == "x" * 1000 + "... (1 more)"
+    assert truncate_text("abcdef", 2) == "ab... (4 more)"
+
+
+def test_long_server_texts_are_cut_on_errors_and_results() -> None:
+    huge = "é" * 100_000
+    images = {"images": [{"url": "https://cdn.example/1.png"}]}
+    result = decipher_img2img(200, {}, orjson.dumps({"code": 200, "msg": huge, "data": images}))
+    assert result.msg == "é" * 1000 + "... (99000 more)"
+    strict = _decipher_img2img_strict(
+        200,
+        {},
+        orjson.dumps({"code": 200, "msg": huge, "data": {"images": [{"b64_json": "aGk="}]}}),
+        lambda: NOW,
+    )
+    assert len(strict.msg) < 1020
+    for status, code in ((200, 500), (503, None), (400, 400)):
+        raw = orjson.dumps({"code": code, "msg": huge})
+        with pytest.raises(na.APIStatusError) as caught:
+            decipher_img2img(status, {}, raw)
+        assert len(caught.value.msg) < 1020
+        assert len(str(caught.value)) < 1100
+    # A huge non-integer code, quoted in the error, is cut too.
+    with pytest.raises(na.ResponseDecodeError) as decode_error:
+        decipher_img2img(200, {}, orjson.dumps({"code": huge, "data": images}))
+    assert len(str(decode_error.value)) < 1100
+    # One cattrs message per bad image: a million of them are still one short text.
+    many = {"images": [{"url": 5}] * 50_000}
+    with pytest.raises(na.ResponseDecodeError) as many_errors:
+        decipher_img2img(200, {}, orjson.dumps({"code": 200, "data": many}))
+    assert len(str(many_errors.value)) < 1100
+    assert many_errors.value.path == "$.data.images[0].url"
+    # The login answer's refusal text as well.
+    with pytest.raises(na.AuthenticationError) as login_error:
+        decipher_login(200, {}, orjson.dumps({"code": 500, "msg": huge}))
+    assert len(login_error.value.msg) < 1020
+
+
+def test_the_login_request_carries_its_own_answer_cap() -> None:
+    request = build_login_request("https://h", "u", "p")
+    assert request.max_response_bytes == 2**20
+    assert build_img2img_request("https://h", "Bearer t", b"{}").max_response_bytes is None
+
+
 # -- the fast path for the common answer gives what the strict path gives ------------------
 
 
@@ -237,6 +388,10 @@ EDGE_BODIES: list[Any] = [
     {"code": 200, "msg": "ok", "data": {"images": [{"url": URL}]}, "traceId": "t"},
     {"code": 200, "msg": "ok", "data": {"images": [{"url": None}]}},
     {"code": 200, "msg": "ok", "data": {"images": [{"url": 5}]}},
+    {"code": 200, "msg": "ok", "data": {"images": [{"url": ""}]}},
+    {"code": 200, "msg": "ok", "data": {"images": [{"url": URL}, {"url": "file:///x"}]}},
+    {"code": 200, "msg": "x" * 1001, "data": {"images": [{"url": URL}]}},
+    {"code": 400, "msg": "x" * 1001},
     {"code": 200, "msg": "ok", "data": {"images": [{}]}},
     {"code": 200, "msg": "ok", "data": {"images": [URL]}},
     {"code": 200, "msg": "ok", "data": {"images": [[URL]]}},
@@ -305,7 +460,9 @@ _VALUES = st.recursive(
 _IMAGE = st.fixed_dictionaries(
     {},
     optional={
-        "url": st.text(max_size=12) | _SCALARS,
+        "url": st.sampled_from([URL, "http://h", "https://", "file:///x", ""])
+        | st.text(max_size=12)
+        | _SCALARS,
         "b64_json": st.none() | st.text(max_size=8) | _VALUES,
         "extra": _VALUES,
     },

@@ -26,7 +26,7 @@ from nebula_async import __version__
 from nebula_async._exceptions import ValidationError
 from nebula_async._models import Job
 
-from ._download import ImageDownloader
+from ._download import ImageDownloader, api_is_loopback
 from ._jobfile import job_from_fields
 from ._results import download_record, error_record, job_result_record
 from ._runner import (
@@ -309,7 +309,8 @@ async def _submit(args: argparse.Namespace) -> int:
     if args.download is not None:
         images = dict(enumerate(result.images, start=1))
         try:
-            async with ImageDownloader(args.download) as downloader:
+            loopback = api_is_loopback(args.base_url)  # the mock server's images
+            async with ImageDownloader(args.download, allow_loopback=loopback) as downloader:
                 outcome = await downloader.download_job(result.job_id, result.images)
         except BaseException:  # interrupted: the generated images are still to be had
             _print_unsaved_urls(result.urls)
@@ -347,8 +348,7 @@ def _print_unsaved_urls(urls: Sequence[str | None]) -> None:
 async def _mock_server(args: argparse.Namespace) -> int:
     from nebula_async.testing import serve_mock_server
 
-    await serve_mock_server(args)
-    return EXIT_OK
+    return await serve_mock_server(args)
 
 
 _COMMANDS = {"run": _run, "demo": _demo, "submit": _submit, "mock-server": _mock_server}

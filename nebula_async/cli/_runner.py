@@ -37,7 +37,7 @@ from nebula_async._client import NebulaClient
 from nebula_async._exceptions import ValidationError
 from nebula_async._models import GeneratedImage, Job, JobResult, RetryPolicy
 
-from ._download import ImageDownloader
+from ._download import ImageDownloader, api_is_loopback
 from ._jobfile import BadLine, JobLine, iter_job_lines
 from ._progress import JobProgress
 from ._results import (
@@ -556,7 +556,8 @@ async def _work(
         if options.download_dir is None:
             assert client is not None
             return await _send_pending(options, check, state, client, writer, progress, None)
-        async with ImageDownloader(options.download_dir) as downloader:
+        loopback = api_is_loopback(options.client.base_url)  # the mock server's images
+        async with ImageDownloader(options.download_dir, allow_loopback=loopback) as downloader:
             tally = await repair_downloads(
                 repairs,
                 results_path=options.out_path,

@@ -1,0 +1,46 @@
+"""The layers: the library core never imports the command line, the test helpers or
+an integration (Redis, Ray); docs/design.md draws the map this checks."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "nebula_async"
+CORE = sorted(p for p in PACKAGE.glob("_*.py") if p.name != "__init__.py")
+OUTER = ("nebula_async.cli", "nebula_async.testing", "nebula_async.ray", "redis", "ray")
+# Integrations the core may reach only lazily, inside a function, where the user chose them.
+LAZY_ALLOWED = {"_shared.py": ("nebula_async._redis", "redis")}
+
+
+def _imports(path: pathlib.Path, *, top_level_only: bool) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names: list[str] = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = "nebula_async." + base if base else "nebula_async"
+            names.append(base)
+    return names
+
+
+@pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)
+def test_the_core_never_imports_an_outer_layer(path: pathlib.Path) -> None:
+    lazy = LAZY_ALLOWED.get(path.name, ())
+    for name in _imports(path, top_level_only=False):
+        if any(name == outer or name.startswith(outer + ".") for outer in OUTER):
+            raise AssertionError(f"{path.name} imports {name}")
+        if name in lazy:
+            assert name not in _imports(path, top_level_only=True), (path.name, name)
+
+
+def test_the_test_helpers_never_import_the_command_line() -> None:
+    for path in (PACKAGE / "testing").glob("*.py"):
+        for name in _imports(path, top_level_only=False):
+            assert not name.startswith("nebula_async.cli"), (path.name, name)
