@@ -72,6 +72,8 @@ _NEVER: Final = -math.inf
 #: spread evenly, and the server counts by arrival, not by sending; against a
 #: sliding window of 20, windows read 19.4-20.1 without it.
 _EDGE: Final = 0.25
+#: Per answer: the longest latency seen fades by 2%, so an old outlier is forgotten.
+_LATENCY_DECAY: Final = 0.98
 # Phases: no rate yet; a fixed rate; slow start from a guess; steering on an estimate.
 _UNLIMITED: Final = 0
 _FIXED: Final = 1
@@ -138,12 +140,15 @@ class RateController:
         "_decreases",
         "_estimate",
         "_event_bins",
+        "_first_answer",
         "_hold",
         "_hold_base",
         "_hold_max",
         "_horizon",
         "_last_refused",
+        "_latency",
         "_latest_sent",
+        "_lower",
         "_margin",
         "_max_decrease",
         "_min_rate",
@@ -155,6 +160,7 @@ class RateController:
         "_probe_ramp",
         "_ramp",
         "_refused",
+        "_settle_until",
         "_start",
         "_started_at",
         "_unproven",
@@ -210,7 +216,11 @@ class RateController:
         else:
             self._phase = _STARTING
             self._start = self._clamp(fixed * fraction)
-        self._estimate: float | None = None
+        self._estimate: float | None = None  # at most what the event's window held
+        self._lower = 0.0  # at least what it held
+        self._settle_until = _NEVER  # its answers should all be in by then
+        self._latency = 0.0  # the longest answer lately, decaying
+        self._first_answer: tuple[float, float] | None = None  # (sent, answered)
         self._plateau = math.nan  # the rate after the last event
         self._pre_cut: float | None = None  # the rate just before it
         self._started_at = math.nan  # the first send
@@ -229,7 +239,7 @@ class RateController:
     @property
     def estimated_limit(self) -> float | None:
         """Requests per second the server is believed to allow (None: no refusal yet)."""
-        return self._estimate
+        return None if self._estimate is None else self._working()
 
     @property
     def decreases(self) -> int:
@@ -256,11 +266,17 @@ class RateController:
         It is the client-side image of a sliding window; for a token bucket or a
         fixed window it is merely cautious, and in steady pacing it never holds.
         """
+        if self._phase == _UNLIMITED:
+            return self._first_round_hold(now)
         rate = self._pace(now)
         estimate = self._estimate
         if rate is None or estimate is None or self._phase != _STEADY:
             return now
-        allowed = max(self._target(estimate), rate) * self._window
+        if now < self._settle_until and self._lower < 0.9 * estimate:
+            # The event's window is still being answered, and what it held is
+            # unsure by over 10%: wait for its answers (a round trip at most).
+            return self._settle_until
+        allowed = max(self._target(self._working()), rate) * self._window
         # Whole bins only: the oldest, partly outside the window, is left out, so
         # that steady pacing at ``rate`` (about ``allowed`` sends a window) never
         # counts as full; a burst is many more.
@@ -296,10 +312,19 @@ class RateController:
 
     def on_accepted(self, sent_at: float, now: float) -> None:
         """The request sent at ``sent_at`` got an answer that is not a rate refusal."""
-        del now  # accepted answers say nothing of when; only of how many
-        counts = self._bins.get(self._index(sent_at))
+        self._latency = max(self._latency * _LATENCY_DECAY, now - sent_at)
+        if self._first_answer is None:
+            self._first_answer = (sent_at, now)
+        index = self._index(sent_at)
+        counts = self._bins.get(index)
         if counts is not None:
             counts[1] += 1
+        first, last = self._event_bins
+        estimate = self._estimate
+        if estimate is not None and first <= index <= last:
+            # An answer from the window the estimate was read from: it was taken.
+            self._lower = min(self._lower + 1.0 / self._window, estimate)
+            self._plateau = self._after_cut(self._pre_cut, self._working())
 
     def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
         """The request sent at ``sent_at`` was refused for the rate (HTTP or body 429).
@@ -309,6 +334,7 @@ class RateController:
         refusal: the pause is not a reason to slow down afterwards.
         """
         self._refused += 1
+        self._latency = max(self._latency * _LATENCY_DECAY, now - sent_at)
         index = self._index(sent_at)
         counts = self._bins.get(index)
         if counts is not None:
@@ -322,7 +348,8 @@ class RateController:
             estimate = self._estimate
             if estimate is not None and first <= index <= last:
                 self._estimate = max(estimate - 1.0 / self._window, self._min_rate)
-                self._plateau = self._after_cut(self._pre_cut, self._estimate)
+                self._lower = min(self._lower, self._estimate)
+                self._plateau = self._after_cut(self._pre_cut, self._working())
             return
         self._congestion(sent_at, now, retry_after)
 
@@ -351,7 +378,8 @@ class RateController:
 
     def _congestion(self, sent_at: float, now: float, retry_after: float | None) -> None:
         """A new congestion event: re-read the limit, cut to just under it."""
-        measured = self._window_count(sent_at) / self._window
+        most, least = self._window_count(sent_at)
+        measured = most / self._window
         last = self._last_refused
         unproven = self._unproven
         self._unproven = None
@@ -359,14 +387,21 @@ class RateController:
             # Refused again within a window of the last event, despite the cut. When
             # the server took some in between, it was full at both ends and refilling
             # meanwhile (a token bucket, whose burst made the window's count too
-            # high): what it took in between is its rate. Over a short span that is
+            # high), what it took in between is its rate. Over a short span that is
             # a few requests, so it is taken at one standard deviation above
             # (counts vary about as their square root). When it took none, it is a
             # window that a burst filled and that has yet to slide past: the count
             # stands.
-            between = self._accepted_between(last, sent_at)
-            if between >= 2.0:
-                upper = (between + math.sqrt(between)) / (sent_at - last)
+            # From the end of the last refusal's bin, so that a burst sent with it
+            # is left out; and only if the server was fed meanwhile at about the
+            # rate the window read (not held back by hold_until): an idle span
+            # says nothing of it.
+            start = (self._index(last) + 1) * self._bin_width
+            span = sent_at - start
+            between = self._accepted_between(start, sent_at)
+            fed = self._count_between(start, sent_at, 0) >= 0.9 * measured * span
+            if span > 0.0 and between >= 2.0 and fed:
+                upper = (between + math.sqrt(between)) / span
                 if unproven is not None and upper <= 1.5 * unproven:
                     # Soon after a probe read a higher limit, and the server takes
                     # about what it took before: the probe saw a token bucket's
@@ -377,7 +412,7 @@ class RateController:
                 measured = min(measured, upper)
         self._last_refused = sent_at
         current = self._pace(now)
-        previous = self._estimate
+        previous = self.estimated_limit
         probing = self._phase == _STEADY and now > self._cut_at + self._hold
         if probing and previous is not None and measured > 1.15 * previous:
             # A probe found a higher limit (unless refused again soon: see above);
@@ -404,8 +439,10 @@ class RateController:
             # that pauses cost at most 1 / pause_hold of the time.
             self._hold = max(self._hold, self._pause_hold * retry_after)
         self._estimate = max(measured, self._min_rate)
+        self._lower = max(min(least / self._window, self._estimate), self._min_rate)
         self._event_bins = (self._index(sent_at - self._window), self._index(sent_at))
-        new = self._after_cut(current, self._estimate)
+        self._settle_until = sent_at + 1.25 * max(self._latency, now - sent_at)
+        new = self._after_cut(current, self._working())
         if current is not None and new < current * 0.999:
             self._decreases += 1
         self._pre_cut = current
@@ -414,28 +451,57 @@ class RateController:
         self._cut_at = now
         self._horizon = max(now, self._latest_sent)
 
-    def _window_count(self, sent_at: float) -> float:
-        """What the server holds in the window of a refusal of a send at ``sent_at``.
-
-        The sends of ``(sent_at - W, sent_at]`` (the oldest bin pro rata) and of the
-        rest of the refused send's bin: sends at the same instant (a burst) may have
-        been taken ahead of it. Answers not in yet count as taken; each refusal
-        among them that comes back later takes one off (see :meth:`on_refused`),
-        so the count closes in on the truth from above.
-        """
+    def _window_count(self, sent_at: float) -> tuple[float, float]:
+        """What the server holds in the window of a refusal of a send at ``sent_at``,
+        as (at most, at least): the sends of ``(sent_at - W, sent_at]`` (the oldest
+        bin pro rata) and of the rest of the refused send's bin (sends at the same
+        instant, a burst, may have been taken ahead of it) not refused, and those of
+        them accepted. Answers still to come move the two together (see
+        :meth:`on_accepted`, :meth:`on_refused`)."""
         bins = self._bins
         width = self._bin_width
         lo = sent_at - self._window
         first = self._index(lo)
-        total = 0.0
+        most = least = 0.0
         for index in range(first, self._index(sent_at) + 1):
             counts = bins.get(index)
             if counts is not None:
-                held = float(counts[0] - counts[2])
+                share = 1.0
                 if index == first:
-                    held *= min(max(((index + 1) * width - lo) / width, 0.0), 1.0)
-                total += held
-        return total + _EDGE
+                    share = min(max(((index + 1) * width - lo) / width, 0.0), 1.0)
+                most += (counts[0] - counts[2]) * share
+                least += counts[1] * share
+        return most + _EDGE, least + _EDGE
+
+    def _first_round_hold(self, now: float) -> float:
+        """Unlimited, the first round of sends (all that went before the first
+        answer) is answered in full before more go, for at most half again the
+        first answer's latency: a server that counts arrivals answers those it
+        took before those it refused, and workers freed by the first would
+        otherwise send a second round into the full window before the first
+        refusal comes back (19 more refused of a round of 32 against 20, measured)."""
+        first = self._first_answer
+        if first is None:
+            return now
+        sent_at, answered_at = first
+        deadline = answered_at + 0.5 * (answered_at - sent_at)
+        if now >= deadline:
+            return now
+        bins = self._bins
+        for index in range(self._index(self._started_at), self._index(sent_at) + 1):
+            counts = bins.get(index)
+            if counts is not None and counts[0] > counts[1] + counts[2]:
+                return deadline
+        return now
+
+    def _working(self) -> float:
+        """The estimate steered by: between what the event's window surely held
+        (its accepted sends) and what it may have held (those not refused), at
+        least half the latter: while answers are out, a limiter that reserves its
+        slots ahead should not bake in a rate from either end."""
+        estimate = self._estimate
+        assert estimate is not None
+        return max(self._lower, 0.5 * estimate)
 
     def _after_cut(self, current: float | None, estimate: float) -> float:
         """The plateau after an event: the target, never above the rate before it
