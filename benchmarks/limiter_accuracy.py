@@ -25,7 +25,7 @@ import aiometer
 import attrs
 
 import nebula_async as na
-from nebula_async._limits import RateLimiter
+from nebula_async._limits import in_process_limiter
 
 __all__ = ["LIMITERS", "LimiterResult", "busiest_window", "long_run_rate", "run_limiters"]
 
@@ -33,7 +33,7 @@ _WINDOW_S: Final = 1.0
 
 
 async def _ours(rate: float, n: int, stamps: list[float]) -> None:
-    limiter = RateLimiter(na.RateLimit(rate))
+    limiter = in_process_limiter(na.RateLimit(rate))
     for _ in range(n):
         await limiter.acquire()
         stamps.append(time.monotonic())

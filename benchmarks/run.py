@@ -27,6 +27,7 @@ from ._server import ROOT, ServerProcess, pin, split_cores
 from .closed_loop import run_closed_loop
 from .codec import run_codec
 from .contenders import CONTENDERS, OPEN_LOOP_CONTENDERS
+from .goodput import run_goodput
 from .instructions import available as valgrind_available
 from .instructions import run_instructions, run_network_instructions
 from .limiter_accuracy import run_limiters
@@ -46,9 +47,11 @@ PARTS: Final = (
     "codec",
     "overhead",
     "instructions",
+    "goodput",
 )
-#: What a run without --only measures: all but the slow callgrind part (~5.5 min).
-DEFAULT_PARTS: Final = tuple(part for part in PARTS if part != "instructions")
+#: What a run without --only measures: all but the slow callgrind part (~5.5 min)
+#: and goodput (~3 min, paced by a 20/s limit, so it measures the same on any machine).
+DEFAULT_PARTS: Final = tuple(part for part in PARTS if part not in ("instructions", "goodput"))
 CONCURRENCY: Final = 64
 LITTLE_LATENCY_S: Final = 0.05
 OPEN_LOOP_LATENCY_S: Final = 0.02
@@ -79,6 +82,8 @@ class Plan:
     codec_repeats: int = 7
     overhead_jobs: int = 10_000
     overhead_rounds: int = 7
+    goodput_jobs: int = 400
+    goodput_cap_s: float = 60.0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -99,6 +104,8 @@ class Plan:
             codec_repeats=5,
             overhead_jobs=5_000,
             overhead_rounds=3,
+            goodput_jobs=150,
+            goodput_cap_s=30.0,
         )
 
 
@@ -280,6 +287,8 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
                 )
         else:
             log("[instructions] skipped: valgrind is not installed")
+    if "goodput" in parts:
+        results.goodput = run_goodput(jobs=plan.goodput_jobs, cap_s=plan.goodput_cap_s, log=log)
     results.meta["duration_s"] = time.perf_counter() - started
     results.meta["loadavg_end"] = _loadavg()
     return results
