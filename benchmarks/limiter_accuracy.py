@@ -33,7 +33,7 @@ _WINDOW_S: Final = 1.0
 
 
 async def _ours(rate: float, n: int, stamps: list[float]) -> None:
-    limiter = in_process_limiter(na.RateLimit(rate))
+    limiter = in_process_limiter(na.RateLimit(rate))  # the client's embedded limiter
     for _ in range(n):
         await limiter.acquire()
         stamps.append(time.monotonic())
@@ -66,7 +66,7 @@ class LimiterSpec:
 
 LIMITERS: Final[dict[str, LimiterSpec]] = {
     "ours (GCRA, burst=1)": LimiterSpec(
-        lambda rate: f"RateLimiter(RateLimit({rate:g}))", lambda rate: 1, _ours
+        lambda rate: f"InProcessLimiter(RateLimit({rate:g}))", lambda rate: 1, _ours
     ),
     "aiolimiter (rate, 1)": LimiterSpec(
         lambda rate: f"AsyncLimiter({rate:g}, 1)",

@@ -1,4 +1,4 @@
-"""Peak memory of ``stream()`` against ``asyncio.gather`` over the same jobs.
+"""Peak memory of ``stream()`` and ``run_batch()`` against ``asyncio.gather`` over the same jobs.
 
 Each measurement runs in a fresh child process (``python -m benchmarks.memory
 MODE JOBS URL``) so that peaks do not mix; the child reads its own peak RSS
@@ -9,6 +9,8 @@ by ``exec`` -- the spawning benchmark process -- so in a child it reports the
 parent's size (it is kept in the JSON as ``ru_maxrss_mib``). The jobs come from a
 generator: ``stream`` pulls them as workers free up, while ``gather`` has to
 create a task per job up front (and keep every result until the end).
+``run_batch`` reads the jobs just as lazily, but its report keeps one
+``JobResult`` per job: its growth is the results', not the pipeline's.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ._server import ROOT, pin, split_cores
 
 __all__ = ["MODES", "MemoryResult", "run_memory"]
 
-MODES: Final = ("stream", "gather")
+MODES: Final = ("stream", "run_batch", "gather")
 _CONCURRENCY: Final = 64
 
 
@@ -63,6 +65,14 @@ async def _stream(base_url: str, n: int) -> int:
     return ok
 
 
+async def _run_batch(base_url: str, n: int) -> int:
+    async with na.NebulaClient(
+        token=TOKEN, base_url=base_url, max_concurrency=_CONCURRENCY
+    ) as client:
+        report = await client.run_batch(_jobs(n))
+    return report.succeeded
+
+
 async def _gather(base_url: str, n: int) -> int:
     async with na.NebulaClient(
         token=TOKEN, base_url=base_url, max_concurrency=_CONCURRENCY
@@ -90,7 +100,8 @@ def _child(mode: str, n: int, base_url: str) -> dict[str, Any]:
     pin(split_cores()[1])
     start_rss = _peak_rss_mib()
     started = time.perf_counter()
-    ok = asyncio.run(_stream(base_url, n) if mode == "stream" else _gather(base_url, n))
+    run = {"stream": _stream, "run_batch": _run_batch, "gather": _gather}[mode]
+    ok = asyncio.run(run(base_url, n))
     return {
         "mode": mode,
         "jobs": n,

@@ -8,7 +8,7 @@
 One feeder reads the input, plain or async alike, one item at a time and only
 when a worker is free to take it (a rendezvous stream: nothing read waits in a
 buffer), so memory stays flat in the number of jobs and a drain leaves no job
-half-taken. The workers outnumber the client's concurrency by half again: the
+half-taken. There are twice as many workers as the client's concurrency: the
 concurrency cap itself is a semaphore taken per HTTP attempt and released during
 a retry's backoff, so a job sleeping in a backoff never idles a slot while other
 jobs wait. Results flow back through a stream bounded by the workers
@@ -28,7 +28,7 @@ and are yielded, then the stream ends.
 from __future__ import annotations
 
 import asyncio
-import math
+import logging
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -55,6 +55,7 @@ __all__ = ["BatchControl", "JobStream", "default_window", "iterate", "worker_cou
 RunItem = Callable[[int, object, "BatchControl"], Awaitable[JobResult]]
 Admit = Callable[[int, object], object]
 _Pair = tuple[int, JobResult]
+_log = logging.getLogger("nebula_async")
 # Closing a cancelled pipeline is prompt (aiohttp aborts at once); this only
 # guards against a run_item that ignores cancellation.
 _CLOSE_GRACE_S: Final = 10.0
@@ -66,8 +67,14 @@ def default_window(max_concurrency: int) -> int:
 
 
 def worker_count(max_concurrency: int) -> int:
-    """Workers of a batch: the concurrency, and half again to use slots freed by backoffs."""
-    return max_concurrency + max(1, math.ceil(max_concurrency / 2))
+    """Workers of a batch: twice the concurrency.
+
+    The concurrency cap is the semaphore taken per attempt, so workers beyond it
+    only wait; they are there for the slots freed by jobs sleeping in a retry
+    backoff: up to ``max_concurrency`` jobs may sleep at once with every slot still
+    in use. (A worker waiting costs one task, about 1 KB.)
+    """
+    return 2 * max_concurrency
 
 
 class BatchControl:
@@ -106,7 +113,10 @@ class BatchControl:
 
     def record(self, outcome: object) -> None:
         """Count a finished submission's outcome toward the circuit breaker."""
+        was_open = self._breaker.opened is not None
         self._breaker.record(outcome)
+        if not was_open and self._breaker.opened is not None:
+            _log.warning("circuit open: %s", self._breaker.opened)
 
     @property
     def stopped_by(self) -> NotAttemptedError | None:

@@ -35,6 +35,9 @@ from ._exceptions import (
     APIStatusError,
     AuthenticationError,
     NebulaError,
+    NotAttemptedError,
+    ResponseDecodeError,
+    ServerError,
     ValidationError,
 )
 from ._jobs import RefusedItem, RepeatedIdCheck, coerce_job, job_id_of
@@ -431,6 +434,8 @@ class NebulaClient:
             return ValidationError(f"request cannot be encoded as JSON: {exc}", field="request")
         try:
             result = await self._submit(body, tally, control)
+        except NotAttemptedError as exc:
+            return exc  # stopped before its first send: not a failure of the service
         except NebulaError as exc:
             self._counters.submissions_failed += 1
             if control is not None:
@@ -447,10 +452,15 @@ class NebulaClient:
     ) -> ImageResult:
         """Attempt until success, a final error, or attempts run out."""
         tries = _Tries()
+        last_error: NebulaError | None = None
         while True:
-            outcome, generation = await self._try_once(body, tally)
+            outcome, generation = await self._try_once(body, tally, control)
             if isinstance(outcome, ImageResult):
                 return outcome
+            if isinstance(outcome, NotAttemptedError):
+                # Drained (or the circuit opened) while it waited for its slots.
+                raise outcome if last_error is None else last_error
+            last_error = outcome
             error = await self._after_refused_token(outcome, generation, tries)
             if error is None:
                 continue  # repeat with the new token: not a retry
@@ -463,11 +473,12 @@ class NebulaClient:
             await anyio.sleep(delay)
 
     async def _try_once(
-        self, body: bytes, tally: _Tally
+        self, body: bytes, tally: _Tally, control: BatchControl | None
     ) -> tuple[ImageResult | NebulaError, int | None]:
         """One attempt and its decoded answer, with the token generation it was sent with."""
         try:
-            (status, headers, data), generation, ticket = await self._exchange(body, tally)
+            exchanged = await self._exchange(body, tally, control)
+            (status, headers, data), generation, ticket = exchanged
         except NebulaError as error:
             return error, None
         assert self._limiter is not None
@@ -488,7 +499,12 @@ class NebulaClient:
         retry_after = error.retry_after if isinstance(error, APIStatusError) else None
         if retry_after is not None and retry_after > self._retry.retry_after_max:
             retry_after = None  # the caller gives up at once; nobody need wait for it
-        outcome = Outcome.REFUSED if _is_rate_refusal(error) else Outcome.ACCEPTED
+        if _is_rate_refusal(error):
+            outcome = Outcome.REFUSED
+        elif isinstance(error, ServerError | ResponseDecodeError):
+            outcome = Outcome.FAILED  # nothing usable came back: no news of the rate
+        else:
+            outcome = Outcome.ACCEPTED
         await self._limiter.record(ticket, outcome, retry_after=retry_after)
 
     def _request_headers(self, authorization: str) -> dict[str, str]:
@@ -498,10 +514,14 @@ class NebulaClient:
             self._headers_for = authorization
         return self._headers
 
-    async def _exchange(self, body: bytes, tally: _Tally) -> tuple[RawResponse, int, object]:
+    async def _exchange(
+        self, body: bytes, tally: _Tally, control: BatchControl | None
+    ) -> tuple[RawResponse, int, object]:
         """One HTTP attempt under the limits: (response, token generation, limiter ticket).
 
-        The attempt is counted only once it is about to be sent.
+        The attempt is counted only once it is about to be sent. A batch drained (or
+        stopped by its breaker) while this waited for its slots sends nothing: it
+        raises :class:`NotAttemptedError`.
         """
         assert self._concurrency is not None
         assert self._limiter is not None
@@ -509,6 +529,9 @@ class NebulaClient:
         counters = self._counters
         async with self._concurrency:
             ticket = await self._send_slot()
+            if control is not None and (stopped := control.not_started()) is not None:
+                await self._limiter.record(ticket, Outcome.UNUSED)
+                raise stopped
             authorization, generation = self._auth.current()  # no await from here to the send
             request = HttpRequest("POST", self._url, self._request_headers(authorization), body)
             tally.attempts += 1

@@ -69,8 +69,11 @@ class Lifecycle:
     def call(self) -> Iterator[None]:
         """Run the body in a scope that :meth:`close` cancels.
 
-        A body cancelled that way raises :class:`ClientStateError` instead.
+        A body cancelled that way raises :class:`ClientStateError` instead, and so
+        does a call begun after close (a stream made earlier, started late).
         """
+        if self.state is State.CLOSED:
+            raise ClientStateError("the NebulaClient was closed; create a new client")
         scope = anyio.CancelScope()
         self._scopes.add(scope)
         try:

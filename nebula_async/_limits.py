@@ -39,6 +39,7 @@ tested on simulated timelines.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -68,6 +69,7 @@ DEFAULT_FLOOR_FRACTION: Final = 1 / 20
 DEFAULT_RECOVERY_FRACTION: Final = 1 / 10
 
 _NEVER: Final = -math.inf
+_log = logging.getLogger("nebula_async")
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -93,7 +95,7 @@ class GcraSchedule:
     [0.0, 0.0, 0.1, 0.2]
     """
 
-    __slots__ = ("_burst", "_interval", "_latest", "_rate", "_tat", "_tau")
+    __slots__ = ("_burst", "_deferred", "_interval", "_latest", "_rate", "_tat", "_tau")
 
     def __init__(self, per_second: float, burst: int = 1) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
@@ -104,6 +106,7 @@ class GcraSchedule:
         self._tau = (burst - 1) * self._interval
         self._tat = _NEVER
         self._latest = _NEVER  # the latest slot handed out
+        self._deferred = _NEVER  # the end of the latest deferral (defer_until)
 
     @property
     def rate(self) -> float:
@@ -158,6 +161,9 @@ class GcraSchedule:
         self._rate = rate
         self._interval = interval
         self._tau = (self._burst - 1) * interval
+        # A deferral in force stays in force at the new rate, still with no credit at its
+        # end: a faster rate shifts TAT back, which would free a burst at the resume.
+        self._hold_past(self._deferred)
 
     def defer_until(self, until: float) -> None:
         """Hand out no new slot before ``until`` (a server-requested pause).
@@ -171,6 +177,11 @@ class GcraSchedule:
         >>> [round(s.reserve(1.0), 9) for _ in range(2)]
         [5.0, 5.1]
         """
+        if until > self._deferred:
+            self._deferred = until
+        self._hold_past(until)
+
+    def _hold_past(self, until: float) -> None:
         busy_until = until + self._tau
         if self._tat < busy_until:
             self._tat = busy_until
@@ -410,6 +421,8 @@ class InProcessLimiter:
         """Tell the controller what became of the slot; a ``retry_after`` pauses all."""
         now = self._clock()
         if retry_after is not None and retry_after > 0 and now + retry_after > self._pause_until:
+            if self._pause_until <= now:
+                _log.info("Retry-After: pausing every request for %.3gs", retry_after)
             self._pause_until = now + retry_after
             self._schedule.defer_until(self._pause_until)
         sent_at = ticket if isinstance(ticket, float) else now
@@ -417,7 +430,16 @@ class InProcessLimiter:
             self._controller.on_accepted(sent_at, now)
         elif outcome is Outcome.REFUSED:
             self._refused += 1
+            cuts = self._controller.decreases
             self._controller.on_refused(sent_at, now, retry_after=retry_after)
+            if self._controller.decreases != cuts:
+                rate = self._controller.rate_at(now)
+                limit = self._controller.estimated_limit
+                _log.info(
+                    "refused for the rate: sending at %s/s from now (estimated limit %s/s)",
+                    "?" if rate is None else f"{rate:.3g}",
+                    "?" if limit is None else f"{limit:.3g}",
+                )
 
     def statistics(self) -> LimiterStatistics:
         """A snapshot: the current rate, the estimate of the limit, the pause left."""

@@ -123,17 +123,27 @@ def batch_rows(batch: Any) -> list[dict[str, Any]]:
     columns = {name: list(values) for name, values in batch.items()}
     length = max((len(values) for values in columns.values()), default=0)
     return [
-        {name: _plain(values[i]) for name, values in columns.items() if not _missing(values[i])}
+        {
+            name: _plain(values[i], integer=name in _INTEGER_COLUMNS)
+            for name, values in columns.items()
+            if not _missing(values[i])
+        }
         for i in range(length)
     ]
 
 
-def _plain(value: Any) -> Any:
+#: Integer fields, which a column with missing values holds as floats (3 as 3.0).
+_INTEGER_COLUMNS = frozenset({"n", "images", "temperature"})
+
+
+def _plain(value: Any, *, integer: bool = False) -> Any:
     """A numpy scalar or array as the Python value a job line would hold."""
     if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        return value.item()
+        value = value.tolist()
+    elif hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if integer and isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 

@@ -26,7 +26,17 @@ from nebula_async.cli._results import ResultWriter
 from nebula_async.testing import MockNebulaServer
 from nebula_async.testing._png import png_bytes
 
-RECORD_KEYS = ["id", "line", "ok", "urls", "error", "attempts", "submissions", "elapsed_s"]
+RECORD_KEYS = [
+    "id",
+    "line",
+    "ok",
+    "urls",
+    "error",
+    "attempts",
+    "submissions",
+    "elapsed_s",
+    "fingerprint",
+]
 CLI = [sys.executable, "-m", "nebula_async.cli"]
 
 

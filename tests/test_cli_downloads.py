@@ -357,9 +357,12 @@ async def test_stopped_while_downloading_then_a_rerun_saves_without_regenerating
         assert process.returncode == expected
         assert server.request_count == count
         stopped = latest(out)
-        assert all(not r["ok"] for r in stopped.values())
-        assert {r["error"]["type"] for r in stopped.values()} == {"DownloadError"}
-        assert "run stopped before its images were saved" in stopped["j0"]["error"]["message"]
+        # Recorded as waiting for their images, never as failures.
+        assert all(not r["ok"] and r["pending"] for r in stopped.values())
+        assert {r["error"] for r in stopped.values()} == {None}
+        assert stopped["j0"]["pending_downloads"] == [
+            {"image": 1, "url": stopped["j0"]["urls"][0], "error": "not downloaded yet"}
+        ]
 
         gate.policy = serve_all
         assert await cli(*run_args(jobs, out, gate, "--download", str(images))) == 0
@@ -566,3 +569,61 @@ async def test_a_job_resumed_from_a_run_without_download_saves_all_its_images(
         assert third["urls"] == second["urls"]
         assert third["files"] == [str(images / f"fan-{k}.png") for k in range(1, 5)]
     assert ok_lines(out) == {"fan": 1}
+
+
+# -- answers never wait behind downloads; recorded images are fetched, never regenerated -----
+
+
+@pytest.mark.anyio
+async def test_sigkill_while_downloads_hang_loses_no_answer(tmp_path: Path) -> None:
+    count = 100  # more than the download stage takes at once (64 jobs)
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        *({"id": f"j{i}", "model": "m", "prompt": f"p{i}"} for i in range(count)),
+    )
+    out, images = tmp_path / "out.jsonl", tmp_path / "images"
+    argv = [*CLI, "run", str(jobs), "--out", str(out), "--download", str(images)]
+    async with image_gate() as (gate, server):
+        gate.policy = lambda prompt, k: "hang"  # no download ever finishes
+        async with await anyio.open_process([*argv, "--concurrency", "16"], env=cli_env(gate)) as (
+            process
+        ):
+            with anyio.fail_after(20):
+                # Every answer gets its line while all downloads hang.
+                while pending_lines(out) < count and process.returncode is None:
+                    await anyio.sleep(0.01)
+            process.kill()
+            with anyio.fail_after(5):
+                await process.wait()
+        assert server.request_count == count
+        assert all(r["pending"] and r["error"] is None for r in latest(out).values())
+
+        gate.policy = serve_all
+        assert await cli(*run_args(jobs, out, gate, "--download", str(images))) == 0
+        assert server.request_count == count  # nothing generated twice
+    assert ok_lines(out) == {f"j{i}": 1 for i in range(count)}
+    assert len(list(images.iterdir())) == count
+
+
+@pytest.mark.anyio
+async def test_download_on_results_made_without_it_fetches_without_generating(
+    tmp_path: Path,
+) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        {"id": "a", "model": "m", "prompt": "a", "n": 2},
+        {"id": "b", "model": "m", "prompt": "b"},
+    )
+    out, images = tmp_path / "out.jsonl", tmp_path / "images"
+    async with image_gate() as (gate, server):
+        assert await cli(*run_args(jobs, out, gate)) == 0
+        assert "files" not in latest(out)["a"]
+        assert await cli(*run_args(jobs, out, gate, "--download", str(images))) == 0
+        assert server.request_count == 2  # fetched from the recorded URLs only
+        now = latest(out)
+        assert now["a"]["files"] == [str(images / "a-1.png"), str(images / "a-2.png")]
+        assert saved(now["b"]["files"]) == [b"\x89PNG"]
+        content = out.read_bytes()
+        assert await cli(*run_args(jobs, out, gate, "--download", str(images))) == 0
+        assert out.read_bytes() == content  # done: nothing left to fetch
+    assert ok_lines(out) == {"a": 2, "b": 2}  # the line without files, then with them

@@ -1,8 +1,9 @@
-"""The limits module: anchored GCRA, AIMD on 429, the limiter shell, the pause gate and
-the FIFO concurrency limiter.
+"""The limits module: anchored GCRA, AIMD on 429, and the embedded limiter behind the
+``Limiter`` seam (``InProcessLimiter``: the schedule, the Retry-After pause, a controller).
 
-Pure parts run on simulated timelines; the async shell runs on a virtual clock that
-advances only when every task is blocked; one slow test uses the real clock.
+Pure parts run on simulated timelines; the async limiter runs on a virtual clock that
+advances only when every task is blocked, with a small fake controller (the adaptive
+controller has tests of its own); one bounded test uses the real clock.
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 import anyio.lowlevel
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nebula_async import RateLimit
+from nebula_async._limiter import Limiter, LimiterStatistics, Outcome
 from nebula_async._limits import (
     AdaptiveRate,
-    FifoLimiter,
     GcraSchedule,
-    PauseGate,
-    RateLimiter,
-    RateLimiterStatistics,
+    InProcessLimiter,
+    in_process_limiter,
 )
 
 # -- helpers ------------------------------------------------------------------------------
@@ -214,32 +215,6 @@ def test_first_slot_is_now_and_slots_never_precede_now() -> None:
     assert schedule.reserve(7.0) == 7.0  # idle: the TAT is brought up to now
 
 
-def test_cancel_gives_back_only_the_last_slot() -> None:
-    schedule = GcraSchedule(8.0)
-    first, second, third = (schedule.reserve(0.0) for _ in range(3))
-    assert (first, second, third) == (0.0, 0.125, 0.25)
-    assert schedule.cancel(second) is False  # not the last one: stays spent
-    assert schedule.cancel(third) is True
-    assert schedule.cancel(third) is False  # once only
-    assert schedule.cancel(second) is False  # the schedule keeps no history
-    assert schedule.reserve(0.0) == 0.25  # the given-back slot is handed out again
-    assert schedule.reserve(0.0) == 0.375
-
-
-def test_cancel_after_an_idle_reservation_restores_full_credit() -> None:
-    schedule = GcraSchedule(8.0, burst=2)
-    slot = schedule.reserve(10.0)
-    assert schedule.cancel(slot) is True
-    assert [schedule.reserve(10.0) for _ in range(3)] == [10.0, 10.0, 10.125]
-
-
-def test_cancel_after_set_rate_is_a_no_op() -> None:
-    schedule = GcraSchedule(8.0)
-    slot = schedule.reserve(0.0)
-    schedule.set_rate(4.0, 0.0)
-    assert schedule.cancel(slot) is False
-
-
 def test_set_rate_mid_stream_spaces_from_the_last_slot() -> None:
     schedule = GcraSchedule(8.0)
     assert [schedule.reserve(0.0) for _ in range(4)] == [0.0, 0.125, 0.25, 0.375]
@@ -333,43 +308,52 @@ def test_gcra_window_bound_holds_for_any_arrivals(
 
 _ops = st.one_of(
     st.tuples(st.just("reserve"), st.floats(0.0, 3.0)),
-    st.tuples(st.just("cancel"), st.floats(0.0, 3.0)),
     st.tuples(st.just("rate"), st.floats(1.0, 1000.0)),
+    st.tuples(st.just("pause"), st.floats(0.0, 5.0)),
 )
 
 
 @settings(max_examples=300, deadline=None)
 @given(rate=st.floats(1.0, 1000.0), burst=st.integers(1, 20), ops=st.lists(_ops, max_size=120))
-def test_gcra_stays_ordered_and_conformant_through_cancels_and_rate_changes(
+def test_gcra_stays_ordered_and_conformant_through_rate_changes_and_pauses(
     rate: float, burst: int, ops: list[tuple[str, float]]
 ) -> None:
     schedule = GcraSchedule(rate, burst)
     now = 0.0
-    live: list[float] = []  # slots handed out and not given back, in order
-    segment: list[float] = []  # live slots since the last rate change
+    slots: list[float] = []
+    segment: list[float] = []  # slots since the last rate change
+    paused_until = -math.inf
     for op, value in ops:
         if op == "reserve":
             now += value / schedule.rate
             slot = schedule.reserve(now)
             assert slot >= now
-            assert not live or slot >= live[-1]
-            live.append(slot)
+            # A deferral holds every later slot back (to float rounding: tau is added, then
+            # taken away; the limiter clamps its own reservations to the pause's end).
+            assert slot >= paused_until - EPS
+            assert not slots or slot >= slots[-1]
+            slots.append(slot)
             segment.append(slot)
-        elif op == "cancel" and live:
-            # Cancel the last slot (may give back) or an earlier one (never does).
-            victim = live[-1] if value < 1.5 else live[int(value) % len(live)]
-            given_back = schedule.cancel(victim)
-            if given_back:
-                assert victim == live[-1]
-                live.pop()
-                if segment:
-                    segment.pop()
         elif op == "rate":
             schedule.set_rate(value, now)
             segment = []
-        if live:
-            assert schedule.horizon(now) >= live[-1]
+        else:
+            paused_until = max(paused_until, now + value / schedule.rate)
+            schedule.defer_until(paused_until)
+        if slots:
+            assert schedule.horizon(now) >= slots[-1]
         assert_gcra_conformant(segment, schedule.rate, burst)
+
+
+def test_defer_until_resumes_without_a_burst_and_never_moves_back() -> None:
+    schedule = GcraSchedule(8.0, burst=4)
+    assert schedule.reserve(0.0) == 0.0
+    schedule.defer_until(2.0)
+    schedule.defer_until(1.0)  # an earlier end: no effect
+    # Idle credit of 4 is not spent at the resume: spaced from 2.0 on.
+    assert [schedule.reserve(0.5) for _ in range(3)] == [2.0, 2.125, 2.25]
+    schedule.defer_until(0.0)  # already past: nothing changes
+    assert schedule.reserve(0.5) == 2.375
 
 
 # -- AdaptiveRate ---------------------------------------------------------------------------
@@ -431,13 +415,60 @@ def test_non_adaptive_limit_never_changes() -> None:
     assert adaptive.decreases == 0
 
 
-# -- RateLimiter on a virtual clock ---------------------------------------------------------
+# -- InProcessLimiter on a virtual clock ----------------------------------------------------
+
+
+class FakeController:
+    """A rate controller that says what it is told to and records what it hears."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.sent: list[float] = []
+        self.accepted: list[tuple[float, float]] = []
+        self.refused: list[tuple[float, float, float | None]] = []
+        self.estimate: float | None = None
+        self.cuts = 0
+
+    def on_sent(self, now: float) -> None:
+        self.sent.append(now)
+
+    def on_accepted(self, sent_at: float, now: float) -> None:
+        self.accepted.append((sent_at, now))
+
+    def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
+        self.refused.append((sent_at, now, retry_after))
+
+    def rate_at(self, now: float) -> float | None:
+        return self.rate
+
+    @property
+    def estimated_limit(self) -> float | None:
+        return self.estimate
+
+    @property
+    def decreases(self) -> int:
+        return self.cuts
+
+
+def virtual_limiter(
+    rate: float | None, *, burst: int = 1, start: float = 0.0
+) -> tuple[InProcessLimiter, FakeController, VirtualTime]:
+    vt = VirtualTime(start)
+    controller = FakeController(rate)
+    limiter = InProcessLimiter(controller, burst=burst, clock=vt.clock, sleep=vt.sleep)
+    return limiter, controller, vt
+
+
+def test_in_process_limiter_is_a_limiter() -> None:
+    limiter, _, _ = virtual_limiter(10.0)
+    assert isinstance(limiter, Limiter)
+    assert isinstance(in_process_limiter(RateLimit(10.0)), Limiter)
+    assert isinstance(in_process_limiter(None), Limiter)
 
 
 @pytest.mark.anyio
 async def test_acquire_is_fifo_and_on_schedule() -> None:
-    vt = VirtualTime(start=100.0)
-    limiter = RateLimiter(RateLimit(8.0, burst=2), clock=vt.clock, sleep=vt.sleep)
+    limiter, controller, vt = virtual_limiter(8.0, burst=2, start=100.0)
     returned: list[tuple[float, float]] = []  # (slot, clock when acquire returned)
 
     async def worker() -> None:
@@ -454,13 +485,11 @@ async def test_acquire_is_fifo_and_on_schedule() -> None:
     slots = [slot for slot, _ in returned]
     assert slots == sorted(slots)  # returned in reservation order
     assert slots == [100.0, 100.0] + [100.0 + 0.125 * k for k in range(1, 19)]
-    assert all(at == slot for slot, at in returned)
+    assert all(at == slot for slot, at in returned)  # each woke exactly at its slot
+    assert controller.sent == slots  # the controller hears of every send, at its slot
     stats = limiter.statistics()
-    assert isinstance(stats, RateLimiterStatistics)
-    assert stats.acquired == 20
-    assert stats.waited_s == pytest.approx(sum(vt.slept))
-    assert stats.current_rate == 8.0
-    assert stats.decreases == 0
+    assert isinstance(stats, LimiterStatistics)
+    assert (stats.acquired, stats.refused, stats.current_rate) == (20, 0, 8.0)
 
 
 @pytest.mark.anyio
@@ -468,142 +497,203 @@ async def test_due_slot_returns_without_sleeping() -> None:
     def no_sleep(_: float) -> Awaitable[None]:
         raise AssertionError("must not sleep")
 
-    limiter = RateLimiter(RateLimit(10.0, burst=3), clock=lambda: 5.0, sleep=no_sleep)
+    limiter = InProcessLimiter(FakeController(10.0), burst=3, clock=lambda: 5.0, sleep=no_sleep)
     assert [await limiter.acquire() for _ in range(3)] == [5.0, 5.0, 5.0]
+    # Unlimited: never a sleep, whatever the number of callers.
+    unlimited = InProcessLimiter(FakeController(None), clock=lambda: 5.0, sleep=no_sleep)
+    assert [await unlimited.acquire() for _ in range(100)] == [5.0] * 100
 
 
 @pytest.mark.anyio
-async def test_cancelled_last_waiter_gives_its_slot_back() -> None:
-    vt = VirtualTime()
-    limiter = RateLimiter(RateLimit(8.0), clock=vt.clock, sleep=vt.sleep)
+async def test_rate_changes_of_the_controller_apply_to_the_next_slot() -> None:
+    limiter, controller, vt = virtual_limiter(8.0)
+
+    async def body() -> None:
+        assert [await limiter.acquire() for _ in range(2)] == [0.0, 0.125]
+        controller.rate = 2.0  # a cut: the next slot is 1/2 s after the last one
+        assert await limiter.acquire() == 0.625
+        assert limiter.statistics().current_rate == 2.0
+        controller.rate = None  # unlimited from now: no wait at all
+        assert await limiter.acquire() == 0.625
+        assert limiter.statistics().current_rate is None
+        controller.rate = 4.0  # spaced from the last slot scheduled (0.625) at the new rate
+        assert [await limiter.acquire() for _ in range(2)] == [0.875, 1.125]
+
+    await with_virtual_time(vt, body)
+
+
+@pytest.mark.anyio
+async def test_retry_after_pauses_every_caller_and_the_resume_is_not_a_burst() -> None:
+    limiter, controller, vt = virtual_limiter(10.0, burst=5)
+    got: list[float] = []
+
+    async def caller() -> None:
+        got.append(await limiter.acquire())
+
+    async def body() -> None:
+        ticket = await limiter.acquire()
+        assert ticket == 0.0
+        vt.now = 0.5
+        await limiter.record(ticket, Outcome.REFUSED, retry_after=2.0)  # pause until 2.5
+        stats = limiter.statistics()
+        assert stats.paused_for_s == 2.0
+        assert stats.refused == 1
+        await limiter.record(ticket, Outcome.REFUSED, retry_after=1.0)  # shorter: kept
+        assert limiter.statistics().paused_for_s == 2.0
+        vt.now = 100.0  # long idle: a burst of 5 banked, yet none is spent at the resume
+        await limiter.record(ticket, Outcome.FAILED, retry_after=3.0)  # a 503's Retry-After too
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(caller)
+        assert limiter.statistics().paused_for_s == 0.0
+
+    await with_virtual_time(vt, body)
+    assert got == pytest.approx([103.0, 103.1, 103.2, 103.3, 103.4])
+    assert controller.refused == [(0.0, 0.5, 2.0), (0.0, 0.5, 1.0)]  # FAILED is not a refusal
+    assert controller.sent == [0.0, *got]
+
+
+@pytest.mark.anyio
+async def test_a_rate_raised_during_a_pause_does_not_make_the_resume_a_burst() -> None:
+    # A recovering controller raises its rate while everyone waits out a Retry-After;
+    # the resume must still be spaced, not a burst of the banked credit.
+    limiter, controller, vt = virtual_limiter(1.0, burst=5)
+    got: list[float] = []
+
+    async def caller() -> None:
+        got.append(await limiter.acquire())
+
+    async def body() -> None:
+        ticket = await limiter.acquire()
+        await limiter.record(ticket, Outcome.REFUSED, retry_after=10.0)
+        vt.now = 5.0
+        controller.rate = 10.0
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(caller)
+
+    await with_virtual_time(vt, body)
+    assert got == pytest.approx([10.0, 10.1, 10.2, 10.3, 10.4])
+
+
+@pytest.mark.anyio
+async def test_a_pause_holds_an_unlimited_limiter_too() -> None:
+    limiter, _, vt = virtual_limiter(None)
+
+    async def body() -> None:
+        ticket = await limiter.acquire()
+        await limiter.record(ticket, Outcome.REFUSED, retry_after=4.0)
+        assert await limiter.acquire() == 4.0
+        assert vt.now == 4.0
+        assert await limiter.acquire() == 4.0
+
+    await with_virtual_time(vt, body)
+
+
+@pytest.mark.anyio
+async def test_a_slot_overtaken_by_a_pause_is_forfeited_and_taken_after_it() -> None:
+    limiter, controller, vt = virtual_limiter(1.0)
+    got: dict[str, float] = {}
+
+    async def sleeper() -> None:
+        got["b"] = await limiter.acquire()  # slot 1.0: sleeps until then
+
+    async def refusal(ticket: float) -> None:
+        await vt.sleep(0.5)
+        # While b sleeps toward its slot, a 429 asks for 3 s: b's slot falls inside.
+        await limiter.record(ticket, Outcome.REFUSED, retry_after=3.0)
+
+    async def body() -> None:
+        got["a"] = await limiter.acquire()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sleeper)
+            tg.start_soon(refusal, got["a"])
+        got["c"] = await limiter.acquire()
+
+    await with_virtual_time(vt, body)
+    assert got == {"a": 0.0, "b": 3.5, "c": 4.5}
+    # The forfeited slot was never sent: the controller hears of three sends.
+    assert controller.sent == [0.0, 3.5, 4.5]
+    assert limiter.statistics().acquired == 3
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_takes_no_slot_and_nothing_is_handed_out_twice() -> None:
+    limiter, controller, vt = virtual_limiter(8.0)
     got: list[float] = []
 
     async def body() -> None:
-        assert await limiter.acquire() == 0.0
-        async with anyio.create_task_group() as tg:
-            scope = anyio.CancelScope()
-
-            async def doomed() -> None:
-                with scope:
-                    await limiter.acquire()  # slot 0.125, the last one handed out
-                got.append(-1.0)
-
-            tg.start_soon(doomed)
-            await vt.settle()
-            scope.cancel()
         got.append(await limiter.acquire())
-        got.append(await limiter.acquire())
-
-    await with_virtual_time(vt, body)
-    assert got == [-1.0, 0.125, 0.25]
-    assert limiter.statistics().acquired == 3
-
-
-@pytest.mark.anyio
-async def test_cancelled_middle_waiter_leaves_the_limiter_consistent() -> None:
-    vt = VirtualTime()
-    limiter = RateLimiter(RateLimit(8.0), clock=vt.clock, sleep=vt.sleep)
-    got: dict[str, float] = {}
-
-    async def body() -> None:
         scope = anyio.CancelScope()
 
-        async def named(name: str, cancel_scope: anyio.CancelScope | None = None) -> None:
-            with cancel_scope or anyio.CancelScope():
-                got[name] = await limiter.acquire()
+        async def doomed() -> None:
+            with scope:
+                await limiter.acquire()  # would wait for 0.125
+            got.append(-1.0)
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(named, "a")
-            await vt.settle()
-            tg.start_soon(named, "b", scope)  # slot 0.125
-            await vt.settle()
-            tg.start_soon(named, "c")  # slot 0.25
-            await vt.settle()
+            tg.start_soon(doomed)
+            await vt.settle()  # asleep toward its slot, the clock still at 0
             scope.cancel()
-        got["d"] = await limiter.acquire()
+        got.append(await limiter.acquire())
 
     await with_virtual_time(vt, body)
-    # b's slot is not given back (only the last can be); nothing is handed out twice.
-    assert got == {"a": 0.0, "c": 0.25, "d": 0.375}
-    assert limiter.statistics().acquired == 3
-
-
-@pytest.mark.anyio
-async def test_failed_sleep_gives_the_slot_back() -> None:
-    now = [0.0]
-
-    async def broken_sleep(_: float) -> None:
-        raise OSError("boom")
-
-    limiter = RateLimiter(RateLimit(10.0), clock=lambda: now[0], sleep=broken_sleep)
-    assert await limiter.acquire() == 0.0
-    with pytest.raises(OSError, match="boom"):
-        await limiter.acquire()
-    now[0] = 0.1
-    assert await limiter.acquire() == 0.1
+    # The cancelled waiter's slot is not given back (erring slow), and no slot is shared.
+    assert got == [0.0, -1.0, 0.25]
+    assert controller.sent == [0.0, 0.25]
     assert limiter.statistics().acquired == 2
 
 
 @pytest.mark.anyio
-async def test_move_on_after_a_real_waiter_gives_its_slot_back() -> None:
-    limiter = RateLimiter(RateLimit(10.0))
-    first = await limiter.acquire()
-    with anyio.move_on_after(0.01) as scope:
-        await limiter.acquire()  # would wait 0.1 s
-    assert scope.cancelled_caught
-    assert await limiter.acquire() == pytest.approx(first + 0.1, abs=1e-9)
-    assert limiter.statistics().acquired == 2
+async def test_record_tells_the_controller_with_the_send_time_of_the_ticket() -> None:
+    limiter, controller, vt = virtual_limiter(4.0)
+
+    async def body() -> None:
+        first = await limiter.acquire()
+        second = await limiter.acquire()
+        vt.now = 1.0
+        await limiter.record(first, Outcome.ACCEPTED)
+        await limiter.record(second, Outcome.REFUSED)
+        await limiter.record(second, Outcome.UNUSED)  # neither accepted nor refused
+        await limiter.record(second, Outcome.FAILED)
+        await limiter.record("not a float", Outcome.ACCEPTED)  # a foreign ticket: now
+
+    await with_virtual_time(vt, body)
+    assert controller.accepted == [(0.0, 1.0), (1.0, 1.0)]
+    assert controller.refused == [(0.25, 1.0, None)]
+    stats = limiter.statistics()
+    assert (stats.acquired, stats.refused, stats.paused_for_s) == (2, 1, 0.0)
+
+
+def test_statistics_read_the_controller() -> None:
+    controller = FakeController(12.5)
+    controller.estimate = 14.0
+    controller.cuts = 3
+    limiter = InProcessLimiter(controller, clock=lambda: 0.0)
+    stats = limiter.statistics()
+    assert stats == LimiterStatistics(
+        current_rate=12.5,
+        estimated_limit=14.0,
+        paused_for_s=0.0,
+        acquired=0,
+        refused=0,
+        decreases=3,
+    )
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stats.acquired = 1  # type: ignore[misc]
 
 
 @pytest.mark.anyio
-async def test_burst_of_429s_cuts_the_rate_once_and_applies_it() -> None:
+async def test_in_process_limiter_for_a_rate_limit_schedules_at_its_rate_and_burst() -> None:
     vt = VirtualTime()
-    limiter = RateLimiter(RateLimit(200.0, recovery_per_s=50.0), clock=vt.clock, sleep=vt.sleep)
-    sent: list[float] = []
+    limiter = in_process_limiter(RateLimit(8.0, burst=2), clock=vt.clock, sleep=vt.sleep)
 
     async def body() -> None:
-        async with anyio.create_task_group() as tg:
-            for _ in range(16):
-                tg.start_soon(_acquire_into, limiter, sent)
-            await vt.settle()
-            # 16 waiters hold slots up to 0.075; the first 429 comes back at once.
-            limiter.on_rate_limited(sent_at=0.0)
-        for sent_at in sent:
-            limiter.on_rate_limited(sent_at)  # the rest of the same burst: no effect
-        stats = limiter.statistics()
-        assert stats.decreases == 1
-        assert stats.rate_limited == 17
-        assert stats.current_rate == pytest.approx(100.0 + 50.0 * 0.075)
-        # The next slot follows the last old one by the (recovering) new interval.
-        nxt = await limiter.acquire()
-        assert nxt == pytest.approx(0.075 + 1 / stats.current_rate)
-        limiter.on_rate_limited(nxt)  # sent after the event: a new cut
-        assert limiter.statistics().decreases == 2
+        assert [await limiter.acquire() for _ in range(4)] == [0.0, 0.0, 0.125, 0.25]
 
     await with_virtual_time(vt, body)
-    assert sorted(sent) == pytest.approx([0.005 * k for k in range(16)])
-
-
-async def _acquire_into(limiter: RateLimiter, into: list[float]) -> None:
-    into.append(await limiter.acquire())
-
-
-@pytest.mark.anyio
-async def test_rate_recovers_in_the_schedule() -> None:
-    vt = VirtualTime()
-    limiter = RateLimiter(RateLimit(10.0, recovery_per_s=5.0), clock=vt.clock, sleep=vt.sleep)
-
-    async def body() -> None:
-        await limiter.acquire()
-        limiter.on_rate_limited(0.0)
-        assert limiter.current_rate == 5.0
-        assert await limiter.acquire() == pytest.approx(0.2)  # spaced at 5/s
-        vt.now = 10.0  # long after full recovery
-        assert limiter.current_rate == 10.0
-        slots = [await limiter.acquire() for _ in range(3)]
-        assert slots == pytest.approx([10.0, 10.1, 10.2])
-
-    await with_virtual_time(vt, body)
+    assert limiter.statistics().current_rate == 8.0
+    await limiter.aclose()  # holds nothing; closing is harmless
 
 
 # -- the real clock ---------------------------------------------------------------------------
@@ -612,8 +702,8 @@ async def test_rate_recovers_in_the_schedule() -> None:
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_real_clock_200_per_second_from_16_tasks() -> None:
-    rate, burst, total = 200.0, 1, 400
-    limiter = RateLimiter(RateLimit(rate, burst=burst, adaptive=False))
+    rate, burst, total = 200.0, 1, 200  # about one second
+    limiter = InProcessLimiter(FakeController(rate), burst=burst)
     slots: list[float] = []
     woke: list[float] = []
     lateness: list[float] = []
@@ -627,317 +717,17 @@ async def test_real_clock_200_per_second_from_16_tasks() -> None:
             woke.append(at)
             lateness.append(at - slot)
 
-    async with anyio.create_task_group() as tg:
-        for _ in range(16):
-            tg.start_soon(worker, remaining)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(16):
+                tg.start_soon(worker, remaining)
 
     woke.sort()
     assert len(woke) == total
-    measured = long_run_rate(woke)
-    assert measured == pytest.approx(rate, rel=0.01)
+    assert long_run_rate(woke) == pytest.approx(rate, rel=0.02)
     # The schedule guarantees rate + burst per second for the slots; a send that
-    # wakes late can only move into a window from the max_late before it, so after
-    # a stall the actual sends may bunch by that much (202-204 seen under load).
+    # wakes late can only move into a window from the max_late before it.
     assert slots == sorted(slots)
     assert busiest_window(slots) <= rate + burst
-    max_late = max(lateness)
-    assert busiest_window(woke) <= burst + math.floor((1.0 + max_late) * rate)
-
-
-# -- PauseGate ---------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """A clock whose sleep advances it; ``on_sleep`` runs first (to act meanwhile)."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-        self.slept: list[float] = []
-        self.on_sleep: Callable[[], None] | None = None
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        if self.on_sleep is not None:
-            self.on_sleep()
-            self.on_sleep = None
-        self.now += seconds
-        await anyio.lowlevel.checkpoint()
-
-
-def test_pause_for_extends_but_never_shortens() -> None:
-    clock = FakeClock(10.0)
-    gate = PauseGate(clock=clock, sleep=clock.sleep)
-    assert not gate.is_paused()
-    gate.pause_for(5.0)
-    assert gate.resume_at == 15.0
-    gate.pause_for(2.0)  # shorter: ignored
-    assert gate.resume_at == 15.0
-    clock.now = 12.0
-    gate.pause_for(4.0)  # ends later: extends
-    assert gate.resume_at == 16.0
-    gate.pause_for(0.0)
-    gate.pause_for(-3.0)
-    gate.pause_for(math.nan)
-    assert gate.resume_at == 16.0
-    assert gate.is_paused()
-    assert gate.is_paused(15.9)
-    assert not gate.is_paused(16.0)
-
-
-@pytest.mark.anyio
-async def test_wait_returns_at_once_when_not_paused() -> None:
-    def no_clock() -> float:
-        raise AssertionError("the hot path reads no clock")
-
-    async def no_sleep(_: float) -> None:
-        raise AssertionError("must not sleep")
-
-    gate = PauseGate(clock=no_clock, sleep=no_sleep)
-    await gate.wait()
-    assert not gate.is_paused()
-    # An expired pause costs one clock read, then the hot path again.
-    now, reads = [100.0], [0]
-
-    def clock() -> float:
-        reads[0] += 1
-        return now[0]
-
-    gate = PauseGate(clock=clock, sleep=no_sleep)
-    gate.pause_for(1.0)  # until 101
-    now[0], reads[0] = 200.0, 0
-    await gate.wait()
-    await gate.wait()
-    assert reads[0] == 1
-
-
-@pytest.mark.anyio
-async def test_wait_sleeps_until_resume_at() -> None:
-    clock = FakeClock(10.0)
-    gate = PauseGate(clock=clock, sleep=clock.sleep)
-    gate.pause_for(3.0)
-    await gate.wait()
-    assert clock.now == 13.0
-    assert clock.slept == [3.0]
-    assert not gate.is_paused()
-
-
-@pytest.mark.anyio
-async def test_wait_honours_an_extension_made_meanwhile() -> None:
-    clock = FakeClock(0.0)
-    gate = PauseGate(clock=clock, sleep=clock.sleep)
-    gate.pause_for(2.0)
-    clock.on_sleep = lambda: gate.pause_for(5.0)  # another task's Retry-After
-    await gate.wait()
-    assert clock.now == 5.0
-    assert clock.slept == [2.0, 3.0]
-
-
-@pytest.mark.anyio
-async def test_concurrent_waiters_all_resume_after_the_extended_pause() -> None:
-    vt = VirtualTime()
-    gate = PauseGate(clock=vt.clock, sleep=vt.sleep)
-    resumed: list[float] = []
-
-    async def waiter() -> None:
-        await gate.wait()
-        resumed.append(vt.now)
-
-    async def body() -> None:
-        gate.pause_for(1.0)
-        async with anyio.create_task_group() as tg:
-            for _ in range(3):
-                tg.start_soon(waiter)
-            await vt.settle()
-            gate.pause_for(4.0)  # extended while they sleep
-
-    await with_virtual_time(vt, body)
-    assert resumed == [4.0, 4.0, 4.0]
-
-
-# -- FifoLimiter ----------------------------------------------------------------------------
-
-
-async def spin(times: int = 5) -> None:
-    """Let every ready task run a few steps."""
-    for _ in range(times):
-        await asyncio.sleep(0)
-
-
-def test_fifo_limiter_rejects_bad_totals() -> None:
-    for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="total"):
-            FifoLimiter(bad)  # type: ignore[arg-type]
-
-
-@pytest.mark.anyio
-async def test_fifo_limiter_counts_and_refuses_an_extra_release() -> None:
-    limiter = FifoLimiter(2)
-    assert (limiter.total, limiter.available, limiter.borrowed, limiter.waiting) == (2, 2, 0, 0)
-    assert limiter.try_acquire()
-    await limiter.acquire()  # free: returns without waiting
-    assert not limiter.try_acquire()
-    assert (limiter.available, limiter.borrowed) == (0, 2)
-    assert "available=0" in repr(limiter)
-    limiter.release()
-    limiter.release()
-    assert limiter.available == 2
-    with pytest.raises(RuntimeError, match="released more often"):
-        limiter.release()
-
-
-@pytest.mark.anyio
-async def test_fifo_limiter_serves_waiters_in_arrival_order() -> None:
-    limiter = FifoLimiter(1)
-    await limiter.acquire()
-    served: list[int] = []
-
-    async def waiter(number: int) -> None:
-        await limiter.acquire()
-        served.append(number)
-
-    tasks = []
-    for number in range(6):
-        tasks.append(asyncio.create_task(waiter(number)))
-        await spin()  # queued in this order
-    assert limiter.waiting == 6
-    for _ in range(6):
-        limiter.release()
-        # A newcomer never overtakes the line: the permit went to the first waiter.
-        assert not limiter.try_acquire()
-        await spin()
-    await asyncio.gather(*tasks)
-    assert served == list(range(6))
-    limiter.release()
-    assert (limiter.available, limiter.waiting) == (1, 0)
-
-
-@pytest.mark.anyio
-async def test_cancelled_waiter_leaves_the_line_and_takes_no_permit() -> None:
-    limiter = FifoLimiter(1)
-    await limiter.acquire()
-    served: list[str] = []
-
-    async def waiter(name: str) -> None:
-        await limiter.acquire()
-        served.append(name)
-        limiter.release()
-
-    first = asyncio.create_task(waiter("first"))
-    await spin()
-    doomed = asyncio.create_task(waiter("doomed"))
-    await spin()
-    last = asyncio.create_task(waiter("last"))
-    await spin()
-    assert limiter.waiting == 3
-    doomed.cancel()
-    await spin()
-    assert doomed.cancelled()
-    assert limiter.waiting == 2
-    limiter.release()
-    await asyncio.gather(first, last)
-    assert served == ["first", "last"]
-    assert (limiter.available, limiter.borrowed, limiter.waiting) == (1, 0, 0)
-
-
-@pytest.mark.anyio
-async def test_waiter_cancelled_after_it_was_handed_a_permit_passes_it_on() -> None:
-    limiter = FifoLimiter(1)
-    await limiter.acquire()
-    served: list[str] = []
-
-    async def waiter(name: str) -> None:
-        await limiter.acquire()
-        served.append(name)
-
-    doomed = asyncio.create_task(waiter("doomed"))
-    await spin()
-    other = asyncio.create_task(waiter("other"))
-    await spin()
-    limiter.release()  # hands the permit to "doomed", which has not resumed yet
-    doomed.cancel()  # ... and is cancelled before it does
-    await spin()
-    assert doomed.cancelled()
-    await other
-    assert served == ["other"]  # the permit went on to the next in line
-    limiter.release()
-    assert (limiter.available, limiter.waiting) == (1, 0)
-
-
-@pytest.mark.anyio
-async def test_waiter_cancelled_after_a_handover_with_nobody_behind_frees_the_permit() -> None:
-    limiter = FifoLimiter(2)
-    await limiter.acquire()
-    await limiter.acquire()
-    doomed = asyncio.create_task(limiter.acquire())
-    await spin()
-    limiter.release()
-    doomed.cancel()
-    await spin()
-    assert doomed.cancelled()
-    assert (limiter.available, limiter.borrowed, limiter.waiting) == (1, 1, 0)
-
-
-@pytest.mark.anyio
-async def test_move_on_after_a_waiting_acquire_leaks_no_permit() -> None:
-    limiter = FifoLimiter(1)
-    await limiter.acquire()
-    with anyio.move_on_after(0.01) as scope:
-        await limiter.acquire()
-    assert scope.cancelled_caught
-    assert limiter.waiting == 0
-    limiter.release()
-    assert limiter.available == 1
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    total=st.integers(1, 4),
-    plans=st.lists(
-        st.tuples(
-            st.integers(0, 6),  # spins before asking
-            st.integers(0, 4),  # spins holding the permit
-            st.one_of(st.none(), st.integers(0, 12)),  # cancelled after this many spins
-        ),
-        min_size=1,
-        max_size=16,
-    ),
-)
-def test_fifo_limiter_never_overcommits_nor_leaks_under_random_cancellations(
-    total: int, plans: list[tuple[int, int, int | None]]
-) -> None:
-    async def scenario() -> None:
-        limiter = FifoLimiter(total)
-        holders = [0]
-        most = [0]
-
-        async def user(before: int, hold: int) -> None:
-            await spin(before)
-            await limiter.acquire()
-            holders[0] += 1
-            most[0] = max(most[0], holders[0])
-            try:
-                await spin(hold)
-            finally:
-                holders[0] -= 1
-                limiter.release()
-
-        tasks = [asyncio.create_task(user(before, hold)) for before, hold, _ in plans]
-        cancels = sorted((at, index) for index, (*_, at) in enumerate(plans) if at is not None)
-        step = 0
-        for at, index in cancels:
-            while step < at:
-                await asyncio.sleep(0)
-                step += 1
-            tasks[index].cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        assert most[0] <= total
-        assert holders[0] == 0
-        assert (limiter.available, limiter.waiting) == (total, 0)
-        for index, (*_, at) in enumerate(plans):
-            if at is None:
-                assert not tasks[index].cancelled()  # everyone not cancelled got through
-
-    asyncio.run(scenario())
+    assert min(lateness) >= 0.0  # never early
+    assert busiest_window(woke) <= burst + math.floor((1.0 + max(lateness)) * rate)

@@ -1,278 +1,208 @@
-"""The batch pipeline's worker pool on its own, with a fake ``run_item`` (no HTTP).
+"""The batch pipeline end to end: one feeder, a worker pool, a semaphore per attempt.
 
-Workers run one job each at a time, as many as the concurrency; a submission that
-sleeps in a retry backoff lends a permit to a spare worker, which runs another job
-meanwhile, and takes one back afterwards, on credit that the next worker to finish
-a job repays. No timed asserts: the
-tests check orders and counts.
+Real clients against real loopback servers: :class:`MockNebulaServer` for faults,
+and a purpose-built endpoint (``tests/_gated.py``) that holds answers until told,
+so that what is in flight, and what was read from the input, can be seen exactly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import AsyncGenerator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from _gated import GatedServer, request_for, wait_until
 
-from nebula_async import JobResult
-from nebula_async._batch import (
-    WorkerPermits,
-    backoff_sleep,
-    run_pipeline,
-    spare_worker_count,
-    worker_count,
-)
+import nebula_async as na
+from nebula_async._batch import worker_count
+from nebula_async.testing import MockNebulaServer
 
 pytestmark = pytest.mark.anyio
 
-
-def _track(task: asyncio.Task[None]) -> None:
-    pass
+FAST = na.RetryPolicy(max_attempts=10, backoff_base=0.005, backoff_max=0.02)
 
 
-async def _collect(pipeline: AsyncGenerator[tuple[int, JobResult]]) -> list[int]:
-    finished: list[int] = []
-    try:
-        with anyio.fail_after(30):
-            async for index, result in pipeline:
-                assert result.job_id == str(index)
-                finished.append(index)
-    finally:
-        await pipeline.aclose()
-    return finished
+def client_for(base_url: str, **options: Any) -> na.NebulaClient:
+    options.setdefault("token", "mock-token")
+    options.setdefault("retry", FAST)
+    options.setdefault("timeout", 10.0)
+    return na.NebulaClient(base_url=base_url, **options)
 
 
-def test_worker_counts() -> None:
-    assert [worker_count(c) for c in (1, 16, 64)] == [1, 16, 64]
-    assert [spare_worker_count(w) for w in (1, 2, 3, 16, 64)] == [1, 1, 2, 8, 32]
+class Reads:
+    """A jobs source, plain or async, that records how many items were read."""
 
+    def __init__(self, count: int, *, prefix: str = "job") -> None:
+        self.count = count
+        self.prefix = prefix
+        self.read = 0
 
-async def test_backoff_outside_a_batch_is_a_plain_sleep() -> None:
-    await backoff_sleep(0.0)  # no worker permits in this task: nothing to lend
-    slept: list[float] = []
+    def plain(self) -> Iterator[na.Img2ImgRequest]:
+        for index in range(self.count):
+            self.read += 1
+            yield request_for(f"{self.prefix}{index}")
 
-    async def sleep(seconds: float) -> None:
-        slept.append(seconds)
-
-    await backoff_sleep(1.5, sleep)
-    assert slept == [1.5]
-
-
-async def test_backoff_in_a_batch_uses_the_given_sleep_and_still_lends() -> None:
-    slept: list[float] = []
-    finished_during_sleep: list[int] = []
-    finished: list[int] = []
-
-    async def sleep(seconds: float) -> None:  # e.g. one that ends early on close
-        slept.append(seconds)
-        while len(finished) < 3:
-            await anyio.sleep(0.001)
-        finished_during_sleep.extend(finished)
-
-    async def run_item(index: int, item: object) -> JobResult:
-        if index == 0:
-            await backoff_sleep(7.0, sleep)
-        finished.append(index)
-        return JobResult(job_id=str(index))
-
-    await _collect(
-        run_pipeline(range(4), run_item, workers=1, ordered=False, window=64, track=_track)
-    )
-    assert slept == [7.0]
-    assert finished_during_sleep == [1, 2, 3]
-    assert finished == [1, 2, 3, 0]
-
-
-async def test_a_job_in_backoff_lends_its_slot_to_the_other_jobs() -> None:
-    # One worker: without the loan, job 0's backoff would hold up every other job.
-    events: list[str] = []
-
-    async def run_item(index: int, item: object) -> JobResult:
-        events.append(f"start {index}")
-        if index == 0:
-            await backoff_sleep(0.3)
-        else:
+    async def asynchronous(self) -> AsyncIterator[na.Img2ImgRequest]:
+        for index in range(self.count):
             await anyio.lowlevel.checkpoint()
-        events.append(f"end {index}")
-        return JobResult(job_id=str(index))
+            self.read += 1
+            yield request_for(f"{self.prefix}{index}")
 
-    finished = await _collect(
-        run_pipeline(range(6), run_item, workers=1, ordered=False, window=64, track=_track)
+    def source(self, kind: str) -> Any:
+        return self.plain() if kind == "plain" else self.asynchronous()
+
+
+def test_worker_count_is_twice_the_concurrency() -> None:
+    assert [worker_count(c) for c in (1, 2, 3, 16, 64)] == [2, 4, 6, 32, 128]
+
+
+async def test_a_job_in_backoff_does_not_hold_its_concurrency_slot() -> None:
+    # One slot. job0's first attempt fails; it then sleeps 0.4 s before its retry.
+    # Were the slot held through the backoff, nothing else could be sent meanwhile.
+    def script(prompt: str, attempt: int) -> int | None:
+        return 503 if prompt == "job0" and attempt == 1 else None
+
+    slow_retry = na.RetryPolicy(max_attempts=3, backoff_base=0.4, backoff_max=0.4)
+    async with GatedServer(opened=True, latency=0.02, script=script) as server:
+        async with client_for(
+            server.base_url, max_concurrency=1, retry=slow_retry, random=lambda: 1.0
+        ) as client:
+            report = await client.run_batch(request_for(f"job{i}") for i in range(8))
+    assert all(result.ok for result in report.results)
+    assert server.max_in_flight == 1
+    first, retry = (i for i, prompt in enumerate(server.arrivals) if prompt == "job0")
+    # Every other job went out while job0 slept: 7 requests of 20 ms in its 400 ms.
+    assert server.arrivals[first + 1 : retry] == [f"job{i}" for i in range(1, 8)]
+    assert report.results[0].attempts == 2
+    assert report.retries == 1
+
+
+async def test_many_jobs_in_backoff_at_once_still_leave_no_slot_idle() -> None:
+    # Two slots, four workers. The first three jobs fail once and back off 0.4 s;
+    # the other jobs could use both slots meanwhile.
+    def script(prompt: str, attempt: int) -> int | None:
+        return 503 if prompt in {"job0", "job1", "job2"} and attempt == 1 else None
+
+    slow_retry = na.RetryPolicy(max_attempts=3, backoff_base=0.4, backoff_max=0.4)
+    async with GatedServer(opened=True, latency=0.02, script=script) as server:
+        async with client_for(
+            server.base_url, max_concurrency=2, retry=slow_retry, random=lambda: 1.0
+        ) as client:
+            report = await client.run_batch(request_for(f"job{i}") for i in range(12))
+    assert all(result.ok for result in report.results)
+    retries_start = min(
+        i for i, prompt in enumerate(server.arrivals) if server.arrivals[:i].count(prompt)
     )
-    assert finished == [1, 2, 3, 4, 5, 0]
-    assert events[:2] == ["start 0", "start 1"]
+    # Jobs 3.. went out during the backoffs, not after them.
+    assert "job3" in server.arrivals[:retries_start]
 
 
-async def test_a_job_back_from_backoff_runs_at_once_and_the_loan_is_repaid() -> None:
-    # One worker, one spare. Job 0 lends its permit for its backoff; the spare runs
-    # job 1. Job 0 wakes while job 1 still runs and goes on at once (on credit);
-    # when job 1 ends, its worker repays the debt instead of starting job 2.
-    go = {index: anyio.Event() for index in range(2)}
-    events: list[str] = []
-
-    async def run_item(index: int, item: object) -> JobResult:
-        events.append(f"start {index}")
-        if index == 0:
-            await backoff_sleep(0.0)
-            events.append("0 awake")
-        if index in go:
-            await go[index].wait()
-        events.append(f"end {index}")
-        return JobResult(job_id=str(index))
-
-    async def wait_for(event: str) -> None:
-        while event not in events:
-            await anyio.sleep(0.001)
-
-    async def drive() -> None:
-        await wait_for("0 awake")
-        await wait_for("start 1")
-        go[1].set()
-        await wait_for("end 1")
-        for _ in range(20):
-            await anyio.lowlevel.checkpoint()
-        events.append("job 1 done, job 0 still running")
-        go[0].set()
-
-    async with anyio.create_task_group() as task_group:
-        task_group.start_soon(drive)
-        finished = await _collect(
-            run_pipeline(range(4), run_item, workers=1, ordered=False, window=64, track=_track)
-        )
-    assert sorted(finished) == [0, 1, 2, 3]
-    # No third job ran beside the two: the next job started only after job 0 ended.
-    assert events.index("start 2") > events.index("job 1 done, job 0 still running")
-    assert events.index("start 2") > events.index("end 0")
-
-
-async def test_worker_permits_lend_take_on_credit_and_repay() -> None:
-    permits = WorkerPermits(1)
-    await permits.acquire()
-    spare = asyncio.create_task(permits.acquire())
-    await anyio.sleep(0.01)
-    assert not spare.done()
-    permits.release()  # a loan: the spare gets it
-    await spare
-    permits.take()  # back from the backoff: on credit
-    assert permits.in_debt
-    permits.release()  # a worker repays instead of waking anyone
-    assert not permits.in_debt
-    assert permits.available == 0
-
-
-async def test_worker_permits_cancelled_waiters_leak_nothing() -> None:
-    permits = WorkerPermits(1)
-    await permits.acquire()
-    waiting = asyncio.create_task(permits.acquire())
-    handed = asyncio.create_task(permits.acquire())
-    behind = asyncio.create_task(permits.acquire())
-    await anyio.sleep(0.01)
-    waiting.cancel()  # cancelled in the line
-    await anyio.sleep(0.01)
-    permits.release()  # handed to `handed`...
-    handed.cancel()  # ... which is cancelled before it resumes: passed on to `behind`
-    await behind
-    assert waiting.cancelled()
-    assert handed.cancelled()
-    permits.release()
-    assert permits.available == 1
-
-
-@pytest.mark.parametrize("seed", range(6))
-async def test_random_backoffs_every_job_once_and_the_slots_are_kept(seed: int) -> None:
+@pytest.mark.parametrize("seed", range(3))
+async def test_never_more_than_max_concurrency_in_flight_and_every_slot_used(seed: int) -> None:
     rng = random.Random(seed)
-    workers = rng.choice([1, 2, 3, 5])
-    jobs = 60
-    # Per job: its submissions, each a list of backoff delays (0 to 3 retries).
-    plans = [
-        [[rng.choice([0.0, 0.001, 0.003]) for _ in range(rng.randint(0, 3))] for _ in range(n)]
-        for n in (rng.choice([1, 1, 1, 2, 3]) for _ in range(jobs))
-    ]
-    running: set[int] = set()
-    sleeping: dict[int, int] = {}
-    most_running = 0
-    started: list[int] = []
-    no_backoff = not any(delays for job in plans for delays in job)
-
-    async def submission(index: int, delays: list[float]) -> None:
-        for delay in delays:
-            await anyio.lowlevel.checkpoint()  # the "request"
-            sleeping[index] += 1
-            await backoff_sleep(delay)
-            sleeping[index] -= 1
-        await anyio.lowlevel.checkpoint()
-
-    async def run_item(index: int, item: object) -> JobResult:
-        nonlocal most_running
-        assert item == index
-        started.append(index)
-        running.add(index)
-        sleeping[index] = 0
-        most_running = max(most_running, len(running))
-        # Never more jobs than workers and spares; no more than the workers unless
-        # a job is (or was just) in a backoff.
-        assert len(running) <= workers + spare_worker_count(workers)
-        async with anyio.create_task_group() as task_group:
-            for delays in plans[index]:
-                task_group.start_soon(submission, index, delays)
-        running.discard(index)
-        return JobResult(job_id=str(index))
-
-    finished = await _collect(
-        run_pipeline(range(jobs), run_item, workers=workers, ordered=False, window=64, track=_track)
-    )
-    assert sorted(finished) == list(range(jobs))
-    assert sorted(started) == list(range(jobs))
-    assert not running
-    if no_backoff:
-        assert most_running <= workers
-    else:
-        assert most_running > workers  # spares ran jobs during backoffs
+    concurrency = rng.choice([2, 3, 5])
+    faults = {"http_503": 0.15, "body_500": 0.05, "drop": 0.05}
+    jobs = [na.Job(request_for(f"job{i}"), images=rng.choice([1, 1, 2, 4])) for i in range(60)]
+    async with MockNebulaServer(
+        faults=faults, latency=(0.001, 0.01), retry_after=0.01, seed=seed
+    ) as server:
+        async with client_for(server.base_url, max_concurrency=concurrency) as client:
+            report = await client.run_batch(jobs)
+    assert all(result.ok for result in report.results), [r.error for r in report.results]
+    assert server.max_in_flight == concurrency  # capped, and the cap was reached
+    assert server.request_count == report.attempts
 
 
-async def test_ordered_stream_with_backoffs_keeps_input_order() -> None:
-    async def run_item(index: int, item: object) -> JobResult:
-        if index % 3 == 0:
-            await backoff_sleep(0.002)
-        return JobResult(job_id=str(index))
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_the_input_is_read_lazily_one_item_per_free_worker(kind: str) -> None:
+    concurrency = 2
+    workers = worker_count(concurrency)
+    reads = Reads(30)
+    async with GatedServer() as server:
+        async with client_for(server.base_url, max_concurrency=concurrency) as client:
+            with anyio.fail_after(10):
+                async with client.stream(reads.source(kind)) as results:
+                    # Every answer held: each worker took one job, the feeder holds the
+                    # next one for the first worker to come free, and reads nothing more.
+                    await wait_until(lambda: server.in_flight == concurrency)
+                    await anyio.sleep(0.1)
+                    assert reads.read == workers + 1
+                    assert server.in_flight == concurrency  # the third worker waits for a slot
+                    server.open()
+                    seen = [result.job_id async for result in results]
+    assert sorted(seen, key=int) == [str(i) for i in range(30)]
+    assert reads.read == 30
+    assert server.max_in_flight == concurrency
 
-    finished = await _collect(
-        run_pipeline(range(40), run_item, workers=2, ordered=True, window=8, track=_track)
-    )
-    assert finished == list(range(40))
+
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_each_finished_job_lets_exactly_one_more_item_be_read(kind: str) -> None:
+    reads = Reads(20)
+    over: list[int] = []
+
+    async def watch() -> None:
+        # Whenever the count of reads changes: never more than one per answer.
+        while reads.read < 20:
+            if reads.read > held + len(server.answered):
+                over.append(reads.read)
+            await anyio.lowlevel.checkpoint()
+
+    async with GatedServer() as server:
+        async with client_for(server.base_url, max_concurrency=1) as client:
+            with anyio.fail_after(10):
+                async with client.stream(reads.source(kind)) as results:
+                    await wait_until(lambda: server.in_flight == 1)
+                    await anyio.sleep(0.05)
+                    held = reads.read
+                    assert held == worker_count(1) + 1
+                    async with anyio.create_task_group() as task_group:
+                        task_group.start_soon(watch)
+                        server.open()
+                        got = [result async for result in results]
+    assert len(got) == 20
+    assert not over
 
 
-@pytest.mark.parametrize("ordered", [False, True])
-async def test_a_plain_iterable_is_read_by_the_workers_one_item_per_free_worker(
-    ordered: bool,
-) -> None:
-    # No feeder: an item is read only when a worker takes it, never ahead.
-    read: list[int] = []
-    running: list[int] = []
-    most_ahead = 0
+async def test_an_ordered_stream_keeps_input_order_under_backoffs() -> None:
+    faults = {"http_503": 0.25, "http_502": 0.1}
+    async with MockNebulaServer(faults=faults, latency=(0.0, 0.01), seed=3) as server:
+        async with client_for(server.base_url, max_concurrency=4) as client:
+            jobs = (request_for(f"job{i}") for i in range(80))
+            got = [r.job_id async for r in client.stream(jobs, ordered=True, window=8)]
+            retried = sum(1 for record in server.requests if record.fault is not None)
+    assert got == [str(i) for i in range(80)]
+    assert retried > 10  # the backoffs did reorder the finishing
 
-    def source() -> Iterator[int]:
-        for index in range(30):
-            read.append(index)
-            yield index
-        raise OSError("input broke")
 
-    async def run_item(index: int, item: object) -> JobResult:
-        nonlocal most_ahead
-        running.append(index)
-        most_ahead = max(most_ahead, len(read) - (len(finished_so_far) + len(running)))
-        await anyio.lowlevel.checkpoint()
-        running.remove(index)
-        finished_so_far.append(index)
-        return JobResult(job_id=str(index))
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_random_backoffs_every_job_once_with_its_own_urls(seed: int, kind: str) -> None:
+    rng = random.Random(seed)
+    faults = {"http_503": 0.15, "body_500": 0.05, "malformed": 0.05, "drop": 0.03}
+    jobs = [na.Job(request_for(f"job{i}"), images=rng.choice([1, 1, 3])) for i in range(80)]
 
-    finished_so_far: list[int] = []
-    with pytest.raises(OSError, match="input broke"):
-        await _collect(
-            run_pipeline(source(), run_item, workers=3, ordered=ordered, window=4, track=_track)
-        )
-    assert sorted(finished_so_far) == list(range(30))
-    assert most_ahead == 0
+    async def async_jobs() -> AsyncIterator[na.Job]:
+        for job in jobs:
+            yield job
+
+    source: Any = iter(jobs) if kind == "plain" else async_jobs()
+    async with MockNebulaServer(
+        faults=faults, latency=(0.0, 0.005), retry_after=0.01, seed=seed
+    ) as server:
+        async with client_for(server.base_url, max_concurrency=rng.choice([1, 3, 8])) as client:
+            results = [result async for result in client.stream(source)]
+    counts = Counter(result.job_id for result in results)
+    assert counts == Counter(str(i) for i in range(80))  # every job, each once
+    issued: dict[str, list[str]] = {}
+    for record in server.requests:
+        if record.fault is None and record.code == 200:
+            issued.setdefault(record.field("prompt"), []).extend(record.urls)
+    for result in results:
+        job = jobs[int(result.job_id)]
+        assert result.ok, result.error
+        assert len(result.urls) == job.total_images
+        assert sorted(result.urls) == sorted(issued[job.request.prompt])

@@ -7,7 +7,9 @@ not installed, except in CI (``CI=true``), where that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +25,11 @@ from redis_server import RedisServer, free_port, require_redis_server
 
 import nebula_async as na
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # Ray's own deprecations (its data context), not ours.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+]
 
 RATE = 100.0
 JOBS = 1000
@@ -46,14 +52,17 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def mock_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def mock_port() -> int:
+    return free_port()
+
+
+@contextlib.contextmanager
+def mock_server_process(port: int, record: Path) -> Iterator[None]:
     """``nebula-async mock-server`` in a process of its own (Ray's actors reach it
-    over loopback while the driver blocks), recording every request to a file."""
-    record = tmp_path_factory.mktemp("ray") / "record.jsonl"
-    port = free_port()
+    over loopback while the driver blocks); its record is written when it stops."""
     argv = [sys.executable, "-m", "nebula_async.cli", "mock-server", "--port", str(port)]
     argv += ["--latency", "0.02:0.05", "--record", str(record)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -64,17 +73,16 @@ def mock_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError("the mock server did not start") from None
                 time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}", record
+        yield
     finally:
-        process.terminate()
+        process.send_signal(signal.SIGINT)
         process.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(mock_server: tuple[str, Path]) -> Iterator[Any]:
+def ray_cluster(mock_port: int) -> Iterator[Any]:
     ray = _require_ray()
-    base_url, _ = mock_server
-    env = {"NEBULA_TOKEN": "mock-token", "NEBULA_BASE_URL": base_url}
+    env = {"NEBULA_TOKEN": "mock-token", "NEBULA_BASE_URL": f"http://127.0.0.1:{mock_port}"}
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -105,23 +113,24 @@ def _sent_times(record: Path) -> list[float]:
 
 
 def test_a_ray_data_run_under_a_shared_limit(
-    ray_cluster: Any, redis_url: str, mock_server: tuple[str, Path]
+    ray_cluster: Any, redis_url: str, mock_port: int, tmp_path: Path
 ) -> None:
     from nebula_async.ray import OUTPUT_COLUMNS, Img2ImgBatch, pending_rows
 
     ray = ray_cluster
-    _, record = mock_server
+    record = tmp_path / "record.jsonl"
     rows = _rows()
     limit = na.SharedRateLimit(redis_url, key="ray-test", per_second=RATE, adaptive=False)
     dataset = ray.data.from_items(rows)
-    started = time.monotonic()
-    out = dataset.map_batches(
-        Img2ImgBatch,
-        fn_constructor_kwargs={"rate_limit": limit, "max_concurrency": 16},
-        concurrency=2,
-        batch_size=128,
-    ).take_all()
-    elapsed = time.monotonic() - started
+    with mock_server_process(mock_port, record):
+        started = time.monotonic()
+        out = dataset.map_batches(
+            Img2ImgBatch,
+            fn_constructor_kwargs={"rate_limit": limit, "max_concurrency": 16},
+            concurrency=2,
+            batch_size=128,
+        ).take_all()
+        elapsed = time.monotonic() - started
 
     # Exactly one output row per input row, failures as rows.
     assert Counter(row["id"] for row in out) == Counter(row["id"] for row in rows)
@@ -131,7 +140,7 @@ def test_a_ray_data_run_under_a_shared_limit(
     assert by_id["bad-n"]["error"]["type"] == "ValidationError"
     assert by_id["no-prompt"]["error"]["type"] == "ValidationError"
     good = [row for row in out if row["id"].startswith("r")]
-    assert all(row["ok"] and row["fingerprint"] for row in good)
+    assert [row for row in good if not (row["ok"] and row["fingerprint"])] == []
     assert len(by_id["r7"]["urls"]) == 3
     assert by_id["r7"]["submissions"] == 3
     urls = [url for row in good for url in row["urls"]]
@@ -142,10 +151,10 @@ def test_a_ray_data_run_under_a_shared_limit(
     assert len(times) == JOBS + 2
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert RATE * 0.9 <= rate <= RATE * 1.02, (rate, elapsed)
-    busiest = max(
-        sum(1 for t in times[i:] if t - start <= 1.0) for i, start in enumerate(times)
-    )
-    assert busiest <= RATE + 1
+    busiest = max(sum(1 for t in times[i:] if t - start <= 1.0) for i, start in enumerate(times))
+    # Arrival times, not send slots: a send that a busy actor delayed by d seconds bunches
+    # up with its successors by d x rate (the anchored schedule pays lateness back).
+    assert busiest <= RATE * 1.05, busiest
 
     # Resume: an earlier output's ok rows are not run again; the bad ones are.
     pending = pending_rows(dataset, ray.data.from_items(out)).take_all()

@@ -81,7 +81,7 @@ def test_bare_requests_keep_nothing_per_job() -> None:
     check = RepeatedIdCheck()
     for index in range(1000):
         assert check.check(index, REQUEST) is REQUEST
-    assert check._named == set()
+    assert check._named == {}
     assert check._named_at == set()
 
 

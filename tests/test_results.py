@@ -10,10 +10,12 @@ import pytest
 from nebula_async import GeneratedImage, JobResult, ServerError, ValidationError
 from nebula_async.cli._jobfile import BadLine
 from nebula_async.cli._results import (
+    Kind,
     ResultsFileBusy,
     ResultsFileError,
     ResultsWriteError,
     ResultWriter,
+    ResumeState,
     bad_line_record,
     download_record,
     error_record,
@@ -24,13 +26,21 @@ from nebula_async.cli._results import (
 )
 
 
+def ids(state: ResumeState, kind: Kind) -> set[str]:
+    return {job_id for job_id, entry in state.entries.items() if entry.kind is kind}
+
+
+def offsets(state: ResumeState, kind: Kind) -> dict[str, int]:
+    return {job_id: entry.offset for job_id, entry in state.entries.items() if entry.kind is kind}
+
+
 def record(job_id: str, ok: bool) -> bytes:
     return orjson.dumps({"id": job_id, "ok": ok, "urls": []}) + b"\n"
 
 
 def test_missing_file_is_an_empty_state(tmp_path: Path) -> None:
     state = load_resume_state(tmp_path / "none.jsonl")
-    assert state.ok_ids == set()
+    assert ids(state, Kind.OK) == set()
     assert state.records == 0
 
 
@@ -45,8 +55,8 @@ def test_any_ok_line_makes_a_job_done_and_latest_failure_otherwise(tmp_path: Pat
         + record("a", False)  # written by hand: an ok line still wins, so "a" is never resent
     )
     state = load_resume_state(out)
-    assert state.ok_ids == {"a", "c"}
-    assert state.failed_ids == {"b"}
+    assert ids(state, Kind.OK) == {"a", "c"}
+    assert ids(state, Kind.FAILED) == {"b"}
     assert state.records == 5
     assert state.keep_bytes == out.stat().st_size
     assert state.torn_line_no is None
@@ -58,11 +68,11 @@ def test_torn_last_line_is_cut_before_appending(tmp_path: Path, tail: bytes) -> 
     good = record("a", True) + record("b", False)
     out.write_bytes(good + tail)
     state = load_resume_state(out)
-    assert state.ok_ids == {"a"}
+    assert ids(state, Kind.OK) == {"a"}
     assert state.torn_line_no == 3
     assert state.keep_bytes == len(good)
     with ResultWriter(out) as writer:
-        assert writer.state.ok_ids == {"a"}
+        assert ids(writer.state, Kind.OK) == {"a"}
         writer.write({"id": "b", "ok": True})
     lines = out.read_bytes().splitlines()
     assert [orjson.loads(line)["id"] for line in lines] == ["a", "b", "b"]
@@ -72,7 +82,7 @@ def test_complete_last_record_missing_its_newline_is_kept(tmp_path: Path) -> Non
     out = tmp_path / "out.jsonl"
     out.write_bytes(record("a", True) + record("b", True).rstrip(b"\n"))
     state = load_resume_state(out)
-    assert state.ok_ids == {"a", "b"}
+    assert ids(state, Kind.OK) == {"a", "b"}
     assert state.needs_newline
     with ResultWriter(out) as writer:
         writer.write({"id": "c", "ok": True})
@@ -98,7 +108,7 @@ def test_writer_without_resume_empties_the_file(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_bytes(record("old", True) + b"torn")
     with ResultWriter(out, resume=False) as writer:
-        assert writer.state.ok_ids == set()
+        assert ids(writer.state, Kind.OK) == set()
         writer.write({"id": "new", "ok": True})
     assert out.read_bytes() == b'{"id":"new","ok":true}\n'
 
@@ -137,6 +147,7 @@ def test_record_shapes() -> None:
         "attempts": 5,
         "submissions": 2,
         "elapsed_s": 1.235,
+        "fingerprint": None,
     }
     assert error_record(ValidationError("n: too big", field="n")) == {
         "type": "ValidationError",
@@ -171,15 +182,16 @@ def test_a_latest_line_with_pending_downloads_marks_a_job_to_repair(tmp_path: Pa
         record("b", True),
         pending("c"),  # pending, then (by hand) a plain failure: sent again
         record("c", False),
-        pending("d", entries=[]),  # nothing pending: an ordinary failure
+        pending("d", entries=[]),  # nothing pending: a failure (which kept a URL)
         pending("e", ok=True),  # ok wins whatever it lists
     ]
     out.write_bytes(b"".join(lines))
     state = load_resume_state(out)
-    assert state.ok_ids == {"b", "e"}
-    assert state.failed_ids == {"a", "c", "d"}
-    assert state.repair == {"a": len(lines[0])}
-    assert read_record_at(out, state.repair["a"])["pending_downloads"][0]["url"] == (
+    assert ids(state, Kind.OK) == {"b", "e"}
+    assert ids(state, Kind.FAILED) == {"c"}
+    assert ids(state, Kind.PARTIAL) == {"d"}  # failed, with a URL kept: resumed partly
+    assert offsets(state, Kind.REPAIR) == {"a": len(lines[0])}
+    assert read_record_at(out, offsets(state, Kind.REPAIR)["a"])["pending_downloads"][0]["url"] == (
         "https://x/1.png"
     )
 
@@ -189,8 +201,8 @@ def test_a_torn_line_after_a_pending_one_leaves_the_job_to_repair(tmp_path: Path
     good = pending("a")
     out.write_bytes(good + b'{"id": "a", "ok": true, "fi')
     state = load_resume_state(out)
-    assert state.repair == {"a": 0}
-    assert state.ok_ids == set()
+    assert offsets(state, Kind.REPAIR) == {"a": 0}
+    assert ids(state, Kind.OK) == set()
     assert state.keep_bytes == len(good)
 
 
@@ -223,7 +235,7 @@ def test_download_record_shapes() -> None:
         base, generated=True, files=["d/j-1.png", "d/j-2.png"], failures={}, images=images
     )
     assert done == {**base, "files": ["d/j-1.png", "d/j-2.png"], "download_error": None,
-                    "pending_downloads": []}  # fmt: skip
+                    "pending_downloads": [], "pending": False}  # fmt: skip
     partial = download_record(
         base, generated=True, files=["d/j-1.png", None], failures={2: "HTTP 404"}, images=images
     )
@@ -288,6 +300,6 @@ def test_a_latest_failed_line_with_urls_marks_a_job_to_resume_partly(tmp_path: P
     out.write_bytes(b"".join(lines) + b'{"id": "f", "ok": fa')  # and a torn last line
     state = load_resume_state(out)
     offset_of = {i: sum(len(line) for line in lines[:i]) for i in range(len(lines))}
-    assert state.partial == {"a": offset_of[1], "f": offset_of[8]}
-    assert state.repair == {"d": offset_of[6]}
-    assert read_record_at(out, state.partial["a"])["urls"][1] == "https://x/2.png"
+    assert offsets(state, Kind.PARTIAL) == {"a": offset_of[1], "f": offset_of[8]}
+    assert offsets(state, Kind.REPAIR) == {"d": offset_of[6]}
+    assert read_record_at(out, offsets(state, Kind.PARTIAL)["a"])["urls"][1] == "https://x/2.png"

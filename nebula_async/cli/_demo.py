@@ -77,7 +77,7 @@ def demo_jobs(count: int) -> Iterator[JobLine]:
             size="2K",
         )
         images = n * 2 + 1 if i % 5 == 0 else None
-        yield JobLine(i, Job(request, id=f"demo-{i:04d}", images=images))
+        yield JobLine.of(i, Job(request, id=f"demo-{i:04d}", images=images))
 
 
 def _summary(tally: RunTally, client: NebulaClient, elapsed_s: float, out: Path) -> str:

@@ -6,16 +6,17 @@ dotted or nested, as :func:`nebula_async.from_payload` reads them) plus the job'
 name a local file, which is sent as a ``data:image/<format>;base64,`` URI.
 
 The file is read twice and never held in memory: a checking pass
-(:func:`iter_job_lines` with ``load_images=False``, which only sniffs local
-images) finds every bad line before anything is sent, then a sending pass
-(``load_images=True``) builds the jobs lazily for the client. Only the set of
-job ids is kept, to refuse duplicates.
+(:func:`iter_job_lines` with ``load_images=False``, which checks and hashes
+local images for the fingerprint but does not encode them) finds every bad line
+before anything is sent, then a sending pass (``load_images=True``) builds the
+jobs lazily for the client. Only the job ids are kept, to refuse duplicates.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import os
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -24,8 +25,16 @@ from typing import Any, Final
 
 import orjson
 
-from nebula_async._codec import DTO_PREFIX, from_payload
+from nebula_async._codec import DTO_PREFIX
 from nebula_async._exceptions import ValidationError
+from nebula_async._jobs import (
+    RepeatedIdCheck,
+    data_uri_identity,
+    explicit_job_id,
+    job_fingerprint,
+    job_from_mapping,
+    shard_of,
+)
 from nebula_async._models import Job
 
 __all__ = [
@@ -33,6 +42,7 @@ __all__ = [
     "BadLine",
     "JobLine",
     "LocalImageError",
+    "Shard",
     "is_local_image",
     "iter_job_lines",
     "job_from_fields",
@@ -72,16 +82,36 @@ class LocalImageError(ValidationError):
 
 @dataclass(frozen=True, slots=True)
 class JobLine:
-    """A good line: its 1-based line number and the job it describes."""
+    """A good line: its 1-based line number, the job it describes, and the job's
+    fingerprint (:func:`nebula_async._jobs.job_fingerprint`; a local image counts as
+    the data: URI of its content)."""
 
     line_no: int
     job: Job
+    fingerprint: str
+
+    @classmethod
+    def of(cls, line_no: int, job: Job) -> JobLine:
+        """The line of a job built in memory (the demo's), its fingerprint computed."""
+        return cls(line_no, job, job_fingerprint(job))
 
     @property
     def job_id(self) -> str:
         """The job's id (always set: the line number when the line gave none)."""
         assert self.job.id is not None  # the reader always assigns one
         return self.job.id
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """``--shard I/N``: the jobs whose id hashes to shard ``index`` of ``count``."""
+
+    index: int
+    count: int
+
+    def holds(self, job_id: str) -> bool:
+        """Whether the job with this id belongs to this shard."""
+        return shard_of(job_id, self.count) == self.index
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,36 +219,70 @@ def _cached_data_uri(path: str, _mtime_ns: int, _size: int) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _job_id(value: object) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, str) and value.strip():
-        return value
-    raise ValidationError(
-        f"id: must be a non-empty string or an integer, got {value!r}", field="id"
-    )
+def _file_identity(path: Path) -> str:
+    """The fingerprint identity of a local image: that of the data: URI it becomes
+    (:func:`nebula_async._jobs.data_uri_identity`), hashed from the file as it streams."""
+    mime, _ = check_local_image(path)
+    stat = path.stat()
+    return _cached_file_identity(str(path.resolve()), stat.st_mtime_ns, stat.st_size, mime)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_file_identity(path: str, _mtime_ns: int, _size: int, mime: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as file:
+            for chunk in iter(functools.partial(file.read, 1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise LocalImageError(f"cannot read local file {path}: {exc.strerror}") from None
+    return data_uri_identity(mime, digest.hexdigest())
 
 
 def _replace_local_image(
     fields: Mapping[str, Any], *, base_dir: Path, load_images: bool
-) -> Mapping[str, Any]:
-    """Swap a local-file ``image`` (in any key style) for its data: URI (or a placeholder)."""
+) -> tuple[Mapping[str, Any], str | None]:
+    """Swap a local-file ``image`` (in any key style) for its data: URI (or a
+    placeholder), and give the file's fingerprint identity (None: no local image)."""
+    identity: list[str] = []
 
     def swap(value: str) -> str:
         path = _resolve(value.strip(), base_dir)
-        if load_images:
-            return local_image_data_uri(path)
-        check_local_image(path)
-        return _PLACEHOLDER_IMAGE
+        identity.append(_file_identity(path))
+        return local_image_data_uri(path) if load_images else _PLACEHOLDER_IMAGE
 
     # The image key in each style: flat "image", dotted "<prefix>.image", or nested.
     for key in ("image", _DOTTED_IMAGE_KEY):
         if is_local_image(fields.get(key)):
-            return {**fields, key: swap(fields[key])}
+            swapped = {**fields, key: swap(fields[key])}
+            return swapped, identity[0]
     nested = fields.get(DTO_PREFIX)
     if isinstance(nested, Mapping) and is_local_image(nested.get("image")):
-        return {**fields, DTO_PREFIX: {**nested, "image": swap(nested["image"])}}
-    return fields
+        swapped = {**fields, DTO_PREFIX: {**nested, "image": swap(nested["image"])}}
+        return swapped, identity[0]
+    return fields, None
+
+
+def _build(
+    fields: Mapping[str, Any],
+    *,
+    default_id: str,
+    base_dir: Path,
+    load_images: bool,
+    allow_b64_json: bool,
+) -> tuple[Job, str]:
+    """The job of one object of fields and its fingerprint; the CLI's part is only
+    the local image and the ``b64_json`` check, the rest is the library's builder."""
+    fields, image_identity = _replace_local_image(
+        fields, base_dir=base_dir, load_images=load_images
+    )
+    job = job_from_mapping(fields, default_id=default_id)
+    if job.request.response_format == "b64_json" and not allow_b64_json:
+        raise ValidationError(
+            "response_format: b64_json images need --download DIR (they are written as files)",
+            field="response_format",
+        )
+    return job, job_fingerprint(job, image=image_identity)
 
 
 def job_from_fields(
@@ -235,19 +299,20 @@ def job_from_fields(
     ``load_images=False``, only checked). Raises :class:`ValidationError` naming
     the field.
     """
-    request_fields = dict(fields)
-    raw_id = request_fields.pop("id", None)
-    images = request_fields.pop("images", None)
-    job_id = default_id if raw_id is None else _job_id(raw_id)
-    request = from_payload(
-        _replace_local_image(request_fields, base_dir=base_dir, load_images=load_images)
+    job, _ = _build(
+        fields,
+        default_id=default_id,
+        base_dir=base_dir,
+        load_images=load_images,
+        allow_b64_json=allow_b64_json,
     )
-    if request.response_format == "b64_json" and not allow_b64_json:
-        raise ValidationError(
-            "response_format: b64_json images need --download DIR (they are written as files)",
-            field="response_format",
-        )
-    return Job(request, id=job_id, images=images)
+    return job
+
+
+def _unexpected(exc: Exception) -> str:
+    # The models promise a ValidationError for any bad value; should another
+    # exception slip through, the line is still refused by name, never a traceback.
+    return f"cannot be read as a job: {type(exc).__name__}: {exc}"[:500]
 
 
 def parse_job_line(
@@ -265,22 +330,21 @@ def parse_job_line(
         return BadLine(line_no, str(line_no), f"invalid JSON: {exc}")
     if not isinstance(obj, dict):
         return BadLine(line_no, str(line_no), f"expected a JSON object, got {type(obj).__name__}")
-    # The id is read first so that a bad line is still recorded under the id it claims.
+    # A bad line is still recorded under the id it claims, when it claims one.
+    claimed_id = explicit_job_id(obj) or str(line_no)
     try:
-        claimed_id = str(line_no) if obj.get("id") is None else _job_id(obj["id"])
-    except ValidationError as exc:
-        return BadLine(line_no, str(line_no), str(exc), exc.field)
-    try:
-        job = job_from_fields(
+        job, fingerprint = _build(
             obj,
-            default_id=claimed_id,
+            default_id=str(line_no),
             base_dir=base_dir,
             load_images=load_images,
             allow_b64_json=allow_b64_json,
         )
     except ValidationError as exc:
         return BadLine(line_no, claimed_id, str(exc), exc.field)
-    return JobLine(line_no, job)
+    except Exception as exc:
+        return BadLine(line_no, claimed_id, _unexpected(exc))
+    return JobLine(line_no, job, fingerprint)
 
 
 def iter_job_lines(
@@ -290,6 +354,7 @@ def iter_job_lines(
     allow_b64_json: bool = True,
     skip_lines: frozenset[int] | set[int] = frozenset(),
     check_duplicates: bool = True,
+    shard: Shard | None = None,
 ) -> Generator[JobLine | BadLine, None, None]:
     """Stream a jobs file, yielding a :class:`JobLine` or :class:`BadLine` per non-blank line.
 
@@ -300,11 +365,13 @@ def iter_job_lines(
     ``skip_lines`` (bad lines the checking pass already reported) are not parsed
     again, and ``check_duplicates=False`` saves the id set when that pass already
     refused the duplicates. Relative image paths resolve against the jobs file's
-    directory.
+    directory. With a ``shard``, only the lines (good or bad) whose id falls in it
+    are yielded; ids are still checked for repeats over the whole file, so every
+    shard refuses the same lines.
     """
     jobs_path = Path(path)
     base_dir = jobs_path.parent
-    seen: dict[str, int] = {}
+    ids = RepeatedIdCheck()
     with jobs_path.open("rb") as file:
         for line_no, raw in enumerate(file, start=1):
             if line_no == 1 and raw.startswith(_UTF8_BOM):
@@ -319,12 +386,13 @@ def iter_job_lines(
                 allow_b64_json=allow_b64_json,
             )
             if check_duplicates and isinstance(parsed, JobLine):
-                first_line = seen.setdefault(parsed.job_id, line_no)
-                if first_line != line_no:
+                first_line = ids.claim(parsed.job_id, line_no)
+                if first_line is not None:
                     parsed = BadLine(
                         line_no,
                         parsed.job_id,
                         f"id: duplicate id {parsed.job_id!r} (first used on line {first_line})",
                         "id",
                     )
-            yield parsed
+            if shard is None or shard.holds(parsed.job_id):
+                yield parsed

@@ -6,14 +6,16 @@ flags, so they stay out of shell history and process listings.
 
 Exit codes: 0 every job ok, 1 some job failed (all recorded; with ``--download``
 a job whose images are not all saved counts as failed), 2 bad usage or bad input
-(nothing sent), 3 the results file could not be written (the run stopped),
-130 interrupted (results so far are on disk).
+(nothing sent; also a results file written from another jobs file), 3 the
+results file could not be written (the run stopped), 130 / 143 drained after
+SIGINT / SIGTERM (every answer received is on disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -24,10 +26,12 @@ import orjson
 
 from nebula_async import __version__
 from nebula_async._exceptions import ValidationError
+from nebula_async._jobs import job_fingerprint
 from nebula_async._models import Job
 
 from ._download import ImageDownloader, api_is_loopback
-from ._jobfile import job_from_fields
+from ._execute import job_results
+from ._jobfile import Shard, job_from_fields
 from ._results import download_record, error_record, job_result_record
 from ._runner import (
     EXIT_BAD_INPUT,
@@ -36,7 +40,6 @@ from ._runner import (
     EXIT_SOME_FAILED,
     ClientSettings,
     RunOptions,
-    job_results,
     prepare_download_dir,
     run_command,
 )
@@ -76,6 +79,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _shard(text: str) -> Shard:
+    index, slash, count = text.partition("/")
+    try:
+        shard = Shard(int(index), int(count))
+    except ValueError:
+        shard = None
+    if not slash or shard is None or not 0 <= shard.index < shard.count:
+        raise argparse.ArgumentTypeError(
+            f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}"
+        ) from None
+    return shard
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = orjson.loads(text)
@@ -89,21 +105,49 @@ def _json_object(text: str) -> dict[str, Any]:
 # -- the parser ---------------------------------------------------------------------------
 
 
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value
+
+
 def _add_client_arguments(parser: argparse.ArgumentParser, *, concurrency: bool) -> None:
     add = parser.add_argument
     if concurrency:
         add("--concurrency", type=_int_at_least(1), default=16, metavar="N",
             help="requests in flight at once (default: 16)")  # fmt: skip
     add("--rate", type=_positive_float, default=None, metavar="R",
-        help="at most R requests per second (default: no limit)")  # fmt: skip
+        help="at most R requests per second; adaptive: it slows down on 429s and "
+             "probes back up to R (default: no limit until a 429, then adaptive)")  # fmt: skip
+    add("--burst", type=_int_at_least(1), default=1, metavar="B",
+        help="sends allowed at once after an idle spell, within --rate (default: 1)")  # fmt: skip
+    add("--no-adaptive", dest="adaptive", action="store_false",
+        help="keep --rate fixed: never slow down on 429s")  # fmt: skip
+    add("--redis", default=None, metavar="URL", dest="redis_url",
+        help="share --rate with every process given the same --redis and --limit-key "
+             "(redis://HOST:6379/0; needs the redis extra)")  # fmt: skip
+    add("--limit-key", default=None, metavar="NAME",
+        help="the name of the shared limit in --redis (e.g. the account)")  # fmt: skip
     add("--retries", type=_int_at_least(0), default=3, metavar="K",
         help="retries after the first attempt of each submission (default: 3)")  # fmt: skip
+    add("--retry-ambiguous", action=argparse.BooleanOptionalAction, default=True,
+        help="also retry failures where the request may have been processed (and "
+             "billed); --no-retry-ambiguous retries only connect errors, 429 and 503 "
+             "(default: on)")  # fmt: skip
     add("--timeout", type=_positive_float, default=120.0, metavar="S",
         help="seconds for one HTTP attempt (default: 120)")  # fmt: skip
     add("--payload-style", choices=("dotted", "nested", "flat"), default="dotted",
         help="wire form of the request fields (default: dotted)")  # fmt: skip
     add("--base-url", default=None, metavar="URL",
         help="API address (default: $NEBULA_BASE_URL, else https://ai-nebula.com)")  # fmt: skip
+    add("--allow-insecure-http", action="store_true",
+        help="accept an http:// API address that is not loopback (the token then "
+             "travels unencrypted)")  # fmt: skip
+    add("--trust-env", action="store_true",
+        help="use HTTP_PROXY / HTTPS_PROXY / NO_PROXY from the environment")  # fmt: skip
+    add("--header", type=_header, action="append", default=[], metavar="NAME=VALUE",
+        help="an extra header on every request, e.g. an API gateway key (repeatable)")  # fmt: skip
 
 
 def _client_settings(args: argparse.Namespace) -> ClientSettings:
@@ -114,6 +158,14 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
         timeout=args.timeout,
         payload_style=args.payload_style,
         base_url=args.base_url,
+        burst=args.burst,
+        adaptive=args.adaptive,
+        retry_ambiguous=args.retry_ambiguous,
+        trust_env=args.trust_env,
+        allow_insecure_http=args.allow_insecure_http,
+        headers=tuple(args.header),
+        redis_url=args.redis_url,
+        limit_key=args.limit_key,
     )
 
 
@@ -126,7 +178,10 @@ def _add_run_parser(commands: Any) -> None:
             "camelCase, plus optional 'id' (default: the line number) and 'images'). 'image' "
             "may be a local file (relative to JOBS' directory), sent as a data: URI. The whole "
             "file is checked before anything is sent. One result line per job is appended to "
-            "--out; rerunning with the same --out skips jobs already ok and retries the rest."
+            "--out, with the job's fingerprint; rerunning with the same --out reuses a result "
+            "only for the same id and fingerprint, generates edited and failed jobs again, "
+            "and saves images still pending. A first SIGINT/SIGTERM stops new submissions "
+            "and keeps every answer in flight (exit 130/143); a second stops at once."
         ),
         epilog=_ENV_HELP,
     )
@@ -139,6 +194,14 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument("--skip-invalid", action="store_true",
                      help="record bad lines as failed jobs and run the rest "
                           "(default: refuse the file, exit 2)")  # fmt: skip
+    run.add_argument("--replace-mismatched", action="store_true",
+                     help="run even when --out looks written from another jobs file (ids "
+                          "recorded for other jobs, no job matching): such jobs are generated "
+                          "again and their new lines supersede the old ones "
+                          "(default: refuse, exit 2, nothing sent)")  # fmt: skip
+    run.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                     help="run only the jobs whose id hashes to shard I of N (I from 0), so N "
+                          "processes (each with its own --out) split one jobs file")  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -206,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_PROG,
         description="Bulk, rate-limited, fault-tolerant client for the Nebula v4 img2img API.",
         epilog=(
-            "exit codes: 0 all ok, 1 some jobs failed (or their images not saved), "
-            "2 bad usage or input, 3 results file not writable, 130 interrupted"
+            "exit codes: 0 all ok, 1 some jobs failed (or their images not saved, or some "
+            "not attempted), 2 bad usage or input, 3 results file not writable, "
+            "130 / 143 drained after SIGINT / SIGTERM"
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -242,6 +306,8 @@ async def _run(args: argparse.Namespace) -> int:
             download_dir=args.download,
             skip_invalid=args.skip_invalid,
             progress=_progress_enabled(args),
+            replace_mismatched=args.replace_mismatched,
+            shard=args.shard,
         )
     )
 
@@ -303,7 +369,7 @@ async def _submit(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
     async with client, job_results(client, [job]) as results:
         result = await anext(results)
-    record = job_result_record(result, line_no=None)
+    record = job_result_record(result, line_no=None, fingerprint=job_fingerprint(job))
     del record["line"]
     not_saved = False
     if args.download is not None:
@@ -354,8 +420,26 @@ async def _mock_server(args: argparse.Namespace) -> int:
 _COMMANDS = {"run": _run, "demo": _demo, "submit": _submit, "mock-server": _mock_server}
 
 
+class _OneLine(logging.Formatter):
+    """The library's warnings as one line each: the job's own error is in its results
+    line, so a user never sees a traceback (``-X dev`` or a logging config shows more)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{_PROG}: {record.getMessage()}"
+
+
+def _quiet_library_logs() -> None:
+    logger = logging.getLogger("nebula_async")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nebula-async`` command line; returns the exit code."""
+    _quiet_library_logs()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

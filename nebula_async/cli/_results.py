@@ -1,29 +1,28 @@
-"""The CLI's results file: one JSON line per finished job, appended, resumable.
+"""The CLI's results file: one JSON line per job, appended, resumable.
 
 Record shape (keys always present, in this order)::
 
     {"id": "7", "line": 7, "ok": true, "urls": ["https://..."], "error": null,
-     "attempts": 1, "submissions": 1, "elapsed_s": 0.412}
+     "attempts": 1, "submissions": 1, "elapsed_s": 0.412, "fingerprint": "3f2a..."}
 
-A failed job's ``error`` is ``{"type", "message", "status_code", "code", "field"}``
-(the last three null when they do not apply). With ``--download`` three more keys:
-``"files"`` (one path per generated image, in order; null where it is not saved),
-``"download_error"`` (null or ``"image 2: HTTP 404; ..."``) and
-``"pending_downloads"``: the images of a generated job still to be saved, each
-``{"image": k, "url": ..., "error": ...}`` (``"b64_json"`` instead of ``"url"`` for
-an inline image). A job with pending downloads is not ok (its ``error`` has type
-``"DownloadError"``), and a rerun saves them from what the line records instead
-of sending the job again. With ``--download`` a generated job with URL images
-gets such a line as soon as it is generated, then its final line once the images
-are fetched, so a crash or Ctrl-C in between never loses a generation.
+``fingerprint`` is :func:`nebula_async._jobs.job_fingerprint` of the job the line
+answers (null for a bad input line). A failed job's ``error`` is ``{"type",
+"message", "status_code", "code", "field"}`` (the last three null when they do not
+apply). With ``--download`` four more keys: ``"files"`` (one path per generated
+image, in order; null where it is not saved), ``"download_error"`` (null or
+``"image 2: HTTP 404; ..."``), ``"pending_downloads"``: the images of a generated
+job still to be saved, each ``{"image": k, "url": ..., "error": ...}``
+(``"b64_json"`` instead of ``"url"`` for an inline image), and ``"pending"``: true
+on the line written as soon as a job is generated, before its images are fetched
+(not ok, no error: it is waiting, not failed). A final line whose images did not
+all download is not ok (its ``error`` has type ``"DownloadError"``). Either way a
+rerun saves the pending images from what the line records instead of sending the
+job again.
 
-Resuming reads the file back (:func:`load_resume_state`): a job with an ok line
-is done; for others the latest line wins, and a latest line with pending downloads
-makes the job one to repair (:attr:`ResumeState.repair`), not one to send again.
-A failed job whose latest line keeps the URLs of its successful submissions is
-sent again only for the images it lacks (:attr:`ResumeState.partial`); its new
-line lists the old URLs first and says how many it carried over
-(``"resumed_urls"``).
+Resuming reads the file back (:func:`load_resume_state`) into the current line of
+each id (:class:`Recorded`): the latest line, except that a failed line never
+hides an ok line of the same job (same fingerprint). Which recorded line a job of
+the jobs file may reuse is decided by the runner (id and fingerprint must match).
 A torn last line left by a crash is cut off before anything is appended. Each
 record goes out in one ``write`` call on an unbuffered append-only file, so a
 killed process leaves at most one torn line.
@@ -31,6 +30,7 @@ killed process leaves at most one torn line.
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 from collections.abc import Mapping
@@ -50,6 +50,8 @@ from ._jobfile import BadLine
 __all__ = [
     "DOWNLOAD_ERROR_TYPE",
     "PENDING_DOWNLOADS",
+    "Kind",
+    "Recorded",
     "ResultWriter",
     "ResultsFileBusy",
     "ResultsFileError",
@@ -62,13 +64,16 @@ __all__ = [
     "job_result_record",
     "load_resume_state",
     "parse_pending_downloads",
+    "pending_record",
     "read_record_at",
+    "recorded_files",
     "recorded_urls",
 ]
 
 DOWNLOAD_ERROR_TYPE: Final = "DownloadError"
 """The ``error.type`` of a job generated but with images not saved yet."""
 PENDING_DOWNLOADS: Final = "pending_downloads"
+_NOT_DOWNLOADED_YET: Final = "not downloaded yet"
 
 
 class ResultsFileError(Exception):
@@ -79,30 +84,66 @@ class ResultsFileError(Exception):
         self.line_no = line_no
 
 
-@dataclass(slots=True)
-class ResumeState:
-    """What an existing results file says.
+class Kind(enum.Enum):
+    """What a job's current results line says about it."""
 
-    ``ok_ids``: jobs with at least one ok line (never sent again, so no job gets
-    two ok lines). ``failed_ids``: jobs whose lines are all failures. ``repair``:
-    those of them whose latest line has pending downloads (generated, never to be
-    sent again), each with the byte offset of that line (:func:`read_record_at`).
-    ``partial``: the other failed jobs whose latest line holds URLs (submissions
-    that succeeded), each with the byte offset of that line, so that a rerun asks
-    only for the images missing (the line is read when the job is sent).
-    ``keep_bytes``:
-    the length to truncate the file to before appending (cuts a torn last line);
-    ``needs_newline``: the last line is a complete record missing its newline.
+    OK = "ok"  #: done (with ``--download``: only if ``downloaded``)
+    REPAIR = "repair"  #: generated, images pending: fetch them, never send again
+    PARTIAL = "partial"  #: failed, some images got: send only for the missing ones
+    FAILED = "failed"  #: failed with nothing kept: send again
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """The current results line of one id.
+
+    ``fingerprint`` is None on a line written before fingerprints existed;
+    ``offset`` and ``results_line`` locate the line (:func:`read_record_at`);
+    ``default_id``: its id was its input line number (so it may have moved, when
+    a job is inserted above it); ``downloaded``: it has ``files`` (a ``--download``
+    run wrote it).
     """
 
-    ok_ids: set[str] = field(default_factory=set)
-    failed_ids: set[str] = field(default_factory=set)
-    repair: dict[str, int] = field(default_factory=dict)
-    partial: dict[str, int] = field(default_factory=dict)
+    fingerprint: str | None
+    kind: Kind
+    offset: int
+    results_line: int
+    default_id: bool
+    downloaded: bool
+
+
+@dataclass(slots=True)
+class ResumeState:
+    """What an existing results file says: the current line of each id.
+
+    ``keep_bytes``: the length to truncate the file to before appending (cuts a
+    torn last line); ``needs_newline``: the last line is a complete record missing
+    its newline.
+    """
+
+    entries: dict[str, Recorded] = field(default_factory=dict)
     records: int = 0
     keep_bytes: int = 0
     needs_newline: bool = False
     torn_line_no: int | None = None
+
+    @property
+    def unfingerprinted(self) -> int:
+        """Ids whose current line has no fingerprint (an older results file)."""
+        return sum(1 for entry in self.entries.values() if entry.fingerprint is None)
+
+    def note(self, job_id: str, entry: Recorded) -> None:
+        """Make ``entry`` the current line of ``job_id``, unless it is a failure of
+        the same job as a recorded ok line (no job is ever generated twice)."""
+        previous = self.entries.get(job_id)
+        if (
+            previous is not None
+            and previous.kind is Kind.OK
+            and entry.kind in (Kind.FAILED, Kind.PARTIAL)
+            and previous.fingerprint == entry.fingerprint
+        ):
+            return
+        self.entries[job_id] = entry
 
 
 def parse_pending_downloads(value: object) -> dict[int, GeneratedImage] | None:
@@ -133,25 +174,55 @@ def recorded_urls(record: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _parse_line(raw: bytes) -> tuple[str, bool, bool, bool] | None:
-    """``(id, ok, has pending downloads, has urls)`` of a results line, or None if it
-    is not one."""
+def recorded_files(record: Mapping[str, Any], length: int = 0) -> list[str | None]:
+    """A record's ``files`` (None for an entry that is not a path), padded to ``length``."""
+    raw = record.get("files")
+    files: list[str | None] = (
+        [item if isinstance(item, str) else None for item in raw] if isinstance(raw, list) else []
+    )
+    return files + [None] * (length - len(files))
+
+
+def _kind_of(record: Mapping[str, Any], ok: bool) -> Kind | None:
+    """The :class:`Kind` of a parsed line, or None when its ``pending_downloads`` is bad."""
+    pending = record.get(PENDING_DOWNLOADS)
+    if pending is not None and parse_pending_downloads(pending) is None:
+        return None
+    if ok:
+        return Kind.OK
+    if pending:
+        return Kind.REPAIR
+    if recorded_urls(record) or any(recorded_files(record)):
+        return Kind.PARTIAL
+    return Kind.FAILED
+
+
+def _parse_line(raw: bytes, offset: int, line_no: int) -> tuple[str, Recorded] | None:
+    """The id and :class:`Recorded` of a results line, or None if it is not one."""
     try:
         record = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(record, dict):
         return None
-    job_id, ok = record.get("id"), record.get("ok")
+    job_id, ok, fingerprint = record.get("id"), record.get("ok"), record.get("fingerprint")
     if not isinstance(job_id, str) or not isinstance(ok, bool):
         return None
-    has_urls = bool(recorded_urls(record))
-    pending = record.get(PENDING_DOWNLOADS)
-    if pending is None:
-        return job_id, ok, False, has_urls
-    if parse_pending_downloads(pending) is None:
+    if fingerprint is not None and not isinstance(fingerprint, str):
         return None
-    return job_id, ok, bool(pending) and not ok, has_urls
+    kind = _kind_of(record, ok)
+    if kind is None:
+        return None
+    line = record.get("line")
+    entry = Recorded(
+        fingerprint=fingerprint,
+        kind=kind,
+        offset=offset,
+        results_line=line_no,
+        default_id=isinstance(line, int) and str(line) == job_id,
+        downloaded="files" in record,
+    )
+    return job_id, entry
 
 
 def load_resume_state(path: str | os.PathLike[str]) -> ResumeState:
@@ -175,7 +246,7 @@ def load_resume_state(path: str | os.PathLike[str]) -> ResumeState:
             if not raw.strip():
                 state.keep_bytes = offset
                 continue
-            parsed = _parse_line(raw)
+            parsed = _parse_line(raw, line_start, line_no)
             if parsed is None:
                 # Tolerated only as the very last line: remember it, cut it if nothing follows.
                 pending_error = (
@@ -187,31 +258,16 @@ def load_resume_state(path: str | os.PathLike[str]) -> ResumeState:
                 state.needs_newline = False
                 state.torn_line_no = line_no
                 continue
-            job_id, ok, to_repair, has_urls = parsed
             state.records += 1
-            if ok:
-                state.ok_ids.add(job_id)
-                state.failed_ids.discard(job_id)
-                state.repair.pop(job_id, None)
-                state.partial.pop(job_id, None)
-            elif job_id not in state.ok_ids:
-                state.failed_ids.add(job_id)
-                # The latest line decides: pending downloads, or a job to send again
-                # (only for the images it lacks when the line keeps some URLs).
-                state.repair.pop(job_id, None)
-                state.partial.pop(job_id, None)
-                if to_repair:
-                    state.repair[job_id] = line_start
-                elif has_urls:
-                    state.partial[job_id] = line_start
+            state.note(*parsed)
             state.keep_bytes = offset
             state.needs_newline = not raw.endswith(b"\n")
     return state
 
 
 def read_record_at(path: str | os.PathLike[str], offset: int) -> dict[str, Any]:
-    """The record on the line starting at byte ``offset`` (from :attr:`ResumeState.repair`
-    or :attr:`ResumeState.partial`)."""
+    """The record on the line starting at byte ``offset`` (:attr:`Recorded.offset`, or
+    what :meth:`ResultWriter.write` returned)."""
     with Path(path).open("rb") as file:
         file.seek(offset)
         record = orjson.loads(file.readline())
@@ -233,8 +289,11 @@ def error_record(error: BaseException | None) -> dict[str, Any] | None:
     }
 
 
-def job_result_record(result: JobResult, *, line_no: int | None) -> dict[str, Any]:
-    """The results line of a finished job."""
+def job_result_record(
+    result: JobResult, *, line_no: int | None, fingerprint: str | None = None
+) -> dict[str, Any]:
+    """The results line of a finished job (``fingerprint``: of the job as its input
+    line describes it)."""
     return {
         "id": result.job_id,
         "line": line_no,
@@ -244,6 +303,7 @@ def job_result_record(result: JobResult, *, line_no: int | None) -> dict[str, An
         "attempts": result.attempts,
         "submissions": result.submissions,
         "elapsed_s": round(result.elapsed_s, 3),
+        "fingerprint": fingerprint,
     }
 
 
@@ -281,7 +341,13 @@ def download_record(
     whose generation failed keeps its own error and lists nothing: it is sent again.
     """
     summary = describe_failures(failures)
-    result = {**record, "files": files, "download_error": summary, PENDING_DOWNLOADS: []}
+    result = {
+        **record,
+        "files": files,
+        "download_error": summary,
+        PENDING_DOWNLOADS: [],
+        "pending": False,
+    }
     if generated:
         result["ok"] = not failures
         result["error"] = None
@@ -293,6 +359,31 @@ def download_record(
                 _pending_entry(k, images[k], failures[k]) for k in sorted(failures)
             ]
     return result
+
+
+def pending_record(
+    record: Mapping[str, Any],
+    *,
+    files: list[str | None],
+    pending: Mapping[int, GeneratedImage],
+    failures: Mapping[int, str],
+) -> dict[str, Any]:
+    """The line of a generated job written before its images are fetched: not ok,
+    no error (it is waiting, not failed), every image not saved yet listed in
+    ``pending_downloads`` (with ``failures[k]`` as its reason when an inline image
+    could not be written), ``"pending": true``. Its final line follows."""
+    entries = [
+        _pending_entry(k, pending[k], failures.get(k, _NOT_DOWNLOADED_YET)) for k in sorted(pending)
+    ]
+    return {
+        **record,
+        "ok": False,
+        "error": None,
+        "files": files,
+        "download_error": None,
+        PENDING_DOWNLOADS: entries,
+        "pending": True,
+    }
 
 
 def bad_line_record(bad: BadLine) -> dict[str, Any]:
@@ -312,6 +403,7 @@ def bad_line_record(bad: BadLine) -> dict[str, Any]:
         "attempts": 0,
         "submissions": 0,
         "elapsed_s": 0.0,
+        "fingerprint": None,
     }
 
 
@@ -363,6 +455,7 @@ class ResultWriter:
         self.state = ResumeState()
         self._resume = resume
         self._file: BinaryIO | None = None
+        self._size = 0  # the file's length: where the next line starts
 
     def open(self) -> ResumeState:
         """Create or open the file for appending, lock it, repair its tail.
@@ -378,6 +471,7 @@ class ResultWriter:
                 self.state = load_resume_state(self.path)
             if os.fstat(file.fileno()).st_size > self.state.keep_bytes:
                 os.truncate(file.fileno(), self.state.keep_bytes)
+            self._size = os.fstat(file.fileno()).st_size
         except BaseException:
             file.close()
             raise
@@ -386,17 +480,20 @@ class ResultWriter:
             self._write_all(b"\n")
         return self.state
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        """Append one record as a JSON line, durable against a crash of this process.
+    def write(self, record: Mapping[str, Any]) -> int:
+        """Append one record as a JSON line, durable against a crash of this process;
+        returns the byte offset where the line starts (for :func:`read_record_at`).
 
         Raises :class:`ResultsWriteError` (with the line) when the file refuses it;
         a part written before the failure is a torn last line, cut by the next run.
         """
         line = orjson.dumps(record) + b"\n"
+        offset = self._size
         try:
             self._write_all(line)
         except OSError as exc:
             raise ResultsWriteError(self.path, line, exc) from exc
+        return offset
 
     def _write_all(self, data: bytes) -> None:
         if self._file is None:
@@ -404,7 +501,9 @@ class ResultWriter:
         view = memoryview(data)
         while view:
             # A regular file takes it all at once; the loop covers a short write.
-            view = view[self._file.write(view) :]
+            written = self._file.write(view)
+            self._size += written
+            view = view[written:]
 
     def close(self) -> None:
         """Close the file (idempotent)."""

@@ -3,30 +3,29 @@
 The order of work, so that bad input never costs a request and a crash never
 costs a finished job:
 
-1. read the existing results file, if any (jobs with an ok line are done);
-2. check every line of the jobs file in one streaming pass (nothing is sent
-   when a line is bad, unless ``--skip-invalid`` records it as a failed job);
-3. stream the remaining jobs through :meth:`NebulaClient.stream`, appending one
-   line per finished job as it finishes (after downloading its images with
-   ``--download``).
+1. read the existing results file, if any (:mod:`._results`);
+2. check every line of the jobs file in one streaming pass and match each job
+   to what is recorded by id and fingerprint (:mod:`._plan`); nothing is sent
+   when a line is bad (unless ``--skip-invalid`` records it as a failed job) or
+   when the results file was written from another jobs file;
+3. under the results file's lock, record the moved default-id jobs under their
+   new ids, then run (:mod:`._execute`): the remaining jobs through the client,
+   one line per answer as it arrives, and with ``--download`` the images of
+   every generated job (recorded ones included) in a stage of their own.
 
-With ``--download`` a job counts as ok only once all its images are saved. A job
-generated but with images not saved gets a line listing them (``pending_downloads``),
-and a rerun saves them from there (:func:`repair_downloads`) rather than
-generating the job again: generations are billed, downloads are not. For the
-same reason a failed job whose latest line keeps some URLs (its successful
-submissions) is sent again only for the images it lacks (:class:`Resumed`); its
-new line lists the old URLs first, then the new ones.
+A first SIGINT or SIGTERM drains the run (no new submissions; the answers of
+those in flight are written) and exits 130 or 143; a second one stops at once.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager, closing
-from dataclasses import dataclass, field
-from functools import partial
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import closing
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -35,24 +34,32 @@ import anyio.abc
 
 from nebula_async._client import NebulaClient
 from nebula_async._exceptions import ValidationError
-from nebula_async._models import GeneratedImage, Job, JobResult, RetryPolicy
+from nebula_async._models import Job, RateLimit, RetryPolicy
+from nebula_async._shared import SharedRateLimit
 
 from ._download import ImageDownloader, api_is_loopback
-from ._jobfile import BadLine, JobLine, iter_job_lines
+from ._execute import (
+    DownloadStage,
+    DownloadTask,
+    Resumed,
+    RunControl,
+    RunTally,
+    execute_jobs,
+    resumed_from,
+    stage_for,
+)
+from ._jobfile import BadLine, JobLine, Shard, iter_job_lines
+from ._plan import Action, Plan, decide, plan_jobs
 from ._progress import JobProgress
 from ._results import (
-    PENDING_DOWNLOADS,
+    Kind,
     ResultsFileError,
     ResultsWriteError,
     ResultWriter,
     ResumeState,
     bad_line_record,
-    download_record,
-    job_result_record,
     load_resume_state,
-    parse_pending_downloads,
     read_record_at,
-    recorded_urls,
 )
 
 __all__ = [
@@ -60,17 +67,15 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_SOME_FAILED",
+    "EXIT_TERMINATED",
     "EXIT_WRITE_FAILED",
     "ClientSettings",
-    "Repair",
-    "RunOptions",
     "Resumed",
+    "RunOptions",
     "RunTally",
     "err",
     "execute_jobs",
-    "job_results",
     "prepare_download_dir",
-    "repair_downloads",
     "run_command",
     "write_error_in",
 ]
@@ -79,20 +84,15 @@ EXIT_OK: Final = 0
 EXIT_SOME_FAILED: Final = 1
 EXIT_BAD_INPUT: Final = 2
 EXIT_WRITE_FAILED: Final = 3
-EXIT_INTERRUPTED: Final = 130
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT
+EXIT_TERMINATED: Final = 143  # 128 + SIGTERM
 
 # Bad lines shown on stderr before "... and N more" (all of them are counted).
 _BAD_LINES_SHOWN: Final = 20
-# Finished jobs waiting for their downloads at once; beyond it the results
-# stream is not read, which in turn holds back the client (backpressure).
-_PENDING_DOWNLOADS: Final = 64
-# What the line written before a generated job's images are fetched says about them
-# (seen only when the run stops before the job's final line).
-_NOT_DOWNLOADED_YET: Final = "not downloaded yet"
-_STOPPED_MESSAGE: Final = (
-    "generated, but the run stopped before its images were saved; "
-    "a rerun with --download saves them without sending the job again"
-)
+# A drain waits for the submissions in flight, each bounded by the attempt
+# timeout; past it (plus this), the run stops as on a second signal.
+_DRAIN_GRACE_S: Final = 5.0
+_DRAIN_WITHOUT_TIMEOUT_S: Final = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +105,30 @@ class ClientSettings:
     timeout: float | None = 120.0
     payload_style: str = "dotted"
     base_url: str | None = None
+    burst: int = 1
+    adaptive: bool = True
+    retry_ambiguous: bool = True
+    trust_env: bool = False
+    allow_insecure_http: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    redis_url: str | None = None
+    limit_key: str | None = None
+
+    def rate_limit(self) -> RateLimit | SharedRateLimit | None:
+        """``--rate`` as a limit of this process, or shared through ``--redis``."""
+        if self.redis_url is not None:
+            if self.rate is None or self.limit_key is None:
+                raise ValidationError("--redis needs --rate and --limit-key", field="redis")
+            return SharedRateLimit(
+                self.redis_url,
+                key=self.limit_key,
+                per_second=self.rate,
+                burst=self.burst,
+                adaptive=self.adaptive,
+            )
+        if self.rate is None:
+            return None
+        return RateLimit(self.rate, burst=self.burst, adaptive=self.adaptive)
 
     def make_client(self, *, token: str | None = None) -> NebulaClient:
         """A client with these settings (credentials from the environment unless ``token``).
@@ -115,10 +139,13 @@ class ClientSettings:
             token=token,
             base_url=self.base_url,
             max_concurrency=self.concurrency,
-            rate_limit=self.rate,
-            retry=RetryPolicy(max_attempts=self.retries + 1),
+            rate_limit=self.rate_limit(),
+            retry=RetryPolicy(max_attempts=self.retries + 1, retry_ambiguous=self.retry_ambiguous),
             timeout=self.timeout,
             payload_style=self.payload_style,
+            trust_env=self.trust_env,
+            default_headers=dict(self.headers),
+            allow_insecure_http=self.allow_insecure_http,
         )
 
 
@@ -132,78 +159,8 @@ class RunOptions:
     download_dir: Path | None = None
     skip_invalid: bool = False
     progress: bool = True
-
-
-@dataclass(slots=True)
-class RunTally:
-    """What one execution did. ``latencies`` is filled only when asked for (memory)."""
-
-    ok: int = 0
-    failed: int = 0
-    images: int = 0
-    latencies: list[float] | None = None
-    download_failures: int = 0
-    repaired: int = 0
-
-    @property
-    def finished(self) -> int:
-        """Jobs that got a results line in this execution."""
-        return self.ok + self.failed
-
-    def add(self, other: RunTally) -> None:
-        """Count ``other``'s jobs in this tally too (latencies are not merged)."""
-        self.ok += other.ok
-        self.failed += other.failed
-        self.images += other.images
-        self.download_failures += other.download_failures
-        self.repaired += other.repaired
-
-
-@dataclass(frozen=True, slots=True)
-class Resumed:
-    """What a failed job's latest line carries over to its next attempt: the URLs of
-    its successful submissions (images 1..k) and the files saved for them (None where
-    not saved; all None when the line has no files)."""
-
-    urls: list[str]
-    files: list[str | None]
-
-    def apply_to(self, job: Job) -> Job:
-        """``job`` asking only for the images not carried over."""
-        return Job(job.request, id=job.id, images=job.total_images - len(self.urls))
-
-
-def resumed_from(record: Mapping[str, object], total_images: int) -> Resumed | None:
-    """What ``record`` (a failed job's latest line) carries over to a job wanting
-    ``total_images``; None when it has no URLs, or as many as the job wants (odd:
-    the whole job is sent again)."""
-    urls = recorded_urls(record)
-    if not urls or len(urls) >= total_images:
-        return None
-    return Resumed(list(urls), _recorded_files(record, len(urls))[: len(urls)])
-
-
-def _saved_file(path: str | None, directory: Path) -> str | None:
-    """``path`` when it is a file saved in ``directory``, else None (to fetch again)."""
-    if path is None:
-        return None
-    file = Path(path)
-    try:
-        if file.is_file() and file.resolve().parent == directory.resolve():
-            return path
-    except OSError:
-        pass
-    return None
-
-
-@dataclass(slots=True)
-class _CheckReport:
-    good: int = 0
-    already_ok: int = 0
-    to_send: int = 0
-    bad: list[BadLine] = field(default_factory=list)
-    # Generated jobs with images still to save: job id -> input line.
-    repair_lines: dict[str, int] = field(default_factory=dict)
+    replace_mismatched: bool = False
+    shard: Shard | None = None
 
 
 def err(message: str) -> None:
@@ -211,22 +168,50 @@ def err(message: str) -> None:
     print(f"nebula-async: {message}", file=sys.stderr)
 
 
-def _check_jobs(options: RunOptions, state: ResumeState) -> _CheckReport:
-    report = _CheckReport()
-    for item in iter_job_lines(
-        options.jobs_path, load_images=False, allow_b64_json=options.download_dir is not None
-    ):
-        if isinstance(item, BadLine):
-            report.bad.append(item)
-            continue
-        report.good += 1
-        if item.job_id in state.ok_ids:
-            report.already_ok += 1
-        elif item.job_id in state.repair:
-            report.repair_lines[item.job_id] = item.line_no
-        else:
-            report.to_send += 1
-    return report
+class _Stop(Exception):
+    """Ends ``run`` early with an exit code (the message is already printed)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+# -- step 1 and 2: read, check, match ------------------------------------------------------
+
+
+def _check_paths(options: RunOptions) -> None:
+    if not options.jobs_path.is_file():
+        err(f"jobs file not found: {options.jobs_path}")
+        raise _Stop(EXIT_BAD_INPUT)
+    if not options.out_path.parent.is_dir():
+        err(f"the directory of --out does not exist: {options.out_path.parent}")
+        raise _Stop(EXIT_BAD_INPUT)
+
+
+def _read_results(options: RunOptions) -> ResumeState:
+    """A first look at the results file, unlocked (the writer reads it again under its lock)."""
+    try:
+        return load_resume_state(options.out_path)
+    except ResultsFileError as exc:
+        err(f"cannot resume from {exc}; fix or move that file")
+    except OSError as exc:
+        err(f"cannot read the results file {options.out_path}: {exc.strerror or exc}")
+    raise _Stop(EXIT_BAD_INPUT)
+
+
+def _job_lines(options: RunOptions, **reading: object) -> Iterable[JobLine | BadLine]:
+    return iter_job_lines(
+        options.jobs_path,
+        allow_b64_json=options.download_dir is not None,
+        shard=options.shard,
+        **reading,  # type: ignore[arg-type]
+    )
+
+
+def _plan(options: RunOptions, state: ResumeState) -> Plan:
+    lines = _job_lines(options, load_images=False)
+    with closing(lines):  # type: ignore[type-var]
+        return plan_jobs(lines, state, download=options.download_dir is not None)
 
 
 def _report_bad_lines(options: RunOptions, bad: list[BadLine]) -> None:
@@ -236,340 +221,242 @@ def _report_bad_lines(options: RunOptions, bad: list[BadLine]) -> None:
         err(f"... and {len(bad) - _BAD_LINES_SHOWN} more bad lines")
 
 
-@asynccontextmanager
-async def job_results(
-    client: NebulaClient, jobs: Iterable[Job]
-) -> AsyncIterator[AsyncIterator[JobResult]]:
-    """``client.stream(jobs)``, closed on leaving the block (even early), which cancels
-    the jobs still running at once rather than whenever the generator is collected."""
-    stream = client.stream(jobs)
+def _refuse_or_warn(options: RunOptions, plan: Plan) -> None:
+    """Stop before anything is sent on bad lines or a results file of other jobs."""
+    if plan.bad:
+        _report_bad_lines(options, plan.bad)
+        if not options.skip_invalid:
+            err(
+                f"{len(plan.bad)} bad line(s); nothing was sent "
+                "(use --skip-invalid to run the rest)"
+            )
+            raise _Stop(EXIT_BAD_INPUT)
+    if plan.refused and not options.replace_mismatched:
+        assert plan.mismatch is not None
+        mismatch = plan.mismatch
+        err(
+            f"{options.jobs_path}: line {mismatch.line_no}: id {mismatch.job_id!r} is "
+            f"recorded in {options.out_path} (line {mismatch.results_line}) for a different "
+            "job, and no job of this file matches a recorded one: that results file looks "
+            "written from another jobs file; nothing was sent. Use another --out, or pass "
+            "--replace-mismatched to generate such jobs again (their new lines supersede "
+            "the old ones)"
+        )
+        raise _Stop(EXIT_BAD_INPUT)
+    if plan.unfingerprinted:
+        err(
+            f"{plan.unfingerprinted} job(s) matched to results lines without a fingerprint "
+            "(written by an older nebula-async) by id alone: an edited job among them is "
+            "not detected"
+        )
+    if options.download_dir is not None:
+        problem = prepare_download_dir(options.download_dir)
+        if problem is not None:
+            err(f"{problem}; nothing was sent")
+            raise _Stop(EXIT_BAD_INPUT)
+
+
+def _make_client(options: RunOptions, plan: Plan) -> NebulaClient | None:
+    if not plan.to_send:
+        return None
     try:
-        yield stream
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        return options.client.make_client()
+    except ValidationError as exc:
+        err(str(exc))
+        raise _Stop(EXIT_BAD_INPUT) from None
 
 
-async def _save_into(
-    downloader: ImageDownloader,
-    job_id: str,
-    files: list[str | None],
-    images: Mapping[int, GeneratedImage],
-) -> dict[int, str]:
-    """Save ``images`` (by position k), filling ``files``; returns the failures by k."""
-    saved, failures = await downloader.save_images(job_id, images)
-    for k, path in saved.items():
-        files[k - 1] = path
-    return failures
+def _open_results(
+    options: RunOptions, plan: Plan, preview: ResumeState
+) -> tuple[ResultWriter, ResumeState, Plan]:
+    """Lock and open the results file; match again if it changed since the first look."""
+    writer = ResultWriter(options.out_path)
+    try:
+        state = writer.open()
+    except (ResultsFileError, OSError) as exc:
+        err(f"cannot write results: {exc}")
+        raise _Stop(EXIT_BAD_INPUT) from None
+    if (state.keep_bytes, state.records) != (preview.keep_bytes, preview.records):
+        plan = _plan(options, state)  # another run wrote to it meanwhile
+    return writer, state, plan
 
 
-async def execute_jobs(
-    client: NebulaClient,
-    job_lines: Iterable[JobLine | BadLine],
-    *,
-    writer: ResultWriter,
-    progress: JobProgress,
-    downloader: ImageDownloader | None = None,
-    keep_latencies: bool = False,
-    resume: Callable[[JobLine], Resumed | None] | None = None,
-) -> RunTally:
-    """Run the jobs, appending each finished job's line to ``writer`` as it finishes.
-
-    A :class:`BadLine` met on the way (the jobs file changed since it was checked)
-    is recorded as a failed job. The jobs iterable is read lazily by the client.
-
-    With a ``downloader``, a generated job's inline (``b64_json``) images are saved
-    at once; if it has URL images, a line listing them as pending downloads is
-    written before they are fetched (so an interrupt or a crash while fetching
-    never costs the generation: a rerun fetches them), then the job's final line.
-
-    ``resume(line)`` tells what a job's previous attempt carries over (read when the
-    job is about to be sent): the job then asks only for the images it lacks, and
-    its line lists the carried URLs (and files, numbered 1..k) before the new ones.
-    """
-    tally = RunTally(latencies=[] if keep_latencies else None)
-    # Job id -> input line (and what a previous attempt carries over), only for jobs
-    # in flight (bounded by the client's window).
-    line_of: dict[str, int] = {}
-    resumed_of: dict[str, Resumed] = {}
-
-    def finish(record: dict[str, object], *, ok: bool, images: int) -> None:
-        writer.write(record)
-        if ok:
-            tally.ok += 1
-        else:
-            tally.failed += 1
-        tally.images += images
-        progress.job_finished(ok=ok, images=images, rate_limited=client.statistics().rate_limited)
-
-    def jobs() -> Iterator[Job]:
-        for item in job_lines:
-            if isinstance(item, BadLine):
-                finish(bad_line_record(item), ok=False, images=0)
-                continue
-            line_of[item.job_id] = item.line_no
-            resumed = resume(item) if resume is not None else None
-            if resumed is None:
-                yield item.job
-            else:
-                resumed_of[item.job_id] = resumed
-                yield resumed.apply_to(item.job)
-
-    def record_of(result: JobResult, resumed: Resumed | None) -> dict[str, object]:
-        if tally.latencies is not None:
-            tally.latencies.append(result.elapsed_s)
-        record = job_result_record(result, line_no=line_of.pop(result.job_id, None))
-        if resumed is not None:
-            record["urls"] = [*resumed.urls, *result.urls]
-            record["resumed_urls"] = len(resumed.urls)
-        return record
-
-    def all_images(
-        result: JobResult, resumed: Resumed | None
-    ) -> tuple[dict[int, GeneratedImage], list[str | None]]:
-        """The job's images by position k (the carried ones first) and their files,
-        None where not saved yet (carried images keep their files when still there)."""
-        assert downloader is not None
-        carried = [] if resumed is None else resumed.urls
-        images = {k: GeneratedImage(url=url) for k, url in enumerate(carried, start=1)}
-        images.update(enumerate(result.images, start=len(carried) + 1))
-        files: list[str | None] = [None] * len(images)
-        if resumed is not None:
-            for k, path in enumerate(resumed.files):
-                files[k] = _saved_file(path, downloader.directory)
-        return images, files
-
-    download_slots = anyio.Semaphore(_PENDING_DOWNLOADS)
-
-    def finish_downloaded(
-        record: dict[str, object],
-        files: list[str | None],
-        failures: dict[int, str],
-        images: dict[int, GeneratedImage],
-        *,
-        generated: bool,
-    ) -> None:
-        final = download_record(
-            record, generated=generated, files=files, failures=failures, images=images
-        )
-        if failures:
-            tally.download_failures += 1
-        finish(final, ok=bool(final["ok"]), images=len(images))
-
-    async def fetch_then_finish(
-        record: dict[str, object],
-        files: list[str | None],
-        to_fetch: dict[int, GeneratedImage],
-        failures: dict[int, str],
-        images: dict[int, GeneratedImage],
-        *,
-        generated: bool,
-    ) -> None:
-        assert downloader is not None
-        try:
-            failures = failures | await _save_into(downloader, str(record["id"]), files, to_fetch)
-        finally:
-            download_slots.release()
-        finish_downloaded(record, files, failures, images, generated=generated)
-
-    async def handle(
-        ok: bool,
-        record: dict[str, object],
-        images: dict[int, GeneratedImage],
-        files: list[str | None],
-        downloads: anyio.abc.TaskGroup,
-    ) -> None:
-        assert downloader is not None
-        job_id = str(record["id"])
-        unsaved = {k: image for k, image in images.items() if files[k - 1] is None}
-        if not ok:
-            # Its images are carried over to a rerun (by URL); saved now, for a look.
-            await download_slots.acquire()
-            downloads.start_soon(
-                partial(fetch_then_finish, generated=False), record, files, unsaved, {}, images
-            )
-            return
-        inline = {k: image for k, image in unsaved.items() if image.url is None}
-        remote = {k: image for k, image in unsaved.items() if image.url is not None}
-        failures: dict[int, str] = {}
-        if inline:
-            # Local and quick; shielded, so that an interrupt cannot drop these images.
-            with anyio.CancelScope(shield=True):
-                failures = await _save_into(downloader, job_id, files, inline)
-        if not remote:
-            finish_downloaded(record, files, failures, images, generated=True)
-            return
-        # Recorded before fetching (no await in between): a rerun fetches what this
-        # line lists, instead of generating the job again.
-        not_yet = dict.fromkeys(remote, _NOT_DOWNLOADED_YET)
-        writer.write(
-            download_record(
-                record,
-                generated=True,
-                files=files,
-                failures=failures | not_yet,
-                images=images,
-                message=_STOPPED_MESSAGE,
-            )
-        )
-        await download_slots.acquire()
-        downloads.start_soon(
-            partial(fetch_then_finish, generated=True), record, files, remote, failures, images
-        )
-
-    async with anyio.create_task_group() as downloads, job_results(client, jobs()) as results:
-        async for result in results:
-            resumed = resumed_of.pop(result.job_id, None)
-            record = record_of(result, resumed)
-            if downloader is None:
-                finish(record, ok=result.ok, images=len(result.images))
-                continue
-            images, files = all_images(result, resumed)
-            if not images:
-                record = download_record(
-                    record, generated=result.ok, files=[], failures={}, images={}
-                )
-                finish(record, ok=result.ok, images=0)
-            else:
-                await handle(result.ok, record, images, files, downloads)
-    return tally
+# -- step 3: record moves and bad lines, then run -------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Repair:
-    """A generated job whose images are not all saved: its id, input line, results line."""
-
-    job_id: str
-    line_no: int
-    offset: int
-
-
-def _recorded_files(record: Mapping[str, object], length: int) -> list[str | None]:
-    raw = record.get("files")
-    files: list[str | None] = (
-        [item if isinstance(item, str) else None for item in raw] if isinstance(raw, list) else []
-    )
-    return files + [None] * (length - len(files))
+def _record_moves(plan: Plan, state: ResumeState, writer: ResultWriter) -> None:
+    """Record each moved default-id job's line again under its new id (nothing is
+    sent for it), so that from now on it matches exactly."""
+    # Sources first: a moved job's new id is often another move's source (ids shift).
+    sources = [state.entries[move.source] for move in plan.moves]
+    for move, source in zip(plan.moves, sources, strict=True):
+        record = read_record_at(writer.path, source.offset)
+        record.update(id=move.job_id, line=move.line_no, moved_from=move.source)
+        offset = writer.write(record)
+        state.entries[move.job_id] = replace(source, offset=offset, default_id=True)
 
 
-async def repair_downloads(
-    repairs: Iterable[Repair],
-    *,
-    results_path: Path,
-    writer: ResultWriter,
-    progress: JobProgress,
-    downloader: ImageDownloader,
-) -> RunTally:
-    """Save the pending images of generated jobs, from the URLs (or data) their latest
-    results line records, and append each job's new line. Nothing is sent to the API.
-
-    The new line is ok when every image is now saved; otherwise it lists what is
-    still pending, for the next rerun.
-    """
-    tally = RunTally()
-    slots = anyio.Semaphore(_PENDING_DOWNLOADS)
-
-    async def repair(record: dict[str, object], images: dict[int, GeneratedImage]) -> None:
-        try:
-            files = _recorded_files(record, max(images))
-            failures = await _save_into(downloader, str(record["id"]), files, images)
-        finally:
-            slots.release()
-        final = download_record(
-            record, generated=True, files=files, failures=failures, images=images
-        )
-        writer.write(final)
-        if failures:
-            tally.failed += 1
-            tally.download_failures += 1
-        else:
-            tally.ok += 1
-            tally.repaired += 1
-        progress.job_finished(ok=not failures, images=0)
-
-    async with anyio.create_task_group() as tasks:
-        for item in repairs:
-            record = read_record_at(results_path, item.offset)
-            images = parse_pending_downloads(record.get(PENDING_DOWNLOADS))
-            # The resume state only lists lines with valid, non-empty pending downloads.
-            assert images, f"no pending downloads at byte {item.offset}"
-            record["line"] = item.line_no
-            await slots.acquire()
-            tasks.start_soon(repair, record, images)
-    return tally
+def _record_bad_lines(plan: Plan, state: ResumeState, writer: ResultWriter) -> None:
+    # A bad line never overrides a job already ok or generated (e.g. a duplicate).
+    for bad in plan.bad:
+        entry = state.entries.get(bad.job_id)
+        if entry is None or entry.kind not in (Kind.OK, Kind.REPAIR):
+            writer.write(bad_line_record(bad))
 
 
-async def _send_pending(
+def _fetch_tasks(plan: Plan, state: ResumeState) -> list[DownloadTask]:
+    return [
+        DownloadTask(job_id, line_no, state.entries[job_id].offset, generated=True, repair=True)
+        for job_id, line_no in plan.fetches
+    ]
+
+
+def _line_planner(
+    options: RunOptions, state: ResumeState
+) -> Callable[[JobLine], tuple[Job, Resumed | None] | None]:
+    download = options.download_dir is not None
+
+    def plan_line(item: JobLine) -> tuple[Job, Resumed | None] | None:
+        entry = state.entries.get(item.job_id)
+        action = decide(entry, item.fingerprint, download=download)
+        if action is Action.SEND:
+            return item.job, None
+        if action is not Action.RESUME:
+            return None
+        assert entry is not None
+        # Read only now, so memory holds the URLs of the jobs in flight, not of all.
+        record = read_record_at(options.out_path, entry.offset)
+        resumed = resumed_from(record, item.job.total_images, options.download_dir)
+        return (item.job, None) if resumed is None else (resumed.apply_to(item.job), resumed)
+
+    return plan_line
+
+
+async def _send(
     options: RunOptions,
-    check: _CheckReport,
+    plan: Plan,
     state: ResumeState,
     client: NebulaClient,
     writer: ResultWriter,
     progress: JobProgress,
-    downloader: ImageDownloader | None,
-) -> RunTally:
-    """The second pass: every good line whose job is neither ok nor generated yet."""
-    lines = iter_job_lines(
-        options.jobs_path,
+    run: _Run,
+) -> None:
+    """The sending pass: every good line whose job is not done or generated yet."""
+    lines = _job_lines(
+        options,
         load_images=True,
-        allow_b64_json=options.download_dir is not None,
-        skip_lines={bad.line_no for bad in check.bad},
+        skip_lines={bad.line_no for bad in plan.bad},
         check_duplicates=False,
     )
-    pending = (
-        item
-        for item in lines
-        if item.job_id not in state.ok_ids and item.job_id not in state.repair
-    )
-
-    def resume(item: JobLine) -> Resumed | None:
-        # Read only now, so memory holds the URLs of the jobs in flight, not of all.
-        offset = state.partial.get(item.job_id)
-        if offset is None:
-            return None
-        return resumed_from(read_record_at(options.out_path, offset), item.job.total_images)
-
     # closing(): the jobs file is closed at once even when the run stops early.
-    with closing(lines):
+    with closing(lines):  # type: ignore[type-var]
         async with client:
-            return await execute_jobs(
+            await execute_jobs(
                 client,
-                pending,
+                lines,
                 writer=writer,
                 progress=progress,
-                downloader=downloader,
-                resume=resume,
+                tally=run.tally,
+                control=run.control,
+                stage=run.stage,
+                plan_line=_line_planner(options, state),
             )
+
+
+@dataclass(slots=True)
+class _Run:
+    tally: RunTally
+    control: RunControl
+    stage: DownloadStage | None = None
 
 
 async def _work(
     options: RunOptions,
-    check: _CheckReport,
+    plan: Plan,
     state: ResumeState,
     client: NebulaClient | None,
     writer: ResultWriter,
-    repairs: list[Repair],
-) -> RunTally:
-    """Repair pending downloads (with ``--download``), then send the jobs not done."""
-    with JobProgress(check.to_send + len(repairs), enabled=options.progress) as progress:
+    run: _Run,
+) -> None:
+    """Send the jobs not done; with ``--download``, save images in a stage beside it."""
+    fetches = _fetch_tasks(plan, state)
+    total = plan.to_send + len(fetches)
+    with JobProgress(total, enabled=options.progress) as progress:
         if options.download_dir is None:
-            assert client is not None
-            return await _send_pending(options, check, state, client, writer, progress, None)
-        loopback = api_is_loopback(options.client.base_url)  # the mock server's images
-        async with ImageDownloader(options.download_dir, allow_loopback=loopback) as downloader:
-            tally = await repair_downloads(
-                repairs,
-                results_path=options.out_path,
-                writer=writer,
-                progress=progress,
-                downloader=downloader,
-            )
             if client is not None:
-                tally.add(
-                    await _send_pending(options, check, state, client, writer, progress, downloader)
+                await _send(options, plan, state, client, writer, progress, run)
+            return
+        loopback = api_is_loopback(options.client.base_url)  # the mock server's images
+        async with (
+            ImageDownloader(options.download_dir, allow_loopback=loopback) as downloader,
+            anyio.create_task_group() as tasks,
+        ):
+            run.stage = stage_for(downloader, writer, progress, run.tally)
+            # A drain drops the downloads at once: their lines are pending on disk.
+            run.control.attach(run.stage.stop)
+            tasks.start_soon(run.stage.run)
+            for task in fetches:
+                run.stage.submit(task)
+            try:
+                if client is not None:
+                    await _send(options, plan, state, client, writer, progress, run)
+            finally:
+                run.stage.close()  # the stage ends once the queued downloads are done
+
+
+# -- signals ----------------------------------------------------------------------------
+
+
+def _drain_limit(options: RunOptions) -> float:
+    timeout = options.client.timeout
+    return (_DRAIN_WITHOUT_TIMEOUT_S if timeout is None else timeout) + _DRAIN_GRACE_S
+
+
+async def _abort_after(delay: float, control: RunControl, scope: anyio.CancelScope) -> None:
+    await anyio.sleep(delay)
+    err(f"the drain took over {delay:.0f} s; stopping now")
+    control.aborted = True
+    scope.cancel()
+
+
+async def _watch_signals(
+    control: RunControl, tasks: anyio.abc.TaskGroup, drain_limit: float
+) -> None:
+    """First SIGINT/SIGTERM: drain (bounded by ``drain_limit``); second: stop at once."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if control.signal is None:
+                control.signal = signum
+                err(
+                    f"{name}: no new submissions; waiting for those in flight (up to "
+                    f"{drain_limit:.0f} s) and writing their answers; signal again to stop now"
                 )
-            return tally
+                control.drain()
+                tasks.start_soon(_abort_after, drain_limit, control, tasks.cancel_scope)
+            else:
+                err(f"{name} again: stopping now")
+                control.aborted = True
+                tasks.cancel_scope.cancel()
+                return
+
+
+def _signals_available() -> bool:
+    # Signal handlers belong to the main thread (tests run main() in worker threads).
+    return threading.current_thread() is threading.main_thread() and sys.platform != "win32"
+
+
+async def _with_signals(
+    options: RunOptions, control: RunControl, work: Callable[[], Awaitable[None]]
+) -> None:
+    async with anyio.create_task_group() as tasks:
+        if _signals_available():
+            tasks.start_soon(_watch_signals, control, tasks, _drain_limit(options))
+        await work()
+        tasks.cancel_scope.cancel()  # the watcher
+
+
+# -- the command ------------------------------------------------------------------------
 
 
 def prepare_download_dir(directory: Path) -> str | None:
@@ -595,74 +482,72 @@ def write_error_in(exc: BaseException) -> ResultsWriteError | None:
     return None
 
 
-async def run_command(options: RunOptions) -> int:
-    """``nebula-async run``; returns the exit code (0 all ok, 1 some failed, 2 bad input,
-    3 the results file could not be written)."""
-    if not options.jobs_path.is_file():
-        err(f"jobs file not found: {options.jobs_path}")
-        return EXIT_BAD_INPUT
-    if not options.out_path.parent.is_dir():
-        err(f"the directory of --out does not exist: {options.out_path.parent}")
-        return EXIT_BAD_INPUT
-    try:
-        # A first look, unlocked, only to count; the writer reads it again under its lock.
-        preview = load_resume_state(options.out_path)
-    except ResultsFileError as exc:
-        err(f"cannot resume from {exc}; fix or move that file")
-        return EXIT_BAD_INPUT
-    except OSError as exc:
-        err(f"cannot read the results file {options.out_path}: {exc.strerror or exc}")
-        return EXIT_BAD_INPUT
+def _summary(options: RunOptions, plan: Plan, tally: RunTally) -> str:
+    failed = tally.failed + len(plan.bad) + plan.not_downloaded
+    summary = (
+        f"{plan.good + len(plan.bad)} jobs: {plan.done + tally.ok} ok "
+        f"({plan.done} done before, {tally.ok} now"
+    )
+    if tally.repaired:
+        summary += f", {tally.repaired} of them by saving their images"
+    summary += f"), {failed} failed"
+    if tally.download_failures:
+        summary += f", {tally.download_failures} with images not saved"
+    if plan.moves:
+        summary += f", {len(plan.moves)} found under their old line number"
+    return f"{summary}; results in {options.out_path}"
 
-    check = _check_jobs(options, preview)
-    if check.bad and not options.skip_invalid:
-        _report_bad_lines(options, check.bad)
-        err(f"{len(check.bad)} bad line(s); nothing was sent (use --skip-invalid to run the rest)")
-        return EXIT_BAD_INPUT
-    if check.bad:
-        _report_bad_lines(options, check.bad)
-    if options.download_dir is not None:
-        problem = prepare_download_dir(options.download_dir)
-        if problem is not None:
-            err(f"{problem}; nothing was sent")
-            return EXIT_BAD_INPUT
 
-    client: NebulaClient | None = None
-    if check.to_send:
-        try:
-            client = options.client.make_client()
-        except ValidationError as exc:
-            err(str(exc))
-            return EXIT_BAD_INPUT
-
-    writer = ResultWriter(options.out_path)
-    try:
-        state = writer.open()
-    except (ResultsFileError, OSError) as exc:
-        err(f"cannot write results: {exc}")
-        return EXIT_BAD_INPUT
-    # Generated jobs of this jobs file whose images are not all saved (read under the lock).
-    repairs = [
-        Repair(job_id, line_no, state.repair[job_id])
-        for job_id, line_no in check.repair_lines.items()
-        if job_id in state.repair
-    ]
-    not_downloaded = 0
-    if options.download_dir is None and repairs:
-        not_downloaded, repairs = len(repairs), []
+def _exit_code(options: RunOptions, plan: Plan, tally: RunTally, control: RunControl) -> int:
+    err(_summary(options, plan, tally))
+    if control.signal is not None:
+        how = "stopped" if control.aborted else "drained"
         err(
-            f"{not_downloaded} job(s) were generated but their images are not all saved; "
-            "they are not sent again: rerun with --download DIR to save them"
+            f"interrupted ({signal.Signals(control.signal).name}, {how}): every answer that "
+            f"arrived is in {options.out_path}; the jobs not started have no line; rerun "
+            "the same command to resume"
         )
-    tally = RunTally()
+        return 128 + control.signal
+    if tally.not_attempted:
+        cause = tally.stopped_by.cause if tally.stopped_by is not None else None
+        why = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+        err(
+            f"{tally.not_attempted} job(s) were not attempted: the client stopped starting "
+            f"them after repeated failures of one kind{why}; they have no line: fix the "
+            "cause and rerun to send them"
+        )
+        return EXIT_SOME_FAILED
+    if plan.not_downloaded:
+        err(
+            f"{plan.not_downloaded} job(s) were generated but their images are not all "
+            "saved; they are not sent again: rerun with --download DIR to save them"
+        )
+    failed = tally.failed + len(plan.bad) + plan.not_downloaded
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+async def _run_checked(options: RunOptions) -> int:
+    _check_paths(options)
+    preview = _read_results(options)
+    plan = _plan(options, preview)
+    _refuse_or_warn(options, plan)
+    client = _make_client(options, plan)
+    writer, state, plan = _open_results(options, plan, preview)
+    if client is None and plan.to_send:  # matched again: another run changed the file
+        try:
+            client = _make_client(options, plan)
+        except _Stop:
+            writer.close()
+            raise
+    run = _Run(RunTally(), RunControl())
     try:
         with writer:
-            # A bad line never overrides a job already ok or generated (e.g. a duplicate).
-            for bad in check.bad:
-                if bad.job_id not in state.ok_ids and bad.job_id not in state.repair:
-                    writer.write(bad_line_record(bad))
-            if client is not None or repairs:
-                tally = await _work(options, check, state, client, writer, repairs)
+            _record_moves(plan, state, writer)
+            _record_bad_lines(plan, state, writer)
+            if client is not None or plan.fetches:
+                await _with_signals(
+                    options, run.control, lambda: _work(options, plan, state, client, writer, run)
+                )
     except Exception as exc:
         write_error = write_error_in(exc)
         if write_error is None:
@@ -670,16 +555,13 @@ async def run_command(options: RunOptions) -> int:
         err(f"{write_error}; the run stopped (rerun to resume once it can be written)")
         err(f"this result was not recorded: {write_error.record.decode(errors='replace')}")
         return EXIT_WRITE_FAILED
+    return _exit_code(options, plan, run.tally, run.control)
 
-    failed = tally.failed + len(check.bad) + not_downloaded
-    summary = (
-        f"{check.good + len(check.bad)} jobs: {check.already_ok + tally.ok} ok "
-        f"({check.already_ok} done before, {tally.ok} now"
-    )
-    if tally.repaired:
-        summary += f", {tally.repaired} of them by saving their images"
-    summary += f"), {failed} failed"
-    if tally.download_failures:
-        summary += f", {tally.download_failures} with images not saved"
-    err(f"{summary}; results in {options.out_path}")
-    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+async def run_command(options: RunOptions) -> int:
+    """``nebula-async run``; returns the exit code (0 all ok, 1 some failed, 2 bad input,
+    3 the results file could not be written, 130/143 after SIGINT/SIGTERM)."""
+    try:
+        return await _run_checked(options)
+    except _Stop as stop:
+        return stop.code

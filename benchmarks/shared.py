@@ -1,0 +1,446 @@
+"""One rate limit shared by N processes: ``python -m benchmarks --only shared``.
+
+N worker processes (1, 2, 4, 8) send to one lean mock server on loopback under
+one aggregate limit (50/s and 500/s), each with a few concurrent senders
+(acquire a slot, POST an img2img request with raw aiohttp, record the outcome;
+the client integration of the limiter seam is the lead's and is not used
+here). Contenders, each in the same harness:
+
+- **shared**: :class:`~nebula_async.SharedRateLimit` through one redis-server
+  (GCRA in one Lua script, one round trip per acquire);
+- **per-process R/N**: what users do by hand, an in-process GCRA
+  (:class:`~nebula_async._limits.GcraSchedule`, anchored) at ``R / N`` in each
+  process: no round trip, but N must be known and fixed, and a 429 pauses
+  only the process that saw it;
+- **limits moving window**: the ``limits`` package's Redis moving window
+  (``limits.aio``, on redis-py) as the limiter: it can only ``hit`` (take a
+  slot now or fail), so the sender polls: on a failed hit it reads the window
+  (``get_window_stats``) and sleeps until the window's reset time, then tries
+  again. Every call is a round trip; its timestamps come from each host's clock.
+
+Figures per cell, over the sends of all processes (stamped with
+``time.monotonic``, one clock for all processes on Linux): the aggregate
+long-run rate after the first second against the target, the busiest
+one-second window against ``rate + burst``, Redis round trips per request, and
+the added latency per acquire (the time acquire took beyond the wait the
+limiter meant: the round trip plus the timer's lateness; p50, p99).
+
+The pause cell: 4 processes at 100/s; the mock server answers the 300th
+request 429 with ``Retry-After: 2``; the process that gets it records it, and
+the figure is the time from that 429 to the last send of any process before
+the pause ends, with the number of sends inside the pause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import aiohttp
+import attrs
+
+import nebula_async as na
+from nebula_async._limiter import Outcome
+from nebula_async._limits import GcraSchedule
+
+from ._server import ROOT, ServerProcess
+from .limiter_accuracy import busiest_window, long_run_rate
+
+__all__ = ["CONTENDERS", "PauseResult", "SharedResult", "run_shared"]
+
+CONTENDERS: Final = ("shared", "per-process R/N", "limits moving window")
+_SENDERS: Final = 8  # concurrent senders per process
+_LATENCY_S: Final = 0.005
+_PAUSE_PROCESSES: Final = 4
+_PAUSE_RATE: Final = 100.0
+_PAUSE_AT: Final = 300  # the mock server answers this request 429
+_RETRY_AFTER_S: Final = 2.0
+_PAYLOAD: Final = na.to_payload(na.Img2ImgRequest(model="bench", prompt="a fox", n=1))
+
+
+@attrs.frozen
+class SharedResult:
+    """One contender, one process count, one rate."""
+
+    contender: str
+    processes: int
+    rate: float
+    burst: int
+    requests: int
+    long_run_rate: float
+    busiest_window: int
+    round_trips_per_request: float
+    added_p50_ms: float
+    added_p99_ms: float
+    refused: int
+
+    @property
+    def long_run_error(self) -> float:
+        """Relative error of the aggregate long-run rate (-0.01 is 1% slow)."""
+        return self.long_run_rate / self.rate - 1
+
+
+@attrs.frozen
+class PauseResult:
+    """A 429 in one process: how fast the others stopped."""
+
+    contender: str
+    processes: int
+    rate: float
+    retry_after_s: float
+    stop_after_429_ms: float
+    sends_in_pause: int
+    first_send_after_pause_s: float
+
+
+# -- the worker process --------------------------------------------------------------------------
+
+
+class _LocalGcra:
+    """An anchored in-process GCRA (the per-process R/N contender) with a local pause."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._schedule = GcraSchedule(rate, burst)
+        self.round_trips = 0
+
+    async def acquire(self) -> tuple[object, float]:
+        now = time.monotonic()
+        slot = self._schedule.reserve(now)
+        if slot > now:
+            await asyncio.sleep(slot - now)
+        return slot, slot - now
+
+    async def record(self, ticket: object, outcome: Outcome, retry_after: float | None) -> None:
+        if retry_after:
+            self._schedule.defer_until(time.monotonic() + retry_after)
+
+
+class _Shared:
+    def __init__(self, url: str, key: str, rate: float, burst: int) -> None:
+        from nebula_async._redis import RedisLimiter
+
+        limiter = na.SharedRateLimit(url, key=key, per_second=rate, burst=burst).create_limiter()
+        assert isinstance(limiter, RedisLimiter)
+        self._limiter = limiter
+
+    @property
+    def round_trips(self) -> int:
+        return self._limiter.round_trips
+
+    async def acquire(self) -> tuple[object, float]:
+        ticket = await self._limiter.acquire()  # the ticket says what wait was scheduled
+        return ticket, ticket.wait_us / 1e6
+
+    async def record(self, ticket: object, outcome: Outcome, retry_after: float | None) -> None:
+        await self._limiter.record(ticket, outcome, retry_after=retry_after)
+
+    async def aclose(self) -> None:
+        await self._limiter.aclose()
+
+
+class _Limits:
+    """The ``limits`` moving window: hit, or read the window and sleep to its reset."""
+
+    def __init__(self, url: str, key: str, rate: float) -> None:
+        from limits import RateLimitItemPerSecond
+        from limits.aio.storage import RedisStorage
+        from limits.aio.strategies import MovingWindowRateLimiter
+
+        self._storage = RedisStorage("async+" + url, implementation="redispy")
+        self._limiter = MovingWindowRateLimiter(self._storage)
+        self._item = RateLimitItemPerSecond(round(rate), 1)
+        self._key = key
+        self.round_trips = 0
+
+    async def acquire(self) -> tuple[object, float]:
+        while True:
+            self.round_trips += 1
+            if await self._limiter.hit(self._item, self._key):
+                return None, math.nan
+            self.round_trips += 1
+            stats = await self._limiter.get_window_stats(self._item, self._key)
+            await asyncio.sleep(max(stats.reset_time - time.time(), 0.001))
+
+    async def record(self, ticket: object, outcome: Outcome, retry_after: float | None) -> None:
+        pass  # no shared pause: a 429 is the sender's own business
+
+
+async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    contender, rate, burst = spec["contender"], spec["rate"], spec["burst"]
+    if contender == "shared":
+        limiter: Any = _Shared(spec["redis_url"], spec["key"], rate, burst)
+    elif contender == "limits moving window":
+        limiter = _Limits(spec["redis_url"], spec["key"], rate)
+    else:
+        limiter = _LocalGcra(rate / spec["processes"], burst)
+    url = spec["base_url"] + "/prod-api/nebula/v4/api/img2imgSubmit"
+    headers = {"Authorization": "Bearer mock-token", "Content-Type": "application/json"}
+    body = json.dumps(_PAYLOAD).encode()
+    sends: list[float] = []
+    added: list[float] = []
+    refusals: list[float] = []
+    connector = aiohttp.TCPConnector(limit=_SENDERS)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # Warm up (connect to Redis and the server) before the common start.
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+        await asyncio.sleep(max(0.0, spec["start"] - time.monotonic()))
+        end = spec["start"] + spec["duration_s"]
+
+        async def sender() -> None:
+            while time.monotonic() < end:
+                asked = time.monotonic()
+                ticket, due = await limiter.acquire()
+                sent = time.monotonic()
+                if sent >= end:
+                    break
+                if not math.isnan(due):
+                    added.append(sent - asked - max(due, 0.0))
+                sends.append(sent)
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    status = response.status
+                    retry_after = response.headers.get("Retry-After")
+                if status == 429:
+                    refusals.append(time.monotonic())
+                    pause = float(retry_after) if retry_after else None
+                    await limiter.record(ticket, Outcome.REFUSED, pause)
+                else:
+                    await limiter.record(ticket, Outcome.ACCEPTED, None)
+
+        await asyncio.gather(*(sender() for _ in range(_SENDERS)))
+    if hasattr(limiter, "aclose"):
+        await limiter.aclose()
+    return {"sends": sends, "added": added, "refusals": refusals, "round_trips": limiter.round_trips}
+
+
+# -- the parent ----------------------------------------------------------------------------------
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]:
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.shared", "--worker", json.dumps(spec)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for spec in specs
+    ]
+    outputs = []
+    try:
+        for child in children:
+            out, _ = child.communicate(timeout=cap_s)
+            if child.returncode != 0:
+                raise RuntimeError(f"shared benchmark worker failed ({child.returncode})")
+            outputs.append(json.loads(out))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    return outputs
+
+
+def _specs(
+    contender: str, processes: int, rate: float, base_url: str, redis_url: str, duration_s: float
+) -> list[dict[str, Any]]:
+    # Start together once every process has imported and warmed up (~0.5 s each here).
+    start = time.monotonic() + 1.5 + 0.5 * processes
+    key = f"bench-{contender}-{processes}-{rate:g}-{time.monotonic_ns()}".replace(" ", "_")
+    common = {
+        "contender": contender,
+        "processes": processes,
+        "rate": rate,
+        "burst": 1,
+        "base_url": base_url,
+        "redis_url": redis_url,
+        "key": key,
+        "start": start,
+        "duration_s": duration_s,
+    }
+    return [dict(common, index=i) for i in range(processes)]
+
+
+def _measure(
+    contender: str, processes: int, rate: float, outputs: list[dict[str, Any]]
+) -> SharedResult:
+    sends = sorted(t for out in outputs for t in out["sends"])
+    added = [a for out in outputs for a in out["added"]]
+    round_trips = sum(out["round_trips"] for out in outputs)
+    return SharedResult(
+        contender=contender,
+        processes=processes,
+        rate=rate,
+        burst=1,
+        requests=len(sends),
+        long_run_rate=long_run_rate(sends),
+        busiest_window=busiest_window(sends),
+        round_trips_per_request=round_trips / len(sends) if sends else math.nan,
+        added_p50_ms=_percentile(added, 0.5) * 1e3,
+        added_p99_ms=_percentile(added, 0.99) * 1e3,
+        refused=sum(len(out["refusals"]) for out in outputs),
+    )
+
+
+def _pause_server(ready: threading.Event, stop: threading.Event, box: dict[str, str]) -> None:
+    """A full MockNebulaServer in a thread, answering request ``_PAUSE_AT`` 429 once."""
+    from nebula_async.testing import MockNebulaServer
+
+    async def serve() -> None:
+        script = [None] * (_PAUSE_AT - 1) + ["http_429"]
+        async with MockNebulaServer(
+            latency=_LATENCY_S, fault_script=iter(script), retry_after=_RETRY_AFTER_S
+        ) as server:
+            box["url"] = server.base_url
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+
+    asyncio.run(serve())
+
+
+def _run_pause(contender: str, redis_url: str, duration_s: float, cap_s: float) -> PauseResult:
+    ready, stop, box = threading.Event(), threading.Event(), {}
+    thread = threading.Thread(target=_pause_server, args=(ready, stop, box), daemon=True)
+    thread.start()
+    try:
+        if not ready.wait(20):
+            raise RuntimeError("pause-cell mock server did not start")
+        specs = _specs(
+            contender, _PAUSE_PROCESSES, _PAUSE_RATE, box["url"], redis_url, duration_s
+        )
+        outputs = _run_cell(specs, cap_s)
+    finally:
+        stop.set()
+        thread.join(10)
+    refusals = sorted(t for out in outputs for t in out["refusals"])
+    if not refusals:
+        raise RuntimeError("pause cell: the server's 429 never came")
+    t429 = refusals[0]
+    resume = t429 + _RETRY_AFTER_S
+    in_pause = [t for out in outputs for t in out["sends"] if t429 < t < resume - 0.05]
+    after = [t for out in outputs for t in out["sends"] if t >= resume - 0.05]
+    return PauseResult(
+        contender=contender,
+        processes=_PAUSE_PROCESSES,
+        rate=_PAUSE_RATE,
+        retry_after_s=_RETRY_AFTER_S,
+        stop_after_429_ms=(max(in_pause) - t429) * 1e3 if in_pause else 0.0,
+        sends_in_pause=len(in_pause),
+        first_send_after_pause_s=(min(after) - t429) if after else math.nan,
+    )
+
+
+def run_shared(
+    *,
+    redis_url: str,
+    rates: Sequence[float] = (50.0, 500.0),
+    processes: Sequence[int] = (1, 2, 4, 8),
+    duration_s: float = 6.0,
+    log: Callable[[str], None],
+) -> tuple[list[SharedResult], list[PauseResult]]:
+    """Every contender at every rate and process count, then the pause cell."""
+    results: list[SharedResult] = []
+    cap_s = duration_s + 60.0
+    with ServerProcess(_LATENCY_S) as server:
+        for rate in rates:
+            for count in processes:
+                for contender in CONTENDERS:
+                    specs = _specs(
+                        contender, count, rate, server.base_url, redis_url, duration_s
+                    )
+                    result = _measure(contender, count, rate, _run_cell(specs, cap_s))
+                    results.append(result)
+                    log(
+                        f"[shared] {rate:>4g}/s x{count} {contender:<21} "
+                        f"rate {result.long_run_error:+7.2%}  busiest {result.busiest_window:>4}  "
+                        f"trips/req {result.round_trips_per_request:5.2f}  "
+                        f"added p50 {result.added_p50_ms:6.2f} ms p99 {result.added_p99_ms:6.2f} ms"
+                    )
+    pauses = []
+    for contender in ("shared", "per-process R/N"):
+        pause = _run_pause(contender, redis_url, 4.5, cap_s)
+        pauses.append(pause)
+        log(
+            f"[shared] pause {contender:<16} stop {pause.stop_after_429_ms:7.1f} ms after the 429, "
+            f"{pause.sends_in_pause} sends in the pause"
+        )
+    return results, pauses
+
+
+def _cell(value: float, fmt: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, fmt)
+
+
+def render(results: Sequence[SharedResult], pauses: Sequence[PauseResult]) -> str:
+    """The tables, in Markdown."""
+    lines = [
+        "| rate | procs | limiter | requests | long-run rate error | busiest 1 s (bound) "
+        "| Redis round trips / request | added latency p50 / p99 (ms) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.rate:g}/s | {r.processes} | {r.contender} | {r.requests} "
+            f"| {r.long_run_error:+.2%} | {r.busiest_window} ({r.rate + r.burst:g}) "
+            f"| {r.round_trips_per_request:.2f} "
+            f"| {_cell(r.added_p50_ms, '.2f')} / {_cell(r.added_p99_ms, '.2f')} |"
+        )
+    lines += [
+        "",
+        "| limiter | procs | rate | Retry-After | last send after the 429 | sends in the pause "
+        "| first send after the 429 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in pauses:
+        lines.append(
+            f"| {p.contender} | {p.processes} | {p.rate:g}/s | {p.retry_after_s:g} s "
+            f"| {p.stop_after_429_ms:.1f} ms | {p.sends_in_pause} "
+            f"| {_cell(p.first_send_after_pause_s, '.2f')} s |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.shared`` (standalone) or a worker (``--worker SPEC``)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.shared")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="3 s per cell instead of 6 s")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(asyncio.run(_worker(json.loads(args.worker)))))
+        return 0
+    sys.path.insert(0, str(ROOT))
+    from tests.redis_server import RedisServer, require_redis_server
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    with RedisServer(require_redis_server()) as redis_server:
+        results, pauses = run_shared(
+            redis_url=redis_server.url, duration_s=3.0 if args.quick else 6.0, log=log
+        )
+    print(render(results, pauses))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,317 @@
+"""The client's lifecycle: ``new -> open -> (draining ->) closed``, owned by one object.
+
+The state machine on its own, then the client: misuse before ``async with`` and
+after close raises ``ClientStateError`` (both a ``NebulaError`` and a
+``RuntimeError``), and ``aclose()`` wakes at once the callers sleeping in a
+retry backoff or a limiter pause.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from _gated import GatedServer, request_for, wait_until
+
+import nebula_async as na
+from nebula_async._exceptions import ClientStateError
+from nebula_async._lifecycle import Lifecycle, State
+from nebula_async._limiter import LimiterStatistics, Outcome
+from nebula_async.testing import MockNebulaServer
+
+pytestmark = pytest.mark.anyio
+
+
+# -- the state machine ---------------------------------------------------------------------
+
+
+def test_client_state_error_is_a_nebula_error_and_a_runtime_error() -> None:
+    error = ClientStateError("closed")
+    assert isinstance(error, na.NebulaError)
+    assert isinstance(error, RuntimeError)
+
+
+def test_new_open_draining_closed() -> None:
+    lifecycle = Lifecycle()
+    assert lifecycle.state is State.NEW
+    with pytest.raises(ClientStateError, match="async with"):
+        lifecycle.require_open()
+    lifecycle.open()
+    assert lifecycle.state is State.OPEN
+    lifecycle.require_open()
+    with pytest.raises(ClientStateError, match="open"):
+        lifecycle.open()  # once only
+    lifecycle.drain()
+    assert lifecycle.state is State.DRAINING
+    with pytest.raises(ClientStateError, match="draining"):
+        lifecycle.require_open()
+    lifecycle.drain()  # again: still draining
+    assert lifecycle.state is State.DRAINING
+    assert lifecycle.close() is True
+    assert lifecycle.state is State.CLOSED
+    assert lifecycle.close() is False  # closing twice is harmless
+    with pytest.raises(ClientStateError, match="closed"):
+        lifecycle.require_open()
+    lifecycle.drain()  # a drain after close changes nothing
+    assert lifecycle.state is State.CLOSED
+    with pytest.raises(ClientStateError, match="closed"):
+        lifecycle.open()  # a closed client never reopens
+
+
+def test_open_straight_to_closed_and_new_straight_to_closed() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    assert lifecycle.close() is True
+    never_opened = Lifecycle()
+    assert never_opened.close() is True
+    with pytest.raises(ClientStateError):
+        never_opened.open()
+
+
+class Stream:
+    def __init__(self) -> None:
+        self.drained = 0
+
+    def drain(self) -> None:
+        self.drained += 1
+
+
+def test_drain_reaches_every_watched_stream_and_streams_watched_later() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    first, second = Stream(), Stream()
+    lifecycle.watch(first)
+    lifecycle.watch(second)
+    lifecycle.drain()
+    assert (first.drained, second.drained) == (1, 1)
+    late = Stream()
+    lifecycle.watch(late)  # watched while draining: drained at once
+    assert late.drained == 1
+
+
+def test_streams_are_watched_weakly() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    lifecycle.watch(Stream())  # dropped at once: no reference kept
+    assert len(lifecycle._streams) == 0
+
+
+async def test_close_cancels_running_calls_which_raise_client_state_error() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    outcome: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            with lifecycle.call():
+                await anyio.sleep_forever()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as task_group:
+        for _ in range(3):
+            task_group.start_soon(call)
+        await anyio.wait_all_tasks_blocked()
+        lifecycle.close()
+    assert len(outcome) == 3
+    assert all(isinstance(exc, ClientStateError) for exc in outcome)
+    assert not lifecycle._scopes  # every scope deregistered
+
+
+async def test_a_call_that_ends_normally_or_is_cancelled_otherwise_is_left_alone() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    with lifecycle.call():
+        await anyio.lowlevel.checkpoint()
+    with anyio.move_on_after(0.01) as scope:
+        with lifecycle.call():  # an outer cancellation stays a cancellation
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    assert lifecycle.state is State.OPEN
+    assert not lifecycle._scopes
+
+
+# -- the client ----------------------------------------------------------------------------
+
+
+def client_for(base_url: str = "http://127.0.0.1:1", **options: Any) -> na.NebulaClient:
+    options.setdefault("token", "mock-token")
+    options.setdefault("timeout", 5.0)
+    return na.NebulaClient(base_url=base_url, **options)
+
+
+MISUSES: list[tuple[str, Callable[[na.NebulaClient], Any]]] = [
+    ("img2img", lambda c: c.img2img(request_for("a"))),
+    ("run_job", lambda c: c.run_job(request_for("a"))),
+    ("run_batch", lambda c: c.run_batch([request_for("a")])),
+]
+
+
+@pytest.mark.parametrize(("name", "call"), MISUSES, ids=[name for name, _ in MISUSES])
+async def test_calls_before_async_with_and_after_close_raise_client_state_error(
+    name: str, call: Callable[[na.NebulaClient], Any]
+) -> None:
+    async with MockNebulaServer() as server:
+        client = client_for(server.base_url)
+        with pytest.raises(ClientStateError, match="async with"):
+            await call(client)
+        with pytest.raises(ClientStateError, match="async with"):
+            client.stream([request_for("a")])
+        async with client:
+            await call(client)
+        with pytest.raises(ClientStateError, match="closed"):
+            await call(client)
+        with pytest.raises(ClientStateError, match="closed"):
+            client.stream([request_for("a")])
+        with pytest.raises(RuntimeError):  # what code written before ClientStateError catches
+            await call(client)
+    assert server.request_count == 1
+
+
+async def test_a_client_opens_once_and_its_state_shows_in_its_repr() -> None:
+    async with MockNebulaServer() as server:
+        client = client_for(server.base_url)
+        assert "state=new" in repr(client)
+        async with client:
+            assert "state=open" in repr(client)
+            with pytest.raises(ClientStateError):
+                await client.__aenter__()
+            client.drain()
+            assert "state=draining" in repr(client)
+        assert "state=closed" in repr(client)
+        with pytest.raises(ClientStateError, match="closed"):
+            async with client:
+                pass
+        await client.aclose()  # closing again is harmless
+
+
+async def test_a_stream_made_while_open_refuses_to_start_after_close() -> None:
+    async with MockNebulaServer() as server:
+        client = client_for(server.base_url)
+        async with client:
+            stream = client.stream([request_for("a")])
+        with pytest.raises(ClientStateError), anyio.fail_after(2):
+            async for _ in stream:
+                pass
+    assert server.request_count == 0
+
+
+async def test_aclose_wakes_a_caller_sleeping_in_a_retry_backoff() -> None:
+    long_backoff = na.RetryPolicy(max_attempts=5, backoff_base=30.0, backoff_max=30.0)
+    async with MockNebulaServer(faults={"http_503": 1.0}) as server:
+        client = client_for(server.base_url, retry=long_backoff, random=lambda: 1.0)
+        outcome: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await client.img2img(request_for("a"))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        async with client, anyio.create_task_group() as task_group:
+            task_group.start_soon(call)
+            await wait_until(lambda: server.request_count == 1)
+            await anyio.sleep(0.05)  # now in its 30 s backoff
+            started = time.monotonic()
+            await client.aclose()
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.0
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ClientStateError)
+    assert server.request_count == 1
+
+
+async def test_aclose_wakes_callers_held_in_a_limiter_pause() -> None:
+    # A 429 with Retry-After: 30 pauses every caller of the client's limiter.
+    async with MockNebulaServer(fault_script=["http_429"], retry_after=30) as server:
+        client = client_for(server.base_url, max_concurrency=4)
+        outcome: list[BaseException] = []
+
+        async def call(prompt: str) -> None:
+            try:
+                await client.img2img(request_for(prompt))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        async with client, anyio.create_task_group() as task_group:
+            task_group.start_soon(call, "first")
+            await wait_until(lambda: client.statistics().paused_until is not None)
+            for prompt in ("b", "c", "d"):
+                task_group.start_soon(call, prompt)
+            await anyio.sleep(0.05)
+            started = time.monotonic()
+            await client.aclose()
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.0
+    assert len(outcome) == 4
+    assert all(isinstance(exc, ClientStateError) for exc in outcome)
+    assert server.request_count == 1
+
+
+class StuckLimiter:
+    """A limiter whose acquire never returns: only cancellation gets a caller out."""
+
+    async def acquire(self) -> object:
+        await anyio.sleep_forever()
+
+    async def record(
+        self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        pass
+
+    def statistics(self) -> LimiterStatistics:
+        return LimiterStatistics(current_rate=0.0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_aclose_wakes_callers_of_any_limiter_and_a_batch_on_it() -> None:
+    async with GatedServer(opened=True) as server:
+        client = client_for(server.base_url, rate_limit=StuckLimiter())
+        outcome: list[BaseException] = []
+
+        async def batch() -> None:
+            try:
+                await client.run_batch(request_for(f"job{i}") for i in range(10))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        async with client, anyio.create_task_group() as task_group:
+            task_group.start_soon(batch)
+            await anyio.sleep(0.1)
+            started = time.monotonic()
+            await client.aclose()
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.0
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ClientStateError)
+    assert server.arrivals == []
+
+
+async def test_close_during_a_drain_stops_the_jobs_in_flight_at_once() -> None:
+    async with GatedServer() as server:
+        client = client_for(server.base_url, max_concurrency=2)
+        outcome: list[BaseException] = []
+
+        async def batch() -> None:
+            try:
+                await client.run_batch(request_for(f"job{i}") for i in range(10))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        async with client, anyio.create_task_group() as task_group:
+            task_group.start_soon(batch)
+            await wait_until(lambda: server.in_flight == 2)
+            client.drain()  # the two in flight would finish...
+            await anyio.sleep(0.05)
+            started = time.monotonic()
+            await client.aclose()  # ... but closing is the immediate stop
+        elapsed = time.monotonic() - started
+        await wait_until(lambda: len(server.abandoned) == 2, within=2)
+    assert elapsed < 1.0
+    assert isinstance(outcome[0], ClientStateError)
