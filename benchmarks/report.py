@@ -12,6 +12,7 @@ import attrs
 
 from ._stats import Summary
 from .closed_loop import ClosedLoopResult, paired_ratio
+from .goodput import GoodputResult, goodput_checks, goodput_table
 from .limiter_accuracy import LimiterResult
 from .memory import MemoryResult
 from .open_loop import OpenLoopResult
@@ -42,6 +43,7 @@ class Results:
     overhead: dict[str, tuple[Summary, Summary]] = attrs.Factory(dict)
     instructions: dict[str, float] = attrs.Factory(dict)
     instructions_network: dict[str, float] = attrs.Factory(dict)
+    goodput: list[GoodputResult] = attrs.Factory(list)
 
 
 @attrs.frozen
@@ -191,6 +193,7 @@ def checks(results: Results) -> list[Check]:
             f"{codec:,.0f}/s",
         )
     )
+    found += [Check(*check) for check in goodput_checks(results.goodput)]
     return found
 
 
@@ -423,6 +426,8 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                 rows,
             )
         )
+    if results.goodput:
+        out.append(goodput_table(results.goodput))
     if results.codec is not None:
         out.append(
             (
@@ -516,6 +521,7 @@ def _jsonable(value: Any) -> Any:
             "other_load",
             "faults_per_request",
             "long_run_error",
+            "refused_share",
         ):
             if hasattr(type(value), name):
                 data[name] = _jsonable(getattr(value, name))
@@ -542,6 +548,7 @@ def write_json(results: Results, path: Path) -> None:
         "open_loop": results.open_loop,
         "memory": results.memory,
         "limiters": results.limiters,
+        "goodput": results.goodput,
         "codec_payloads_per_s": results.codec,
         "overhead_instructions_per_job": results.instructions,
         "network_instructions_per_request": results.instructions_network,

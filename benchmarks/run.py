@@ -27,6 +27,7 @@ from ._server import ROOT, ServerProcess, pin, split_cores
 from .closed_loop import run_closed_loop
 from .codec import run_codec
 from .contenders import CONTENDERS, OPEN_LOOP_CONTENDERS
+from .goodput import run_goodput
 from .instructions import available as valgrind_available
 from .instructions import run_instructions, run_network_instructions
 from .limiter_accuracy import run_limiters
@@ -48,10 +49,14 @@ PARTS: Final = (
     "overhead",
     "instructions",
     "shared",
+    "goodput",
 )
-#: What a run without --only measures: all but the slow callgrind part (~5.5 min) and
-#: the shared-limit part (~4 min, needs redis-server).
-DEFAULT_PARTS: Final = tuple(part for part in PARTS if part not in {"instructions", "shared"})
+#: What a run without --only measures: all but the slow callgrind part (~5.5 min), the
+#: shared-limit part (~4 min, needs redis-server) and goodput (~4.5 min, paced by a 20/s
+#: limit, so it measures the same on any machine).
+DEFAULT_PARTS: Final = tuple(
+    part for part in PARTS if part not in {"instructions", "shared", "goodput"}
+)
 CONCURRENCY: Final = 64
 LITTLE_LATENCY_S: Final = 0.05
 OPEN_LOOP_LATENCY_S: Final = 0.02
@@ -83,6 +88,8 @@ class Plan:
     codec_repeats: int = 7
     overhead_jobs: int = 10_000
     overhead_rounds: int = 7
+    goodput_jobs: int = 400
+    goodput_cap_s: float = 60.0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -104,6 +111,8 @@ class Plan:
             codec_repeats=5,
             overhead_jobs=5_000,
             overhead_rounds=3,
+            goodput_jobs=150,
+            goodput_cap_s=30.0,
         )
 
 
@@ -288,6 +297,8 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
     if "shared" in parts:
         # Kept in meta: its tables are its own (benchmarks/shared.py renders them).
         results.meta["shared"] = run_shared_part(duration_s=plan.shared_s, log=log)
+    if "goodput" in parts:
+        results.goodput = run_goodput(jobs=plan.goodput_jobs, cap_s=plan.goodput_cap_s, log=log)
     results.meta["duration_s"] = time.perf_counter() - started
     results.meta["loadavg_end"] = _loadavg()
     return results
@@ -309,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run (about two minutes)")
     parser.add_argument(
         "--only", type=_parts, default=DEFAULT_PARTS, metavar="PART,...",
-        help=f"run only these parts: {', '.join(PARTS)} (default: all but instructions)",
+        help=f"run only these parts: {', '.join(PARTS)} (default: all but instructions, shared, goodput)",
     )  # fmt: skip
     parser.add_argument(
         "--results-dir", type=Path, default=ROOT / "benchmarks" / "results",
