@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run (about two minutes)")
     parser.add_argument(
         "--only", type=_parts, default=DEFAULT_PARTS, metavar="PART,...",
-        help=f"run only these parts: {', '.join(PARTS)} (default: all but instructions, shared, goodput)",
+        help=f"run only these parts: {', '.join(PARTS)} "
+             "(default: all but instructions, shared, goodput)",
     )  # fmt: skip
     parser.add_argument(
         "--results-dir", type=Path, default=ROOT / "benchmarks" / "results",

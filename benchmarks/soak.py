@@ -184,6 +184,9 @@ async def soak(jobs: int, kills: int, seed: int, workdir: Path) -> int:
         wanted = write_jobs(directory / "jobs.jsonl", jobs, rng)
         out = directory / "results.jsonl"
         argv = ["run", str(directory / "jobs.jsonl"), "--out", str(out), "--concurrency", "48"]
+        # The injected 429s are random, not a limit: a fixed rate far above what the
+        # mock serves keeps the adaptive rate from reading them as one.
+        argv += ["--rate", "100000", "--no-adaptive"]
         if download:
             argv += ["--download", str(directory / "images")]
         async with MockNebulaServer(

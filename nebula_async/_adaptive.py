@@ -74,6 +74,10 @@ _NEVER: Final = -math.inf
 _EDGE: Final = 0.25
 #: Per answer: the longest latency seen fades by 2%, so an old outlier is forgotten.
 _LATENCY_DECAY: Final = 0.98
+#: A refusal whose window held fewer other sends than this reads no limit: one
+#: request refused on its own says "not now" (its Retry-After pause covers that),
+#: and reading it as "one per window" would crawl for good.
+_MIN_READING: Final = 3.0
 # Phases: no rate yet; a fixed rate; slow start from a guess; steering on an estimate.
 _UNLIMITED: Final = 0
 _FIXED: Final = 1
@@ -351,6 +355,9 @@ class RateController:
                 self._lower = min(self._lower, self._estimate)
                 self._plateau = self._after_cut(self._pre_cut, self._working())
             return
+        most, _ = self._window_count(sent_at)
+        if self._phase == _UNLIMITED and most - _EDGE < _MIN_READING:
+            return  # nothing to read a limit from yet: stay unlimited
         self._congestion(sent_at, now, retry_after)
 
     # -- internals -------------------------------------------------------------------------

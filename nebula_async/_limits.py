@@ -42,31 +42,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 import anyio
 
+from ._adaptive import RateController
 from ._limiter import LimiterStatistics, Outcome
 from ._models import RateLimit
 
 __all__ = [
-    "AdaptiveRate",
+    "Controller",
     "GcraSchedule",
     "InProcessLimiter",
-    "RateController",
     "in_process_limiter",
 ]
-
-#: With no ``min_per_second``, the adaptive rate never falls below this fraction of
-#: the target: about four halvings, slow enough to relieve a throttled server yet
-#: still sending, so that recovery can notice when the server is back. Longer stops
-#: are the business of ``Retry-After``.
-DEFAULT_FLOOR_FRACTION: Final = 1 / 20
-#: With no ``recovery_per_s``, the rate regains this fraction of the target per
-#: second (from half the target back to it in 5 s).
-DEFAULT_RECOVERY_FRACTION: Final = 1 / 10
 
 _NEVER: Final = -math.inf
 _log = logging.getLogger("nebula_async")
@@ -191,95 +181,7 @@ class GcraSchedule:
         return self._latest if self._latest > now else now
 
 
-class AdaptiveRate:
-    """AIMD control of the request rate, without I/O.
-
-    A 429 cuts the rate by ``limit.decrease_factor`` (never below the floor,
-    ``limit.min_per_second`` or ``per_second / 20``), at most once per congestion
-    event; the rate then climbs back linearly at ``limit.recovery_per_s`` (default
-    ``per_second / 10``) per second up to ``limit.per_second``. A non-adaptive
-    limit keeps ``per_second``.
-
-    >>> import nebula_async as na
-    >>> a = AdaptiveRate(na.RateLimit(100))
-    >>> a.on_rate_limited(sent_at=9.5, now=10.0), a.on_rate_limited(sent_at=9.9, now=10.1)
-    (True, False)
-    >>> a.rate_at(10.0), a.rate_at(12.0), a.rate_at(99.0)
-    (50.0, 70.0, 100.0)
-    """
-
-    __slots__ = (
-        "_adaptive",
-        "_base",
-        "_decreased_at",
-        "_decreases",
-        "_event_end",
-        "_factor",
-        "_floor",
-        "_recovered_at",
-        "_recovery",
-        "_target",
-    )
-
-    def __init__(self, limit: RateLimit) -> None:
-        target = _check_rate(limit.per_second)
-        self._target = target
-        self._adaptive = limit.adaptive
-        self._factor = limit.decrease_factor
-        floor = limit.min_per_second
-        self._floor = min(target, target * DEFAULT_FLOOR_FRACTION if floor is None else floor)
-        recovery = limit.recovery_per_s
-        self._recovery = target * DEFAULT_RECOVERY_FRACTION if recovery is None else recovery
-        self._base = target  # the rate right after the last cut
-        self._decreased_at = _NEVER
-        self._recovered_at = _NEVER  # from then on the rate is the target again
-        self._event_end = _NEVER  # 429s for requests sent up to here are old news
-        self._decreases = 0
-
-    @property
-    def target(self) -> float:
-        """The configured rate, ``limit.per_second``."""
-        return self._target
-
-    @property
-    def floor(self) -> float:
-        """The lowest rate a cut can reach."""
-        return self._floor
-
-    @property
-    def decreases(self) -> int:
-        """How many congestion events cut the rate."""
-        return self._decreases
-
-    def rate_at(self, now: float) -> float:
-        """The rate at ``now``: the target, or recovering linearly from the last cut."""
-        if now >= self._recovered_at:
-            return self._target
-        elapsed = now - self._decreased_at
-        if elapsed <= 0.0:
-            return self._base
-        return self._base + self._recovery * elapsed
-
-    def on_rate_limited(self, sent_at: float, now: float, *, horizon: float | None = None) -> bool:
-        """Report a 429 for a request sent at ``sent_at``; True when it cut the rate.
-
-        A request sent at or before the end of the last congestion event (the last
-        cut, or ``horizon`` as given then) is ignored: it could not have seen the
-        cut. :class:`RateLimiter` passes as ``horizon`` its last slot already handed
-        out, since those were scheduled at the old rate.
-        """
-        if not self._adaptive or sent_at <= self._event_end:
-            return False
-        rate = max(self._floor, self.rate_at(now) * self._factor)
-        self._base = rate
-        self._decreased_at = now
-        self._recovered_at = now + (self._target - rate) / self._recovery
-        self._event_end = now if horizon is None or horizon < now else horizon
-        self._decreases += 1
-        return True
-
-
-class RateController(Protocol):
+class Controller(Protocol):
     """Which rate to schedule at, learnt from what the service answers; sans-I/O.
 
     Every method takes ``now`` on the limiter's clock. ``rate_at`` returning None
@@ -298,6 +200,10 @@ class RateController(Protocol):
     def rate_at(self, now: float) -> float | None:
         """The rate to send at now, or None for unlimited."""
 
+    def hold_until(self, now: float) -> float:
+        """The earliest time a new send should go (``now``: at once); a window known
+        to be full holds new reservations like a short pause."""
+
     @property
     def estimated_limit(self) -> float | None:
         """The controller's estimate of the service's limit, if it has one."""
@@ -305,65 +211,6 @@ class RateController(Protocol):
     @property
     def decreases(self) -> int:
         """How many times the rate was cut."""
-
-
-class _SendRate:
-    """Sends per second over the last second: what slow start seeds a rate from."""
-
-    __slots__ = ("_sent",)
-
-    def __init__(self) -> None:
-        self._sent: deque[float] = deque()
-
-    def add(self, now: float) -> None:
-        self._sent.append(now)
-        while self._sent[0] < now - 1.0:
-            self._sent.popleft()
-
-    def per_second(self, now: float) -> float:
-        """The rate over the last second, or over the time since the first send if shorter."""
-        while self._sent and self._sent[0] < now - 1.0:
-            self._sent.popleft()
-        if len(self._sent) < 2:
-            return 1.0
-        return len(self._sent) / max(now - self._sent[0], 1e-3)
-
-
-class _AimdController:
-    """:class:`AdaptiveRate` as a :class:`RateController`, with slow start.
-
-    With no configured rate it is unlimited until the first refusal, which turns
-    on an adaptive rate seeded from the send rate just measured.
-    """
-
-    def __init__(self, limit: RateLimit | None) -> None:
-        self._limit = limit
-        self._adaptive = None if limit is None else AdaptiveRate(limit)
-        self._sent = _SendRate()
-
-    def on_sent(self, now: float) -> None:
-        if self._adaptive is None:
-            self._sent.add(now)
-
-    def on_accepted(self, sent_at: float, now: float) -> None:
-        pass
-
-    def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
-        if self._adaptive is None:
-            seed = max(1.0, self._sent.per_second(now))  # not below one per second
-            self._adaptive = AdaptiveRate(RateLimit(seed))
-        self._adaptive.on_rate_limited(sent_at, now)
-
-    def rate_at(self, now: float) -> float | None:
-        return None if self._adaptive is None else self._adaptive.rate_at(now)
-
-    @property
-    def estimated_limit(self) -> float | None:
-        return None
-
-    @property
-    def decreases(self) -> int:
-        return 0 if self._adaptive is None else self._adaptive.decreases
 
 
 class InProcessLimiter:
@@ -376,7 +223,7 @@ class InProcessLimiter:
 
     def __init__(
         self,
-        controller: RateController,
+        controller: Controller,
         *,
         burst: int = 1,
         clock: Clock = time.monotonic,
@@ -388,11 +235,22 @@ class InProcessLimiter:
         # The schedule's own rate is replaced before every reservation.
         self._schedule = GcraSchedule(1.0, burst)
         self._pause_until = _NEVER
+        self._reserving = anyio.Semaphore(2, fast_acquire=True)
         self._acquired = 0
         self._refused = 0
 
     async def acquire(self) -> float:
-        """Wait out a pause, then wait for the next send slot; return its time."""
+        """Wait out a pause, then wait for the next send slot; return its time.
+
+        At most two callers hold a reserved slot at once: a new rate (a cut after a
+        refusal) applies from the next send but one, not after every slot already
+        handed out to the callers queued behind, while the next slot is still
+        reserved before the last one is due, so the schedule stays anchored.
+        """
+        async with self._reserving:
+            return await self._acquire()
+
+    async def _acquire(self) -> float:
         while True:
             now = self._clock()
             slot = self._reserve(now)
@@ -408,7 +266,7 @@ class InProcessLimiter:
 
     def _reserve(self, now: float) -> float:
         rate = self._controller.rate_at(now)
-        start = self._pause_until if self._pause_until > now else now
+        start = max(now, self._pause_until, self._controller.hold_until(now))
         if rate is None:
             return start
         if rate != self._schedule.rate:
@@ -460,10 +318,21 @@ class InProcessLimiter:
 def in_process_limiter(
     limit: RateLimit | None, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep
 ) -> InProcessLimiter:
-    """The embedded limiter for ``rate_limit=`` (None: unlimited until a 429, then adaptive)."""
-    return InProcessLimiter(
-        _AimdController(limit),
-        burst=1 if limit is None else limit.burst,
-        clock=clock,
-        sleep=sleep,
+    """The embedded limiter for ``rate_limit=``.
+
+    None: unlimited until the first 429, then adaptive. A :class:`RateLimit` is a
+    ceiling the adaptive rate never passes (``adaptive=False``: the rate itself);
+    its ``min_per_second`` is the floor of a cut.
+    """
+    if limit is None:
+        controller = RateController(initial_rate=None)
+        return InProcessLimiter(controller, clock=clock, sleep=sleep)
+    options = {} if limit.min_per_second is None else {"min_rate": limit.min_per_second}
+    controller = RateController(
+        initial_rate=limit.per_second,
+        ceiling=limit.per_second,
+        adaptive=limit.adaptive,
+        burst=limit.burst,
+        **options,
     )
+    return InProcessLimiter(controller, burst=limit.burst, clock=clock, sleep=sleep)

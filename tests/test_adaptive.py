@@ -386,7 +386,8 @@ def test_the_rate_stays_within_its_bounds(
             c.on_accepted(sent_at, now)
         else:
             c.on_refused(sent_at, now, retry_after=1.0 if kind == "refused_pause" else None)
-            refused = True
+            # Unlimited, a refusal reads a limit only from a window of a few sends.
+            refused = refused or initial is not None or c.estimated_limit is not None
         rate = c.rate_at(now)
         if refused:
             assert rate is not None
@@ -397,3 +398,16 @@ def test_the_rate_stays_within_its_bounds(
         assert c.decreases >= decreases
         decreases = c.decreases
     assert c.refused == sum(kind.startswith("refused") for kind, _, _ in events)
+
+
+def test_a_lone_refusal_of_an_unlimited_client_reads_no_limit() -> None:
+    # One request refused on its own (a Retry-After for a single call) says "not
+    # now", not "one per window": the pause covers it, and the rate stays unlimited.
+    c = RateController(initial_rate=None)
+    c.on_sent(0.0)
+    c.on_refused(0.0, now=0.01, retry_after=0.5)
+    assert c.rate_at(1.0) is None
+    assert c.estimated_limit is None
+    feed_window(c, sent=30, accepted=20, start=2.0)  # a real burst, refused in part
+    c.on_refused(2.0 + 20 * 0.25 / 30, now=2.3, retry_after=None)
+    assert c.estimated_limit == pytest.approx(20.0 + _EDGE)

@@ -136,7 +136,11 @@ async def test_2000_jobs_through_mixed_faults_every_job_answered_once_with_its_o
     async with MockNebulaServer(
         faults=MIXED_FAULTS, retry_after=0.01, latency=(0.0, 0.004), seed=7
     ) as server:
-        async with client_for(server, max_concurrency=32) as client:
+        # A fixed rate far above what the mock serves: these 429s are injected at
+        # random, not a limit, and an adaptive rate would read them as one (it would
+        # crawl; docs/concepts/limits.md says so). This test is about accounting.
+        fixed = na.RateLimit(100_000, adaptive=False)
+        async with client_for(server, max_concurrency=32, rate_limit=fixed) as client:
             report = await client.run_batch(jobs)
             stats = client.statistics()
 

@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from nebula_async import RateLimit
 from nebula_async._limiter import Limiter, LimiterStatistics, Outcome
 from nebula_async._limits import (
-    AdaptiveRate,
     GcraSchedule,
     InProcessLimiter,
     in_process_limiter,
@@ -356,65 +355,6 @@ def test_defer_until_resumes_without_a_burst_and_never_moves_back() -> None:
     assert schedule.reserve(0.5) == 2.375
 
 
-# -- AdaptiveRate ---------------------------------------------------------------------------
-
-
-def test_one_decrease_per_congestion_event() -> None:
-    adaptive = AdaptiveRate(RateLimit(100.0))
-    assert adaptive.rate_at(0.0) == 100.0
-    # 16 requests of one burst, sent at t=1.0, all answered 429 a little later.
-    applied = [adaptive.on_rate_limited(sent_at=1.0, now=1.2 + i * 0.001) for i in range(16)]
-    assert applied == [True] + [False] * 15
-    assert adaptive.decreases == 1
-    assert adaptive.rate_at(1.2) == 50.0
-    # A request sent after the cut and refused again is a new event.
-    assert adaptive.on_rate_limited(sent_at=1.3, now=1.5) is True
-    assert adaptive.decreases == 2
-    assert adaptive.rate_at(1.5) == pytest.approx((50.0 + 10.0 * 0.3) * 0.5)
-
-
-def test_horizon_widens_the_congestion_event() -> None:
-    adaptive = AdaptiveRate(RateLimit(100.0))
-    assert adaptive.on_rate_limited(sent_at=1.0, now=1.2, horizon=1.5) is True
-    # Sent after the cut but scheduled before it: still the same event.
-    assert adaptive.on_rate_limited(sent_at=1.45, now=1.6) is False
-    assert adaptive.on_rate_limited(sent_at=1.51, now=1.7) is True
-
-
-def test_decrease_is_floored() -> None:
-    adaptive = AdaptiveRate(RateLimit(100.0, recovery_per_s=1e-6))
-    for i in range(20):
-        adaptive.on_rate_limited(sent_at=float(i) + 0.5, now=float(i + 1))
-    assert adaptive.floor == 5.0  # the default: per_second / 20
-    assert adaptive.rate_at(20.0) == pytest.approx(5.0)
-
-    custom = AdaptiveRate(RateLimit(100.0, min_per_second=30.0, decrease_factor=0.1))
-    assert custom.on_rate_limited(sent_at=0.5, now=1.0) is True
-    assert custom.rate_at(1.0) == 30.0
-
-
-def test_linear_recovery_back_to_the_target() -> None:
-    adaptive = AdaptiveRate(RateLimit(100.0, recovery_per_s=20.0))
-    adaptive.on_rate_limited(sent_at=9.0, now=10.0)
-    assert adaptive.rate_at(10.0) == 50.0
-    assert adaptive.rate_at(11.0) == pytest.approx(70.0)
-    assert adaptive.rate_at(12.0) == pytest.approx(90.0)
-    assert adaptive.rate_at(12.5) == 100.0
-    assert adaptive.rate_at(1e9) == 100.0
-    # The default recovery is per_second / 10 per second.
-    default = AdaptiveRate(RateLimit(40.0))
-    default.on_rate_limited(sent_at=0.0, now=1.0)
-    assert default.rate_at(2.0) == pytest.approx(24.0)
-    assert default.rate_at(6.0) == 40.0
-
-
-def test_non_adaptive_limit_never_changes() -> None:
-    adaptive = AdaptiveRate(RateLimit(100.0, adaptive=False))
-    assert adaptive.on_rate_limited(sent_at=1.0, now=2.0) is False
-    assert adaptive.rate_at(2.0) == 100.0
-    assert adaptive.decreases == 0
-
-
 # -- InProcessLimiter on a virtual clock ----------------------------------------------------
 
 
@@ -428,6 +368,7 @@ class FakeController:
         self.refused: list[tuple[float, float, float | None]] = []
         self.estimate: float | None = None
         self.cuts = 0
+        self.hold = -math.inf  # no full window to wait for
 
     def on_sent(self, now: float) -> None:
         self.sent.append(now)
@@ -440,6 +381,9 @@ class FakeController:
 
     def rate_at(self, now: float) -> float | None:
         return self.rate
+
+    def hold_until(self, now: float) -> float:
+        return max(now, self.hold)
 
     @property
     def estimated_limit(self) -> float | None:
@@ -686,7 +630,8 @@ def test_statistics_read_the_controller() -> None:
 @pytest.mark.anyio
 async def test_in_process_limiter_for_a_rate_limit_schedules_at_its_rate_and_burst() -> None:
     vt = VirtualTime()
-    limiter = in_process_limiter(RateLimit(8.0, burst=2), clock=vt.clock, sleep=vt.sleep)
+    fixed = RateLimit(8.0, burst=2, adaptive=False)
+    limiter = in_process_limiter(fixed, clock=vt.clock, sleep=vt.sleep)
 
     async def body() -> None:
         assert [await limiter.acquire() for _ in range(4)] == [0.0, 0.0, 0.125, 0.25]
@@ -694,6 +639,23 @@ async def test_in_process_limiter_for_a_rate_limit_schedules_at_its_rate_and_bur
     await with_virtual_time(vt, body)
     assert limiter.statistics().current_rate == 8.0
     await limiter.aclose()  # holds nothing; closing is harmless
+
+
+@pytest.mark.anyio
+async def test_an_adaptive_rate_limit_is_a_ceiling_reached_without_refusals() -> None:
+    vt = VirtualTime()
+    limiter = in_process_limiter(RateLimit(8.0), clock=vt.clock, sleep=vt.sleep)
+    slots: list[float] = []
+
+    async def body() -> None:
+        for _ in range(40):
+            slots.append(await limiter.acquire())
+            await limiter.record(slots[-1], Outcome.ACCEPTED)
+
+    await with_virtual_time(vt, body)
+    rates = [1 / (b - a) for a, b in itertools.pairwise(slots) if b > a]
+    assert max(rates) <= 8.0 + 1e-9  # never above the configured rate
+    assert rates[-1] == pytest.approx(8.0)  # and there once no refusal came
 
 
 # -- the real clock ---------------------------------------------------------------------------
