@@ -40,7 +40,7 @@ from collections.abc import (
 )
 from functools import partial
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -55,6 +55,7 @@ __all__ = ["BatchControl", "JobStream", "default_window", "iterate", "worker_cou
 RunItem = Callable[[int, object, "BatchControl"], Awaitable[JobResult]]
 Admit = Callable[[int, object], object]
 _Pair = tuple[int, JobResult]
+_T = TypeVar("_T")
 _log = logging.getLogger("nebula_async")
 # Closing a cancelled pipeline is prompt (aiohttp aborts at once); this only
 # guards against a run_item that ignores cancellation.
@@ -230,7 +231,7 @@ class _Pipeline:
                 if self._window is not None:
                     await self._window.acquire()
                 try:
-                    await send_jobs.send((index, item))
+                    await _send(send_jobs, (index, item))
                 except anyio.BrokenResourceError:
                     return  # every worker is gone: the consumer left
                 index += 1
@@ -244,10 +245,14 @@ class _Pipeline:
         send_results: MemoryObjectSendStream[_Pair],
     ) -> None:
         async with receive_jobs, send_results:
-            async for index, item in receive_jobs:
+            while True:
+                try:
+                    index, item = await _receive(receive_jobs)
+                except anyio.EndOfStream:
+                    return
                 result = await self._run_item(index, item, self._control)
                 try:
-                    await send_results.send((index, result))
+                    await _send(send_results, (index, result))
                 except anyio.BrokenResourceError:
                     return  # the consumer left (a bare loop abandoned): nobody wants it
 
@@ -366,7 +371,7 @@ class JobStream:
     async def _receive_one(self) -> tuple[int, JobResult]:
         if not self._finished:
             try:
-                return await self._receive.receive()
+                return await _receive(self._receive)
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 self._finished = True
                 self._receive.close()
@@ -393,6 +398,24 @@ class JobStream:
             self._receive.close()
             if task is None and self._task_group is None:
                 self._send.close()
+
+
+# anyio's send() and receive() pass through the event loop even when they need not
+# wait (a checkpoint each): two to four extra loop iterations per job, measured at
+# 1.49x raw aiohttp's instructions per request for run_batch. Every job still
+# reaches a real await (its HTTP request), so cancellation is as prompt as ever.
+async def _send(stream: MemoryObjectSendStream[_T], item: _T) -> None:
+    try:
+        stream.send_nowait(item)
+    except anyio.WouldBlock:
+        await stream.send(item)
+
+
+async def _receive(stream: MemoryObjectReceiveStream[_T]) -> _T:
+    try:
+        return stream.receive_nowait()
+    except anyio.WouldBlock:
+        return await stream.receive()
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
