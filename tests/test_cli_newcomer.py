@@ -19,6 +19,8 @@ import orjson
 import pytest
 from aiohttp import web
 from test_cli import CLI, cli, read_records, run_args, summary_rows, write_jobs
+from test_cli_downloads import image_gate
+from test_cli_downloads import run_args as gate_args
 
 from nebula_async import RateLimit
 from nebula_async._protocol import IMG2IMG_PATH
@@ -418,6 +420,33 @@ def test_insecure_http_is_refused_unless_allowed(
     assert "http" in capsys.readouterr().err
     # Allowed: the client is built (nothing is sent here: no network in tests).
     _client_settings(parse([*remote, "--allow-insecure-http"])).make_client()
+
+
+# -- 5. --download: waiting is pending, not failed -------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_job_waiting_for_its_images_is_pending_never_failed_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        {"id": "two", "model": "m", "prompt": "two", "n": 2},
+        {"id": "fine", "model": "m", "prompt": "fine"},
+    )
+    out, images = tmp_path / "out.jsonl", tmp_path / "images"
+    async with image_gate(token=SECRET) as (gate, _):
+        gate.policy = lambda prompt, k: "404" if (prompt, k) == ("two", 2) else "ok"
+        assert await cli(*gate_args(jobs, out, gate, "--download", str(images))) == 1
+    for job_id in ("two", "fine"):
+        lines = [r for r in read_records(out) if r["id"] == job_id]
+        first, final = lines[0], lines[-1]
+        assert len(lines) == 2
+        assert (first["ok"], first["error"], first["pending"]) == (False, None, True)
+        assert final["pending"] is False
+    final_two = [r for r in read_records(out) if r["id"] == "two"][-1]
+    assert final_two["error"]["type"] == "DownloadError"
+    assert summary_rows(capsys.readouterr().err)["pending downloads"] == "1"
 
 
 # -- 6. mock-server on a port in use --------------------------------------------------------
