@@ -525,6 +525,7 @@ def _configure_logging(level: int | None) -> None:
     for handler in list(logger.handlers):
         if handler.get_name() == _HANDLER_NAME:  # main() called again (tests)
             logger.removeHandler(handler)
+            logger.setLevel(logging.NOTSET)  # undo a -v of the previous call
     if logger.handlers and level is None:
         return  # an embedding program configured it
     handler = logging.StreamHandler(sys.stderr)
