@@ -8,6 +8,7 @@ tested on a real subprocess.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,14 @@ async def cli(*argv: str) -> int:
     return await anyio.to_thread.run_sync(main, list(argv))
 
 
+def summary_rows(err: str) -> dict[str, str]:
+    """The end-of-run summary table's rows (``  name   value``) found in ``err``."""
+    names = "jobs|ok|failed|not attempted|pending downloads|images|attempts|retries|429s"
+    names += "|latency p50|latency p95|elapsed|results"
+    found = re.findall(rf"^  ({names})  +(.*)$", err, flags=re.MULTILINE)
+    return dict(found)
+
+
 def run_args(jobs: Path, out: Path, server: MockNebulaServer, *extra: str) -> list[str]:
     return ["run", str(jobs), "--out", str(out), "--base-url", server.base_url, *extra]
 
@@ -108,7 +117,9 @@ async def test_run_all_ok(
     assert len(results["1"]["urls"]) == 2
     assert (len(results["4"]["urls"]), results["4"]["submissions"]) == (5, 3)
     assert results["4"]["line"] == 4
-    assert "4 jobs: 4 ok" in capsys.readouterr().err
+    rows = summary_rows(capsys.readouterr().err)
+    assert (rows["jobs"], rows["ok"], rows["failed"], rows["images"]) == ("4", "4", "0", "9")
+    assert (rows["attempts"], rows["results"]) == ("6", str(out))
 
 
 @pytest.mark.anyio
@@ -213,7 +224,7 @@ async def test_bad_lines_exit_2_naming_them_and_nothing_is_sent(
     assert "line 5: invalid JSON" in err
     assert "line 6: image: local file not found" in err
     assert "line 7: id: duplicate id 'dup' (first used on line 2)" in err
-    assert "4 bad line(s); nothing was sent" in err
+    assert "4 bad lines; nothing was sent" in err
 
 
 @pytest.mark.anyio
@@ -551,7 +562,8 @@ async def test_a_partly_failed_job_is_sent_again_only_for_its_missing_images(
         assert list(fan_now)[: len(RECORD_KEYS)] == RECORD_KEYS
         assert "resumed_urls" not in second["whole"]
         assert len(second["whole"]["urls"]) == 4
-        assert "2 jobs: 2 ok (0 done before, 2 now)" in capsys.readouterr().err
+        rows = summary_rows(capsys.readouterr().err)
+        assert (rows["jobs"], rows["ok"], rows["failed"]) == ("2", "2", "0")
 
         # A third run sends nothing and writes nothing.
         server.requests.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,7 +189,8 @@ async def test_failed_downloads_exit_1_and_a_rerun_saves_them_without_regenerati
         gate.policy = lambda prompt, k: failing.get((prompt, k), "ok")
         assert await cli(*run_args(jobs, out, gate, "--download", str(images))) == 1
         assert server.request_count == 3
-        assert "2 with images not saved" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert re.search(r"^  pending downloads +2$", err, flags=re.MULTILINE), err
 
         first = latest(out)
         two = first["two"]
@@ -216,9 +218,9 @@ async def test_failed_downloads_exit_1_and_a_rerun_saves_them_without_regenerati
         assert await cli(*run_args(jobs, out, gate, "--download", str(images))) == 0
         assert server.request_count == 3
         assert gate.hits == {("two", 2): 1, ("dropped", 1): 1}
-        assert "3 ok (1 done before, 2 now, 2 of them by saving their images)" in (
-            capsys.readouterr().err
-        )
+        err = capsys.readouterr().err
+        assert "2 jobs made ok by saving their images (not generated again)" in err
+        assert re.search(r"^  ok +3 \(1 done before\)$", err, flags=re.MULTILINE), err
         second = latest(out)
         assert second["two"]["ok"] is True
         assert second["two"]["error"] is None
@@ -433,7 +435,7 @@ async def test_unusable_out_or_download_paths_exit_2_and_send_nothing(
     a_file.write_text("x")
     async with image_gate() as (gate, server):
         assert await cli(*run_args(jobs, tmp_path, gate)) == 2  # --out is a directory
-        assert "cannot read the results file" in capsys.readouterr().err
+        assert "--out is a directory" in capsys.readouterr().err
         out = tmp_path / "out.jsonl"
         assert await cli(*run_args(jobs, out, gate, "--download", str(a_file))) == 2
         assert "cannot create the --download directory" in capsys.readouterr().err

@@ -315,6 +315,19 @@ def _unexpected(exc: Exception) -> str:
     return f"cannot be read as a job: {type(exc).__name__}: {exc}"[:500]
 
 
+def _utf8_problem(raw: bytes) -> str | None:
+    """Where a line is not UTF-8, in words (orjson would say "surrogates not allowed"
+    and a line 1 of its own)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = " ".join(f"0x{byte:02x}" for byte in raw[exc.start : exc.end])
+        return (
+            f"not valid UTF-8 (byte {bad} at column {exc.start + 1}); save the jobs file as UTF-8"
+        )
+    return None
+
+
 def parse_job_line(
     raw: bytes,
     line_no: int,
@@ -327,7 +340,10 @@ def parse_job_line(
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return BadLine(line_no, str(line_no), f"invalid JSON: {exc}")
+        # orjson refuses bad UTF-8 too; either way name the column, not a "line 1"
+        # of orjson's own (the file's line number leads the message).
+        problem = _utf8_problem(raw) or f"invalid JSON: {exc.msg} (column {exc.colno})"
+        return BadLine(line_no, str(line_no), problem)
     if not isinstance(obj, dict):
         return BadLine(line_no, str(line_no), f"expected a JSON object, got {type(obj).__name__}")
     # A bad line is still recorded under the id it claims, when it claims one.
@@ -355,6 +371,7 @@ def iter_job_lines(
     skip_lines: frozenset[int] | set[int] = frozenset(),
     check_duplicates: bool = True,
     shard: Shard | None = None,
+    base_dir: Path | None = None,
 ) -> Generator[JobLine | BadLine, None, None]:
     """Stream a jobs file, yielding a :class:`JobLine` or :class:`BadLine` per non-blank line.
 
@@ -365,12 +382,12 @@ def iter_job_lines(
     ``skip_lines`` (bad lines the checking pass already reported) are not parsed
     again, and ``check_duplicates=False`` saves the id set when that pass already
     refused the duplicates. Relative image paths resolve against the jobs file's
-    directory. With a ``shard``, only the lines (good or bad) whose id falls in it
-    are yielded; ids are still checked for repeats over the whole file, so every
-    shard refuses the same lines.
+    directory (or ``base_dir``: the current one for stdin). With a ``shard``, only
+    the lines (good or bad) whose id falls in it are yielded; ids are still checked
+    for repeats over the whole file, so every shard refuses the same lines.
     """
     jobs_path = Path(path)
-    base_dir = jobs_path.parent
+    base_dir = jobs_path.parent if base_dir is None else base_dir
     ids = RepeatedIdCheck()
     with jobs_path.open("rb") as file:
         for line_no, raw in enumerate(file, start=1):

@@ -17,8 +17,13 @@ import argparse
 import asyncio
 import logging
 import math
+import os
+import shutil
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,7 @@ from ._runner import (
     EXIT_SOME_FAILED,
     ClientSettings,
     RunOptions,
+    cli_message,
     prepare_download_dir,
     run_command,
 )
@@ -169,14 +175,37 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
     )
 
 
+def _logging_parent() -> argparse.ArgumentParser:
+    """``-v`` and ``--log-level``, shared by every subcommand."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("logging")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log the library's events to stderr: -v INFO (pauses, rate "
+                            "changes, re-logins), -vv DEBUG (every retry)")  # fmt: skip
+    group.add_argument("--log-level", type=_log_level, default=None, metavar="LEVEL",
+                       help="the same by name: DEBUG, INFO, WARNING (default), ERROR")  # fmt: skip
+    return parent
+
+
+def _log_level(text: str) -> int:
+    level = logging.getLevelNamesMapping().get(text.upper())
+    if level is None or text.upper() in ("NOTSET", "WARN", "FATAL"):
+        raise argparse.ArgumentTypeError(
+            f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {text!r}"
+        )
+    return level
+
+
 def _add_run_parser(commands: Any) -> None:
     run = commands.add_parser(
         "run",
+        parents=[_logging_parent()],
         help="run every job of a JSONL file, appending results (resumable)",
         description=(
             "Run the jobs of JOBS (one JSON object per line: request fields in snake_case or "
             "camelCase, plus optional 'id' (default: the line number) and 'images'). 'image' "
-            "may be a local file (relative to JOBS' directory), sent as a data: URI. The whole "
+            "may be a local file (relative to JOBS' directory; to the current directory when "
+            "JOBS is -, read from stdin), sent as a data: URI. The whole "
             "file is checked before anything is sent. One result line per job is appended to "
             "--out, with the job's fingerprint; rerunning with the same --out reuses a result "
             "only for the same id and fingerprint, generates edited and failed jobs again, "
@@ -185,9 +214,13 @@ def _add_run_parser(commands: Any) -> None:
         ),
         epilog=_ENV_HELP,
     )
-    run.add_argument("jobs", type=Path, metavar="JOBS.jsonl", help="the jobs file")
+    run.add_argument("jobs", type=Path, metavar="JOBS.jsonl",
+                     help="the jobs file, or - to read the jobs from stdin")  # fmt: skip
     run.add_argument("--out", type=Path, required=True, metavar="RESULTS.jsonl",
-                     help="results file, appended to and resumed from")  # fmt: skip
+                     help="results file, appended to and resumed from (a file: not -)")  # fmt: skip
+    run.add_argument("--summary-json", type=Path, default=None, metavar="FILE",
+                     help="also write the end-of-run summary to FILE as JSON (- for stdout), "
+                          "even when some jobs failed")  # fmt: skip
     _add_client_arguments(run, concurrency=True)
     run.add_argument("--download", type=Path, default=None, metavar="DIR",
                      help="save every image into DIR as {id}-{k}.{ext}")  # fmt: skip
@@ -208,9 +241,10 @@ def _add_run_parser(commands: Any) -> None:
 def _add_demo_parser(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
+        parents=[_logging_parent()],
         help="run ~200 jobs against a built-in mock server and print a summary",
         description=(
-            "Start a mock Nebula server in this process (latency 0.1-0.6 s, ~5%% faults), run "
+            "Start a mock Nebula server in this process (latency 0.1-0.6 s, ~5% faults), run "
             "the jobs through the client with a progress bar, write the results and print "
             "a summary table. Needs no credentials and no network."
         ),
@@ -229,6 +263,7 @@ def _add_demo_parser(commands: Any) -> None:
 def _add_submit_parser(commands: Any) -> None:
     submit = commands.add_parser(
         "submit",
+        parents=[_logging_parent()],
         help="run one job from flags and print its image URLs",
         description="Run one image-to-image job and print its URLs, one per line.",
         epilog=_ENV_HELP,
@@ -281,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_submit_parser(commands)
     mock = commands.add_parser(
         "mock-server",
+        parents=[_logging_parent()],
         help="serve a mock Nebula API on loopback (for tests and trials)",
         description="Serve a mock Nebula v4 API on loopback until Ctrl-C.",
     )
@@ -298,18 +334,34 @@ def _progress_enabled(args: argparse.Namespace) -> bool:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    return await run_command(
-        RunOptions(
-            jobs_path=args.jobs,
-            out_path=args.out,
-            client=_client_settings(args),
-            download_dir=args.download,
-            skip_invalid=args.skip_invalid,
-            progress=_progress_enabled(args),
-            replace_mismatched=args.replace_mismatched,
-            shard=args.shard,
-        )
+    if str(args.out) == "-":
+        # stdout is not a results file: it cannot be locked, resumed or cut back.
+        print(f"{_PROG} run: --out - is not supported: give a file (results are appended "
+              "and resumed from it); use --summary-json - for figures on stdout",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_INPUT
+    options = RunOptions(
+        jobs_path=args.jobs,
+        out_path=args.out,
+        client=_client_settings(args),
+        download_dir=args.download,
+        skip_invalid=args.skip_invalid,
+        progress=_progress_enabled(args),
+        replace_mismatched=args.replace_mismatched,
+        shard=args.shard,
+        summary_json=args.summary_json,
     )
+    if str(args.jobs) != "-":
+        return await run_command(options)
+    # The run reads its jobs twice (checked first, then sent), so stdin is spooled
+    # to a private temporary file; local images resolve against the current directory.
+    with tempfile.TemporaryDirectory(prefix="nebula-async-") as spool_dir:
+        spool = Path(spool_dir) / "stdin.jsonl"
+        with spool.open("wb") as file:
+            shutil.copyfileobj(sys.stdin.buffer, file)
+        return await run_command(
+            replace(options, jobs_path=spool, jobs_base_dir=Path.cwd(), jobs_label="<stdin>")
+        )
 
 
 async def _demo(args: argparse.Namespace) -> int:
@@ -360,7 +412,7 @@ async def _submit(args: argparse.Namespace) -> int:
         )
         client = _client_settings(args).make_client()
     except ValidationError as exc:
-        print(f"{_PROG} submit: {exc}", file=sys.stderr)
+        print(f"{_PROG} submit: {cli_message(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.download is not None:  # checked before anything is sent (and billed)
         problem = prepare_download_dir(args.download)
@@ -428,23 +480,84 @@ class _OneLine(logging.Formatter):
         return f"{_PROG}: {record.getMessage()}"
 
 
-def _quiet_library_logs() -> None:
+class _Verbose(logging.Formatter):
+    """``-v``: one line per record, UTC time + level + message (no traceback)."""
+
+    converter = staticmethod(time.gmtime)
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)-7s %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(self.formatMessage(self._prepared(record)).splitlines())
+
+    def _prepared(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        return record
+
+
+class _Redact(logging.Filter):
+    """A last guard: the credentials of the environment never reach stderr, whatever
+    a log record holds (the library logs none; this keeps it so)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        names = ("NEBULA_TOKEN", "NEBULA_PASSWORD")
+        self._secrets = [value for name in names if len(value := os.environ.get(name, "")) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            message = record.getMessage()
+            for secret in self._secrets:
+                message = message.replace(secret, "***")
+            record.msg, record.args = message, None
+        return True
+
+
+_HANDLER_NAME = "nebula-async-cli"
+
+
+def _configure_logging(level: int | None) -> None:
+    """The ``nebula_async`` logger to stderr: warnings only, one line each, by default;
+    ``level`` (``-v``/``--log-level``) from there down, with time and level."""
     logger = logging.getLogger("nebula_async")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    for handler in list(logger.handlers):
+        if handler.get_name() == _HANDLER_NAME:  # main() called again (tests)
+            logger.removeHandler(handler)
+            logger.setLevel(logging.NOTSET)  # undo a -v of the previous call
+    if logger.handlers and level is None:
+        return  # an embedding program configured it
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.addFilter(_Redact())
+    if level is None or level >= logging.WARNING:
         handler.setFormatter(_OneLine())
-        handler.setLevel(logging.WARNING)
-        logger.addHandler(handler)
+        handler.setLevel(logging.WARNING if level is None else level)
+    else:
+        handler.setFormatter(_Verbose())
+        handler.setLevel(level)
+        logger.setLevel(level)
+    logger.addHandler(handler)
+
+
+def _wanted_level(args: argparse.Namespace) -> int | None:
+    if args.log_level is not None:
+        return int(args.log_level)
+    verbose = int(args.verbose)
+    if verbose == 0:
+        return None
+    return logging.INFO if verbose == 1 else logging.DEBUG
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nebula-async`` command line; returns the exit code."""
-    _quiet_library_logs()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    _configure_logging(_wanted_level(args))
     try:
         return asyncio.run(_COMMANDS[args.command](args))
     except KeyboardInterrupt:

@@ -23,14 +23,16 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
 import anyio
 import anyio.abc
+import orjson
 
 from nebula_async._client import NebulaClient
 from nebula_async._exceptions import ValidationError
@@ -61,6 +63,7 @@ from ._results import (
     load_resume_state,
     read_record_at,
 )
+from ._summary import RunSummary, count, table, write_summary_json
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -73,6 +76,7 @@ __all__ = [
     "Resumed",
     "RunOptions",
     "RunTally",
+    "cli_message",
     "err",
     "execute_jobs",
     "prepare_download_dir",
@@ -161,6 +165,16 @@ class RunOptions:
     progress: bool = True
     replace_mismatched: bool = False
     shard: Shard | None = None
+    #: where relative local ``image`` paths resolve (default: the jobs file's directory)
+    jobs_base_dir: Path | None = None
+    #: the jobs file's name in messages (``<stdin>`` for ``run -``; default: its path)
+    jobs_label: str | None = None
+    summary_json: Path | None = None  #: ``--summary-json``: the summary figures as JSON
+
+    @property
+    def jobs_name(self) -> str:
+        """The jobs file as messages name it."""
+        return self.jobs_label if self.jobs_label is not None else str(self.jobs_path)
 
 
 def err(message: str) -> None:
@@ -180,8 +194,14 @@ class _Stop(Exception):
 
 
 def _check_paths(options: RunOptions) -> None:
+    if options.jobs_path.is_dir():
+        err(f"the jobs file is a directory: {options.jobs_name} (give a file, or - for stdin)")
+        raise _Stop(EXIT_BAD_INPUT)
     if not options.jobs_path.is_file():
-        err(f"jobs file not found: {options.jobs_path}")
+        err(f"jobs file not found: {options.jobs_name}")
+        raise _Stop(EXIT_BAD_INPUT)
+    if options.out_path.is_dir():
+        err(f"--out is a directory: {options.out_path} (give a file path)")
         raise _Stop(EXIT_BAD_INPUT)
     if not options.out_path.parent.is_dir():
         err(f"the directory of --out does not exist: {options.out_path.parent}")
@@ -204,6 +224,7 @@ def _job_lines(options: RunOptions, **reading: object) -> Iterable[JobLine | Bad
         options.jobs_path,
         allow_b64_json=options.download_dir is not None,
         shard=options.shard,
+        base_dir=options.jobs_base_dir,
         **reading,  # type: ignore[arg-type]
     )
 
@@ -216,9 +237,9 @@ def _plan(options: RunOptions, state: ResumeState) -> Plan:
 
 def _report_bad_lines(options: RunOptions, bad: list[BadLine]) -> None:
     for item in bad[:_BAD_LINES_SHOWN]:
-        err(f"{options.jobs_path}: {item.describe()}")
+        err(f"{options.jobs_name}: {item.describe()}")
     if len(bad) > _BAD_LINES_SHOWN:
-        err(f"... and {len(bad) - _BAD_LINES_SHOWN} more bad lines")
+        err(f"... and {count(len(bad) - _BAD_LINES_SHOWN, 'more bad line')}")
 
 
 def _refuse_or_warn(options: RunOptions, plan: Plan) -> None:
@@ -227,7 +248,7 @@ def _refuse_or_warn(options: RunOptions, plan: Plan) -> None:
         _report_bad_lines(options, plan.bad)
         if not options.skip_invalid:
             err(
-                f"{len(plan.bad)} bad line(s); nothing was sent "
+                f"{count(len(plan.bad), 'bad line')}; nothing was sent "
                 "(use --skip-invalid to run the rest)"
             )
             raise _Stop(EXIT_BAD_INPUT)
@@ -235,7 +256,7 @@ def _refuse_or_warn(options: RunOptions, plan: Plan) -> None:
         assert plan.mismatch is not None
         mismatch = plan.mismatch
         err(
-            f"{options.jobs_path}: line {mismatch.line_no}: id {mismatch.job_id!r} is "
+            f"{options.jobs_name}: line {mismatch.line_no}: id {mismatch.job_id!r} is "
             f"recorded in {options.out_path} (line {mismatch.results_line}) for a different "
             "job, and no job of this file matches a recorded one: that results file looks "
             "written from another jobs file; nothing was sent. Use another --out, or pass "
@@ -245,7 +266,7 @@ def _refuse_or_warn(options: RunOptions, plan: Plan) -> None:
         raise _Stop(EXIT_BAD_INPUT)
     if plan.unfingerprinted:
         err(
-            f"{plan.unfingerprinted} job(s) matched to results lines without a fingerprint "
+            f"{count(plan.unfingerprinted, 'job')} matched to results lines without a fingerprint "
             "(written by an older nebula-async) by id alone: an edited job among them is "
             "not detected"
         )
@@ -262,8 +283,20 @@ def _make_client(options: RunOptions, plan: Plan) -> NebulaClient | None:
     try:
         return options.client.make_client()
     except ValidationError as exc:
-        err(str(exc))
+        err(cli_message(exc))
         raise _Stop(EXIT_BAD_INPUT) from None
+
+
+def cli_message(exc: ValidationError) -> str:
+    """A client-construction error in the command line's words (no ``token=``: the
+    CLI takes credentials from the environment only)."""
+    if exc.field == "token":
+        return "no credentials: set NEBULA_TOKEN (or NEBULA_USERNAME and NEBULA_PASSWORD)"
+    if exc.field in ("username", "password"):
+        missing = exc.field.upper()
+        given = "USERNAME" if missing == "PASSWORD" else "PASSWORD"
+        return f"NEBULA_{given} is set but NEBULA_{missing} is not: set both (or NEBULA_TOKEN)"
+    return str(exc)
 
 
 def _open_results(
@@ -367,7 +400,9 @@ async def _send(
 class _Run:
     tally: RunTally
     control: RunControl
+    client: NebulaClient | None = None
     stage: DownloadStage | None = None
+    started: float = field(default_factory=time.perf_counter)
 
 
 async def _work(
@@ -482,24 +517,37 @@ def write_error_in(exc: BaseException) -> ResultsWriteError | None:
     return None
 
 
-def _summary(options: RunOptions, plan: Plan, tally: RunTally) -> str:
-    failed = tally.failed + len(plan.bad) + plan.not_downloaded
-    summary = (
-        f"{plan.good + len(plan.bad)} jobs: {plan.done + tally.ok} ok "
-        f"({plan.done} done before, {tally.ok} now"
+def _summary(options: RunOptions, plan: Plan, run: _Run, code: int) -> RunSummary:
+    tally = run.tally
+    stats = run.client.statistics() if run.client is not None else None
+    p50, p95 = RunSummary.latencies(tally.latencies)
+    return RunSummary(
+        jobs=plan.good + len(plan.bad),
+        ok=plan.done + tally.ok,
+        ok_before=plan.done,
+        failed=tally.failed + len(plan.bad) + plan.not_downloaded,
+        not_attempted=tally.not_attempted,
+        pending_downloads=plan.not_downloaded + tally.download_failures,
+        images=tally.images,
+        attempts=stats.attempts if stats else 0,
+        retries=stats.retries if stats else 0,
+        rate_limited=stats.rate_limited if stats else 0,
+        latency_p50_s=p50,
+        latency_p95_s=p95,
+        elapsed_s=round(time.perf_counter() - run.started, 3),
+        results=str(options.out_path),
+        exit_code=code,
     )
+
+
+def _notes(plan: Plan, tally: RunTally) -> None:
     if tally.repaired:
-        summary += f", {tally.repaired} of them by saving their images"
-    summary += f"), {failed} failed"
-    if tally.download_failures:
-        summary += f", {tally.download_failures} with images not saved"
+        err(f"{count(tally.repaired, 'job')} made ok by saving their images (not generated again)")
     if plan.moves:
-        summary += f", {len(plan.moves)} found under their old line number"
-    return f"{summary}; results in {options.out_path}"
+        err(f"{count(len(plan.moves), 'job')} found under their old line number")
 
 
 def _exit_code(options: RunOptions, plan: Plan, tally: RunTally, control: RunControl) -> int:
-    err(_summary(options, plan, tally))
     if control.signal is not None:
         how = "stopped" if control.aborted else "drained"
         err(
@@ -511,19 +559,37 @@ def _exit_code(options: RunOptions, plan: Plan, tally: RunTally, control: RunCon
     if tally.not_attempted:
         cause = tally.stopped_by.cause if tally.stopped_by is not None else None
         why = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+        were = "was" if tally.not_attempted == 1 else "were"
         err(
-            f"{tally.not_attempted} job(s) were not attempted: the client stopped starting "
-            f"them after repeated failures of one kind{why}; they have no line: fix the "
-            "cause and rerun to send them"
+            f"{count(tally.not_attempted, 'job')} {were} not attempted: the client stopped "
+            f"starting jobs after repeated failures of one kind{why}; they have no line: fix "
+            "the cause and rerun to send them"
         )
         return EXIT_SOME_FAILED
     if plan.not_downloaded:
+        were = "was" if plan.not_downloaded == 1 else "were"
         err(
-            f"{plan.not_downloaded} job(s) were generated but their images are not all "
+            f"{count(plan.not_downloaded, 'job')} {were} generated but not all images are "
             "saved; they are not sent again: rerun with --download DIR to save them"
         )
     failed = tally.failed + len(plan.bad) + plan.not_downloaded
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _finish(options: RunOptions, plan: Plan, run: _Run) -> int:
+    """The exit code, after the notes, the summary table and ``--summary-json``."""
+    _notes(plan, run.tally)
+    code = _exit_code(options, plan, run.tally, run.control)
+    summary = _summary(options, plan, run, code)
+    print(table(summary), file=sys.stderr)
+    if options.summary_json is not None:
+        if str(options.summary_json) == "-":
+            sys.stdout.write(orjson.dumps(asdict(summary)).decode() + "\n")
+        else:
+            problem = write_summary_json(options.summary_json, summary)
+            if problem is not None:
+                err(problem)
+    return code
 
 
 async def _run_checked(options: RunOptions) -> int:
@@ -539,7 +605,7 @@ async def _run_checked(options: RunOptions) -> int:
         except _Stop:
             writer.close()
             raise
-    run = _Run(RunTally(), RunControl())
+    run = _Run(RunTally(latencies=[]), RunControl(), client=client)
     try:
         with writer:
             _record_moves(plan, state, writer)
@@ -555,7 +621,7 @@ async def _run_checked(options: RunOptions) -> int:
         err(f"{write_error}; the run stopped (rerun to resume once it can be written)")
         err(f"this result was not recorded: {write_error.record.decode(errors='replace')}")
         return EXIT_WRITE_FAILED
-    return _exit_code(options, plan, run.tally, run.control)
+    return _finish(options, plan, run)
 
 
 async def run_command(options: RunOptions) -> int:
