@@ -19,7 +19,7 @@ import orjson
 
 from ._codec import from_payload, to_payload
 from ._exceptions import ValidationError
-from ._models import Img2ImgRequest, Job
+from ._models import Img2ImgRequest, Job, normalize_job_id
 
 __all__ = [
     "FINGERPRINT_VERSION",
@@ -158,8 +158,12 @@ def explicit_job_id(item: object) -> str | None:
         return None
     if isinstance(item, dict | Mapping):
         job_id = item.get("id")
-        if isinstance(job_id, str | int) and not isinstance(job_id, bool):
-            return str(job_id)
+        if job_id is None:
+            return None
+        try:
+            return normalize_job_id(job_id)
+        except ValidationError:
+            return None  # not an id at all: the job fails on it when it is built
     return None
 
 
