@@ -172,6 +172,7 @@ class RateController:
         "_window",
     )
 
+    # Over 60 lines: the tuning knobs, each checked, and the state they start from.
     def __init__(
         self,
         *,
@@ -383,6 +384,8 @@ class RateController:
             rate = self._clamp(min(plateau * (1.0 + step), cap))
         return rate
 
+    # Over 60 lines: one event's reading of the limit is a sequence of corrections
+    # that each read the state the one before left; split, they would pass it around.
     def _congestion(self, sent_at: float, now: float, retry_after: float | None) -> None:
         """A new congestion event: re-read the limit, cut to just under it."""
         most, least = self._window_count(sent_at)
