@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
-__all__ = ["Summary", "percentile", "summarize"]
+__all__ = ["Summary", "busiest_window", "long_run_rate", "percentile", "summarize"]
+
+#: The window the rate figures are read over, in seconds.
+_WINDOW_S: Final = 1.0
 
 
 @attrs.frozen
@@ -53,3 +57,24 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     below = math.floor(position)
     above = min(below + 1, len(ordered) - 1)
     return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+def long_run_rate(stamps: Sequence[float]) -> float:
+    """Slots per second after the first second; NaN when fewer than two are left."""
+    if not stamps:
+        return math.nan
+    steady = stamps[bisect.bisect_left(stamps, stamps[0] + _WINDOW_S) :]
+    if len(steady) < 2 or steady[-1] <= steady[0]:
+        return math.nan
+    return (len(steady) - 1) / (steady[-1] - steady[0])
+
+
+def busiest_window(stamps: Sequence[float], width: float = _WINDOW_S) -> int:
+    """The most stamps in any half-open window ``[t, t + width)`` (``stamps`` sorted)."""
+    best = 0
+    start = 0
+    for end, stamp in enumerate(stamps):
+        while stamps[start] <= stamp - width:
+            start += 1
+        best = max(best, end - start + 1)
+    return best

@@ -27,7 +27,9 @@ import attrs
 import nebula_async as na
 from nebula_async._limits import in_process_limiter
 
-__all__ = ["LIMITERS", "LimiterResult", "busiest_window", "long_run_rate", "run_limiters"]
+from ._stats import busiest_window, long_run_rate
+
+__all__ = ["LIMITERS", "LimiterResult", "run_limiters"]
 
 _WINDOW_S: Final = 1.0
 
@@ -87,27 +89,6 @@ LIMITERS: Final[dict[str, LimiterSpec]] = {
         lambda rate: f"run_on_each(max_per_second={rate:g})", lambda rate: 1, _aiometer
     ),
 }
-
-
-def long_run_rate(stamps: Sequence[float]) -> float:
-    """Slots per second after the first second; NaN when fewer than two are left."""
-    if not stamps:
-        return math.nan
-    steady = stamps[bisect.bisect_left(stamps, stamps[0] + _WINDOW_S) :]
-    if len(steady) < 2 or steady[-1] <= steady[0]:
-        return math.nan
-    return (len(steady) - 1) / (steady[-1] - steady[0])
-
-
-def busiest_window(stamps: Sequence[float], width: float = _WINDOW_S) -> int:
-    """The most stamps in any half-open window ``[t, t + width)`` (``stamps`` sorted)."""
-    best = 0
-    start = 0
-    for end, stamp in enumerate(stamps):
-        while stamps[start] <= stamp - width:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 @attrs.frozen

@@ -56,7 +56,7 @@ from nebula_async._limiter import Outcome
 from nebula_async._limits import GcraSchedule
 
 from ._server import ROOT, ServerProcess
-from .limiter_accuracy import busiest_window
+from ._stats import busiest_window
 
 __all__ = ["CONTENDERS", "PauseResult", "SharedResult", "render", "run_part", "run_shared"]
 

@@ -23,7 +23,7 @@ import redis.asyncio
 from redis_server import RedisServer, free_port, require_redis_server
 
 import nebula_async as na
-from benchmarks.limiter_accuracy import busiest_window, long_run_rate
+from benchmarks._stats import busiest_window, long_run_rate
 from nebula_async._limiter import Limiter, LimiterFactory, Outcome
 from nebula_async._redis import RedisLimiter, Ticket
 from nebula_async.testing import MockNebulaServer
