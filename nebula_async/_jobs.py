@@ -18,7 +18,7 @@ import attrs
 import orjson
 
 from ._codec import from_payload, to_payload
-from ._exceptions import ValidationError
+from ._exceptions import APIStatusError, ValidationError
 from ._models import Img2ImgRequest, Job, normalize_job_id
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "RepeatedIdCheck",
     "coerce_job",
     "data_uri_identity",
+    "error_record",
     "explicit_job_id",
     "image_identity",
     "job_fingerprint",
@@ -232,3 +233,17 @@ class RepeatedIdCheck:
             )
             return RefusedItem(job_id, error)
         return item
+
+
+def error_record(error: BaseException | None) -> dict[str, Any] | None:
+    """The JSON shape of a job's error (type, message, status_code, code, field), as
+    the CLI's results lines and the Ray integration's output rows hold it."""
+    if error is None:
+        return None
+    return {
+        "type": type(error).__name__,
+        "message": str(error),
+        "status_code": error.status_code if isinstance(error, APIStatusError) else None,
+        "code": error.code if isinstance(error, APIStatusError) else None,
+        "field": error.field if isinstance(error, ValidationError) else None,
+    }

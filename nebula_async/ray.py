@@ -39,8 +39,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from nebula_async._client import NebulaClient
-from nebula_async._exceptions import APIStatusError, NebulaError, ValidationError
-from nebula_async._jobs import job_fingerprint, job_from_mapping
+from nebula_async._exceptions import ValidationError
+from nebula_async._jobs import error_record, job_fingerprint, job_from_mapping
 from nebula_async._models import Job, JobResult
 
 __all__ = ["OUTPUT_COLUMNS", "Img2ImgBatch", "done_keys", "pending_rows", "row_key"]
@@ -153,19 +153,6 @@ def _missing(value: Any) -> bool:
     return isinstance(value, float) and value != value  # NaN: a column absent in this row
 
 
-def error_row(error: NebulaError | None) -> dict[str, Any] | None:
-    """A job's error as a CLI result line holds it."""
-    if error is None:
-        return None
-    return {
-        "type": type(error).__name__,
-        "message": str(error),
-        "status_code": error.status_code if isinstance(error, APIStatusError) else None,
-        "code": error.code if isinstance(error, APIStatusError) else None,
-        "field": error.field if isinstance(error, ValidationError) else None,
-    }
-
-
 def output_columns(
     results: list[JobResult], fingerprints: list[str | None], *, ids: list[str]
 ) -> dict[str, list[Any]]:
@@ -174,7 +161,7 @@ def output_columns(
         "id": ids,
         "ok": [result.ok for result in results],
         "urls": [list(result.urls) for result in results],
-        "error": [error_row(result.error) for result in results],
+        "error": [error_record(result.error) for result in results],
         "attempts": [result.attempts for result in results],
         "submissions": [result.submissions for result in results],
         "elapsed_s": [round(result.elapsed_s, 3) for result in results],

@@ -41,7 +41,7 @@ from typing import Any, BinaryIO, Final, Self
 
 import orjson
 
-from nebula_async._exceptions import APIStatusError, ValidationError
+from nebula_async._jobs import error_record
 from nebula_async._models import GeneratedImage, JobResult
 
 from ._download import describe_failures
@@ -274,19 +274,6 @@ def read_record_at(path: str | os.PathLike[str], offset: int) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise ValueError(f"{path}: no results record at byte {offset}")
     return record
-
-
-def error_record(error: BaseException | None) -> dict[str, Any] | None:
-    """The JSON shape of a job's error: type, message, status_code, code, field."""
-    if error is None:
-        return None
-    return {
-        "type": type(error).__name__,
-        "message": str(error),
-        "status_code": error.status_code if isinstance(error, APIStatusError) else None,
-        "code": error.code if isinstance(error, APIStatusError) else None,
-        "field": error.field if isinstance(error, ValidationError) else None,
-    }
 
 
 def job_result_record(
