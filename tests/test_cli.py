@@ -20,6 +20,7 @@ from typing import Any, Literal
 import anyio
 import orjson
 import pytest
+from cli_helpers import complete_lines, mock_credentials, prompts_sent, read_records  # noqa: F401 (an autouse fixture)
 
 from nebula_async.cli import main
 from nebula_async.cli._progress import JobProgress, progress_wanted
@@ -41,29 +42,14 @@ RECORD_KEYS = [
 CLI = [sys.executable, "-m", "nebula_async.cli"]
 
 
-@pytest.fixture(autouse=True)
-def mock_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NEBULA_TOKEN", "mock-token")
-    for name in ("NEBULA_USERNAME", "NEBULA_PASSWORD", "NEBULA_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def write_jobs(path: Path, *lines: object) -> Path:
     text = [line if isinstance(line, str) else orjson.dumps(line).decode() for line in lines]
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-
-
 def by_id(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {record["id"]: record for record in records}  # the latest line per id wins
-
-
-def prompts_sent(server: MockNebulaServer) -> Counter[str]:
-    return Counter(request.field("prompt") for request in server.requests)
 
 
 async def cli(*argv: str) -> int:
@@ -414,10 +400,6 @@ def test_progress_bar_only_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> 
 def cli_env(server: MockNebulaServer) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEBULA_")}
     return {**env, "NEBULA_TOKEN": "mock-token", "NEBULA_BASE_URL": server.base_url}
-
-
-def complete_lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 async def run_to_end(

@@ -27,6 +27,7 @@ import anyio
 import orjson
 import pytest
 from aiohttp import web
+from cli_helpers import mock_credentials, read_records  # noqa: F401 (an autouse fixture)
 
 import nebula_async as na
 from nebula_async.cli import main
@@ -126,20 +127,9 @@ async def image_gate(**mock_options: Any) -> AsyncIterator[tuple[ImageGate, Mock
                 await runner.cleanup()
 
 
-@pytest.fixture(autouse=True)
-def mock_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NEBULA_TOKEN", "mock-token")
-    for name in ("NEBULA_USERNAME", "NEBULA_PASSWORD", "NEBULA_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def write_jobs(path: Path, *jobs: dict[str, Any]) -> Path:
     path.write_bytes(b"".join(orjson.dumps(job) + b"\n" for job in jobs))
     return path
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 
 def latest(path: Path) -> dict[str, dict[str, Any]]:

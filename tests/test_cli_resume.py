@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from cli_helpers import mock_credentials, prompts_sent, read_records  # noqa: F401 (an autouse fixture)
 
 import nebula_async as na
 from nebula_async._jobs import job_fingerprint, job_from_mapping, shard_of
@@ -21,29 +22,14 @@ from nebula_async.testing import MockNebulaServer
 from nebula_async.testing._png import png_bytes
 
 
-@pytest.fixture(autouse=True)
-def mock_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NEBULA_TOKEN", "mock-token")
-    for name in ("NEBULA_USERNAME", "NEBULA_PASSWORD", "NEBULA_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def write_jobs(path: Path, *lines: object) -> Path:
     text = [line if isinstance(line, str) else orjson.dumps(line).decode() for line in lines]
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-
-
 def latest(path: Path) -> dict[str, dict[str, Any]]:
     return {record["id"]: record for record in read_records(path)}
-
-
-def prompts_sent(server: MockNebulaServer) -> Counter[str]:
-    return Counter(request.field("prompt") for request in server.requests)
 
 
 async def cli(*argv: str) -> int:

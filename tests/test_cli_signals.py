@@ -9,11 +9,11 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import anyio
 import orjson
 import pytest
+from cli_helpers import complete_lines, read_records
 
 from nebula_async.testing import MockNebulaServer
 
@@ -29,14 +29,6 @@ def write_jobs(path: Path, count: int) -> Path:
     lines = (orjson.dumps({"model": "m", "prompt": f"p{i}"}) + b"\n" for i in range(1, count + 1))
     path.write_bytes(b"".join(lines))
     return path
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-
-
-def complete_lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 @pytest.mark.anyio
