@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -55,7 +56,8 @@ import nebula_async as na
 from nebula_async._limiter import Outcome
 from nebula_async._limits import GcraSchedule
 
-from ._server import ROOT, ServerProcess
+from ._arrivals import ArrivalServer
+from ._server import ROOT
 from ._stats import busiest_window
 
 __all__ = ["CONTENDERS", "PauseResult", "SharedResult", "render", "run_part", "run_shared"]
@@ -83,7 +85,16 @@ class SharedResult:
     burst: int
     requests: int
     long_run_rate: float
+    #: The busiest 1 s window on three clocks: the granted slots (for the shared
+    #: limiter Redis' own slot times), the sends (just before each POST, client
+    #: side) and the arrivals at the server.
+    busiest_slots: int
     busiest_window: int
+    busiest_arrivals: int
+    #: How late sends were against their slots (p99, ms), and the longest gap
+    #: between two consecutive slots of all processes (ms): a stall shows there.
+    late_p99_ms: float
+    longest_gap_ms: float
     round_trips_per_request: float
     added_p50_ms: float
     added_p99_ms: float
@@ -118,18 +129,18 @@ class _LocalGcra:
         self._schedule = GcraSchedule(rate, burst)
         self.round_trips = 0
 
-    async def acquire(self) -> tuple[object, float]:
+    async def acquire(self) -> tuple[object, float, float]:
         now = time.monotonic()
         slot = self._schedule.reserve(now)
         if slot > now:
             await asyncio.sleep(slot - now)
-        return slot, slot - now
+        return slot, slot - now, slot
 
     async def record(self, ticket: object, outcome: Outcome, retry_after: float | None) -> None:
         if retry_after:
             self._schedule.defer_until(time.monotonic() + retry_after)
 
-    async def warm_up(self) -> None:
+    async def warm_up(self, senders: int) -> None:
         pass
 
 
@@ -140,21 +151,28 @@ class _Shared:
         limiter = na.SharedRateLimit(url, key=key, per_second=rate, burst=burst).create_limiter()
         assert isinstance(limiter, RedisLimiter)
         self._limiter = limiter
+        # Redis' TIME is this host's wall clock: this converts its slots to monotonic.
+        self._wall_minus_monotonic = time.time() - time.monotonic()
 
     @property
     def round_trips(self) -> int:
         return self._limiter.round_trips
 
-    async def acquire(self) -> tuple[object, float]:
+    async def acquire(self) -> tuple[object, float, float]:
         ticket = await self._limiter.acquire()  # the ticket says what wait was scheduled
-        return ticket, ticket.wait_us / 1e6
+        return ticket, ticket.wait_us / 1e6, ticket.slot_us / 1e6 - self._wall_minus_monotonic
 
     async def record(self, ticket: object, outcome: Outcome, retry_after: float | None) -> None:
         await self._limiter.record(ticket, outcome, retry_after=retry_after)
 
-    async def warm_up(self) -> None:
-        # Open the pool's connections and load the scripts without taking a slot.
-        await asyncio.gather(*(self._limiter.connect() for _ in range(_MIN_SENDERS)))
+    async def warm_up(self, senders: int) -> None:
+        # Open every connection the senders will use (the pool's, less the pause
+        # listener's) and load the scripts, without taking a slot: a cold pool
+        # opens them at the common start, all processes at once, and the first
+        # grants come back after their slots (sent late, bunched: +40 in the
+        # first second at 500/s x 8 before this warmed only 8).
+        connections = min(senders, self._limiter.config.max_connections - 1)
+        await asyncio.gather(*(self._limiter.connect() for _ in range(connections)))
 
     async def aclose(self) -> None:
         await self._limiter.aclose()
@@ -174,11 +192,12 @@ class _Limits:
         self._key = key
         self.round_trips = 0
 
-    async def acquire(self) -> tuple[object, float]:
+    async def acquire(self) -> tuple[object, float, float]:
         while True:
             self.round_trips += 1
+            asked = time.monotonic()  # the hit is stamped with the host's clock about now
             if await self._limiter.hit(self._item, self._key):
-                return None, math.nan
+                return None, math.nan, asked
             self.round_trips += 1
             stats = await self._limiter.get_window_stats(self._item, self._key)
             await asyncio.sleep(max(stats.reset_time - time.time(), 0.001))
@@ -186,8 +205,15 @@ class _Limits:
     async def record(self, ticket: object, outcome: Outcome, retry_after: float | None) -> None:
         pass  # no shared pause: a 429 is the sender's own business
 
-    async def warm_up(self) -> None:
-        await asyncio.gather(*(self._storage.check() for _ in range(_MIN_SENDERS)))
+    async def warm_up(self, senders: int) -> None:
+        await asyncio.gather(*(self._storage.check() for _ in range(senders)))
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> None:
+    async with session.post(url, data=body, headers=headers) as response:
+        await response.read()
 
 
 async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +228,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     headers = {"Authorization": "Bearer mock-token", "Content-Type": "application/json"}
     body = json.dumps(_PAYLOAD).encode()
     sends: list[float] = []
+    slots: list[float] = []
     added: list[float] = []
     refusals: list[float] = []
     senders = max(_MIN_SENDERS, math.ceil(rate * _IN_FLIGHT_S / spec["processes"]))
@@ -209,10 +236,10 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     dropped = 0
     connector = aiohttp.TCPConnector(limit=senders)
     async with aiohttp.ClientSession(connector=connector) as session:
-        # Warm up (connect to Redis and the server) before the common start.
-        async with session.post(url, data=body, headers=headers) as response:
-            await response.read()
-        await limiter.warm_up()
+        # Warm up before the common start: open every sender's connection to the
+        # server and to Redis (their arrivals precede the start and are not counted).
+        await asyncio.gather(*(_post(session, url, body, headers) for _ in range(senders)))
+        await limiter.warm_up(senders)
         # Ready: the parent answers with the common start once every process is.
         print("ready", flush=True)
         start = float(await asyncio.to_thread(sys.stdin.readline))
@@ -223,7 +250,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             nonlocal dropped
             while time.monotonic() < end:
                 asked = time.monotonic()
-                ticket, due = await limiter.acquire()
+                ticket, due, slot = await limiter.acquire()
                 sent = time.monotonic()
                 if sent >= end:
                     dropped += 1
@@ -231,6 +258,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 if not math.isnan(due):
                     added.append(sent - asked - max(due, 0.0))
                 sends.append(sent)
+                slots.append(slot)
                 async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
                     status = response.status
@@ -248,6 +276,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "start": start,
         "sends": sends,
+        "slots": slots,
         "added": added,
         "refusals": refusals,
         "round_trips": limiter.round_trips,
@@ -331,9 +360,19 @@ def _steady_rate(sends: Sequence[float], start: float, end: float) -> float:
 
 
 def _measure(
-    contender: str, processes: int, rate: float, outputs: list[dict[str, Any]], spec: dict[str, Any]
+    contender: str,
+    processes: int,
+    rate: float,
+    outputs: list[dict[str, Any]],
+    spec: dict[str, Any],
+    arrivals: list[float],
 ) -> SharedResult:
+    start = outputs[0]["start"]
     sends = sorted(t for out in outputs for t in out["sends"])
+    slots = sorted(t for out in outputs for t in out["slots"])
+    late = [t - s for out in outputs for s, t in zip(out["slots"], out["sends"], strict=True)]
+    arrived = sorted(t for t in arrivals if t >= start)
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
     added = [a for out in outputs for a in out["added"]]
     round_trips = sum(out["round_trips"] for out in outputs)
     acquires = sum(out["acquires"] for out in outputs)
@@ -343,10 +382,12 @@ def _measure(
         rate=rate,
         burst=1,
         requests=len(sends),
-        long_run_rate=_steady_rate(
-            sends, outputs[0]["start"], outputs[0]["start"] + spec["duration_s"]
-        ),
+        long_run_rate=_steady_rate(sends, start, start + spec["duration_s"]),
+        busiest_slots=busiest_window(slots),
         busiest_window=busiest_window(sends),
+        busiest_arrivals=busiest_window(arrived),
+        late_p99_ms=_percentile(late, 0.99) * 1e3,
+        longest_gap_ms=max(gaps, default=math.nan) * 1e3,
         round_trips_per_request=round_trips / acquires if acquires else math.nan,
         added_p50_ms=_percentile(added, 0.5) * 1e3,
         added_p99_ms=_percentile(added, 0.99) * 1e3,
@@ -412,20 +453,17 @@ def run_shared(
     """Every contender at every rate and process count, then the pause cell."""
     results: list[SharedResult] = []
     cap_s = duration_s + 60.0
-    with ServerProcess(_LATENCY_S) as server:
+    with ArrivalServer(_LATENCY_S) as server:
         for rate in rates:
             for count in processes:
                 for contender in CONTENDERS:
                     specs = _specs(contender, count, rate, server.base_url, redis_url, duration_s)
+                    server.take()  # forget what came before (the last cell's stragglers)
                     outputs = _run_cell(specs, cap_s)
-                    result = _measure(contender, count, rate, outputs, specs[0])
+                    arrivals = server.take()
+                    result = _measure(contender, count, rate, outputs, specs[0], arrivals)
                     results.append(result)
-                    log(
-                        f"[shared] {rate:>4g}/s x{count} {contender:<21} "
-                        f"rate {result.long_run_error:+7.2%}  busiest {result.busiest_window:>4}  "
-                        f"trips/req {result.round_trips_per_request:5.2f}  "
-                        f"added p50 {result.added_p50_ms:6.2f} ms p99 {result.added_p99_ms:6.2f} ms"
-                    )
+                    log(_summary_line(result))
     pauses = []
     for contender in ("shared", "per-process R/N"):
         pause = _run_pause(contender, redis_url, 4.5, cap_s)
@@ -437,6 +475,17 @@ def run_shared(
     return results, pauses
 
 
+def _summary_line(r: SharedResult) -> str:
+    return (
+        f"[shared] {r.rate:>4g}/s x{r.processes} {r.contender:<21} "
+        f"rate {r.long_run_error:+7.2%}  busiest slots/sends/arrivals "
+        f"{r.busiest_slots}/{r.busiest_window}/{r.busiest_arrivals}  "
+        f"late p99 {r.late_p99_ms:6.2f} ms  longest gap {r.longest_gap_ms:6.1f} ms  "
+        f"trips/req {r.round_trips_per_request:5.2f}  "
+        f"added p50 {r.added_p50_ms:6.2f} ms p99 {r.added_p99_ms:6.2f} ms"
+    )
+
+
 def _cell(value: float, fmt: str) -> str:
     return "n/a" if math.isnan(value) else format(value, fmt)
 
@@ -444,14 +493,17 @@ def _cell(value: float, fmt: str) -> str:
 def render(results: Sequence[SharedResult], pauses: Sequence[PauseResult]) -> str:
     """The tables, in Markdown."""
     lines = [
-        "| rate | procs | limiter | requests | long-run rate error | busiest 1 s (bound) "
+        "| rate | procs | limiter | requests | long-run rate error "
+        "| busiest 1 s: slots / sends / arrivals (bound) | sends late p99 (ms) "
         "| Redis round trips / request | added latency p50 / p99 (ms) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.rate:g}/s | {r.processes} | {r.contender} | {r.requests} "
-            f"| {r.long_run_error:+.2%} | {r.busiest_window} ({r.rate + r.burst:g}) "
+            f"| {r.long_run_error:+.2%} "
+            f"| {r.busiest_slots} / {r.busiest_window} / {r.busiest_arrivals} "
+            f"({r.rate + r.burst:g}) | {_cell(r.late_p99_ms, '.1f')} "
             f"| {r.round_trips_per_request:.2f} "
             f"| {_cell(r.added_p50_ms, '.2f')} / {_cell(r.added_p99_ms, '.2f')} |"
         )

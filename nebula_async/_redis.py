@@ -57,7 +57,6 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-import anyio
 import attrs
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -181,7 +180,7 @@ _FLOOR_FRACTION: Final = 1 / 20
 _RETRIES: Final = 2
 _SLACK_US: Final = 1000
 #: How fast the Redis-to-local clock offset may drift up (100 ppm), and the jump
-#: that resets it (see RedisLimiter._delay).
+#: that, kept up that long, resets it (see RedisLimiter._next_offset).
 _DRIFT: Final = 1e-4
 _OFFSET_RESET_S: Final = 0.5
 #: The pause-notice listener: how long one wait for a message lasts (a local
@@ -240,6 +239,9 @@ class RedisLimiter:
         # Redis' clock -> time.monotonic() (see _delay); +inf: not seen yet.
         self._offset = math.inf
         self._offset_at = 0.0
+        # Replies far above the offset since (local time), and the least of them.
+        self._raised_since: float | None = None
+        self._raised_least = math.inf
 
     def __repr__(self) -> str:
         return f"<RedisLimiter {redact_url(self._config.redis_url)} key={self._config.key!r}>"
@@ -367,7 +369,7 @@ class RedisLimiter:
                 waited_us += wait_us
                 # A cancelled sleeper's slot stays spent: giving it back would take
                 # a round trip the cancelled task should not make (errs slow).
-                await anyio.sleep(self._delay(slot_us, wait_us, received))
+                await asyncio.sleep(self._delay(slot_us, wait_us, received))
             # Reserved before a pause that this process has heard of since: the
             # slot lies inside that pause, so take a new one (placed after it).
             # (A millisecond of slack absorbs the script's float rounding.)
@@ -385,15 +387,32 @@ class RedisLimiter:
         the slot: ``slot + offset``, where ``offset`` is the least
         ``local receive time - Redis time`` seen (the clocks' offset plus the
         quickest reply; never too small, so never early). It may grow by 100 ppm
-        of the time since it was last lowered (clock drift), and a reply over
-        0.5 s above it (a Redis clock step, a failover) resets it.
+        of the time since it was last lowered (clock drift).
         """
-        observed = received - (slot_us - wait_us) / 1e6
+        self._offset = self._next_offset(received - (slot_us - wait_us) / 1e6, received)
+        self._offset_at = received
+        return max(0.0, slot_us / 1e6 + self._offset - time.monotonic())
+
+    def _next_offset(self, observed: float, received: float) -> float:
+        """The offset after a reply ``observed`` above Redis' clock, received at ``received``.
+
+        Replies over 0.5 s above the offset are a stall of this process (replies
+        read late) or Redis' clock stepped back (a failover): only the second
+        lasts, so the offset moves up to the least of them once they have kept
+        coming for 0.5 s. (Moving up at the first one made a stall of 0.5 s
+        late the sends of every reply read after it by as much again.)
+        """
         offset = self._offset + _DRIFT * (received - self._offset_at)
-        if observed < offset or observed - offset > _OFFSET_RESET_S:
-            offset = observed
-        self._offset, self._offset_at = offset, received
-        return max(0.0, slot_us / 1e6 + offset - time.monotonic())
+        if observed - offset <= _OFFSET_RESET_S:
+            self._raised_since = None
+            return min(offset, observed)
+        if self._raised_since is None:
+            self._raised_since, self._raised_least = received, observed
+        self._raised_least = min(self._raised_least, observed)
+        if received - self._raised_since < _OFFSET_RESET_S:
+            return offset
+        self._raised_since = None
+        return self._raised_least
 
     async def record(
         self, ticket: object, outcome: Outcome, *, retry_after: float | None = None

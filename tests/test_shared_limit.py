@@ -110,6 +110,40 @@ def test_bad_url_is_refused_without_echoing_its_password() -> None:
     assert caught.value.field == "redis_url"
 
 
+# -- the clock offset (pure logic: local receive times injected) ----------------------------------
+
+
+def _offsets(limiter: RedisLimiter, replies: list[tuple[float, float]]) -> list[float]:
+    """Feed (received, observed offset) pairs as the replies would; the offsets that follow."""
+    seen = []
+    for received, observed in replies:
+        limiter._offset = limiter._next_offset(observed, received)
+        limiter._offset_at = received
+        seen.append(limiter._offset)
+    return seen
+
+
+def test_offset_is_the_quickest_reply_and_ignores_a_stall() -> None:
+    limiter = _limiter("redis://127.0.0.1:1/0", "k")
+    quick = [(0.0, 0.0020), (0.1, 0.0012), (0.2, 0.0030)]
+    # A stall of 0.8 s: the replies read after it are far above; then quick ones again.
+    stall = [(1.0, 0.8012), (1.0001, 0.8013), (1.05, 0.0014)]
+    seen = _offsets(limiter, quick + stall)
+    assert seen[:3] == pytest.approx([0.0020, 0.0012, 0.0012], abs=2e-4)  # + drift
+    # Unchanged through the stall (it moved up to 0.8 s before, and slept that much late).
+    assert seen[3:] == pytest.approx([0.0012, 0.0012, 0.0012], abs=2e-4)
+
+
+def test_offset_follows_a_clock_step_once_it_lasts() -> None:
+    limiter = _limiter("redis://127.0.0.1:1/0", "k")
+    # Redis' clock steps back 2 s at t=1 (a failover): every reply is 2 s above from then on.
+    replies = [(0.0, 0.001)] + [(1.0 + i / 10, 2.001 + (i % 3) / 1000) for i in range(8)]
+    seen = _offsets(limiter, replies)
+    assert max(seen[:6]) < 0.01  # 1.0 .. 1.4 s: could still be a stall
+    assert seen[6] == pytest.approx(2.001, abs=1e-4)  # at 1.5 s: the least of the raised ones
+    assert seen[7] == pytest.approx(2.001, abs=1e-4)
+
+
 # -- one process, many tasks ---------------------------------------------------------------------
 
 
