@@ -95,6 +95,10 @@ class SharedResult:
     #: between two consecutive slots of all processes (ms): a stall shows there.
     late_p99_ms: float
     longest_gap_ms: float
+    #: The longest event-loop stall any worker saw (ms; a 10 ms ticker's lateness),
+    #: and the slots the shared limiter let lapse after such a stall.
+    loop_stall_ms: float
+    expired: int
     round_trips_per_request: float
     added_p50_ms: float
     added_p99_ms: float
@@ -158,6 +162,10 @@ class _Shared:
     def round_trips(self) -> int:
         return self._limiter.round_trips
 
+    @property
+    def expired(self) -> int:
+        return self._limiter.expired
+
     async def acquire(self) -> tuple[object, float, float]:
         ticket = await self._limiter.acquire()  # the ticket says what wait was scheduled
         return ticket, ticket.wait_us / 1e6, ticket.slot_us / 1e6 - self._wall_minus_monotonic
@@ -216,6 +224,15 @@ async def _post(
         await response.read()
 
 
+async def _loop_stalls(end: float, tick_s: float = 0.01) -> float:
+    """The longest this loop was late for a ``tick_s`` timer until ``end`` (seconds)."""
+    longest = 0.0
+    while (before := time.monotonic()) < end:
+        await asyncio.sleep(tick_s)
+        longest = max(longest, time.monotonic() - before - tick_s)
+    return longest
+
+
 async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     contender, rate, burst = spec["contender"], spec["rate"], spec["burst"]
     if contender == "shared":
@@ -245,6 +262,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         start = float(await asyncio.to_thread(sys.stdin.readline))
         await asyncio.sleep(max(0.0, start - time.monotonic()))
         end = start + spec["duration_s"]
+        stalls = asyncio.get_running_loop().create_task(_loop_stalls(end))
 
         async def sender() -> None:
             nonlocal dropped
@@ -271,6 +289,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                     await limiter.record(ticket, Outcome.ACCEPTED, None)
 
         await asyncio.gather(*(sender() for _ in range(senders)))
+        loop_stall = await stalls
     if hasattr(limiter, "aclose"):
         await limiter.aclose()
     return {
@@ -281,6 +300,8 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "refusals": refusals,
         "round_trips": limiter.round_trips,
         "acquires": len(sends) + dropped,
+        "loop_stall": loop_stall,
+        "expired": getattr(limiter, "expired", 0),
     }
 
 
@@ -388,6 +409,8 @@ def _measure(
         busiest_arrivals=busiest_window(arrived),
         late_p99_ms=_percentile(late, 0.99) * 1e3,
         longest_gap_ms=max(gaps, default=math.nan) * 1e3,
+        loop_stall_ms=max(out["loop_stall"] for out in outputs) * 1e3,
+        expired=sum(out["expired"] for out in outputs),
         round_trips_per_request=round_trips / acquires if acquires else math.nan,
         added_p50_ms=_percentile(added, 0.5) * 1e3,
         added_p99_ms=_percentile(added, 0.99) * 1e3,
@@ -481,6 +504,7 @@ def _summary_line(r: SharedResult) -> str:
         f"rate {r.long_run_error:+7.2%}  busiest slots/sends/arrivals "
         f"{r.busiest_slots}/{r.busiest_window}/{r.busiest_arrivals}  "
         f"late p99 {r.late_p99_ms:6.2f} ms  longest gap {r.longest_gap_ms:6.1f} ms  "
+        f"loop stall {r.loop_stall_ms:6.1f} ms  lapsed {r.expired}  "
         f"trips/req {r.round_trips_per_request:5.2f}  "
         f"added p50 {r.added_p50_ms:6.2f} ms p99 {r.added_p99_ms:6.2f} ms"
     )

@@ -8,6 +8,7 @@ acquire() returned, across tasks and across processes.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import pickle
@@ -279,6 +280,37 @@ async def test_sleepers_holding_slots_inside_a_new_pause_wait_it_out(
         await limiter.aclose()
     assert len(returned) == 4
     assert min(returned) >= paused_at + 0.5 - 0.01
+
+
+async def test_a_sleeper_that_wakes_long_after_its_slot_takes_a_fresh_one(
+    redis_server: RedisServer, key: str
+) -> None:
+    # The process stalls 0.5 s while 4 tasks sleep on slots at +0.1 .. +0.4 s: sent on
+    # waking they would all go out at once; each lets its slot lapse and takes a
+    # fresh one, spaced at the rate from then on.
+    limiter = _limiter(redis_server.url, key, per_second=10.0, adaptive=False)
+    tickets: list[Ticket] = []
+    sent: list[float] = []
+
+    async def one() -> None:
+        tickets.append(await limiter.acquire())
+        sent.append(time.monotonic())
+
+    try:
+        await limiter.acquire()
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(one)
+            await anyio.sleep(0.03)
+            time.sleep(0.5)  # noqa: ASYNC251 - the stall: the event loop blocked
+    finally:
+        await limiter.aclose()
+    sent.sort()
+    assert min(b - a for a, b in itertools.pairwise(sent)) > 0.08  # not bunched
+    slots = sorted(t.slot_us for t in tickets)
+    assert min(b - a for a, b in itertools.pairwise(slots)) >= 99_000
+    assert limiter.expired == 4
+    assert limiter.round_trips == 1 + 4 + 4
 
 
 async def _subscribed(url: str, limiter: RedisLimiter) -> None:
