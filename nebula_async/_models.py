@@ -608,11 +608,19 @@ class RetryPolicy:
 class RateLimit:
     """A request-rate cap: ``per_second`` sends, with up to ``burst`` at once.
 
-    Enforced by GCRA (see :mod:`nebula_async._limits`). With ``adaptive=True`` a 429
-    cuts the rate by ``decrease_factor`` and it then recovers linearly at
-    ``recovery_per_s`` requests/s per second (default ``per_second / 10``) back to
-    ``per_second``, never below ``min_per_second``. Rates are positive finite
-    numbers whose interval (``1 / rate``) is finite too.
+    Enforced by GCRA (see :mod:`nebula_async._limits`). ``adaptive=False``: exactly
+    ``per_second``. ``adaptive=True``: ``per_second`` is a ceiling, steered under
+    by the embedded limiter's rate controller (:mod:`nebula_async._adaptive`),
+    which starts at half of it, reads the server's limit from the window of each
+    429, runs just under that and probes for a raised one, never below
+    ``min_per_second`` (default 0.1/s, or ``per_second`` if lower).
+
+    ``decrease_factor`` and ``recovery_per_s`` do not affect this limit: the
+    controller reads a limit instead of cutting by a factor. They are the knobs
+    of the multiplicative-decrease, linear-recovery rate that
+    :class:`~nebula_async.SharedRateLimit` (its fields of the same names) keeps
+    in Redis for all its processes; here they are accepted and validated only.
+    Rates are positive finite numbers whose interval (``1 / rate``) is finite too.
 
     >>> import nebula_async as na
     >>> na.RateLimit(50, burst=5).burst

@@ -115,9 +115,12 @@ class SharedRateLimit:
     number of machines: they share one GCRA schedule (``per_second`` with up to
     ``burst`` at once, in aggregate), one ``Retry-After`` pause (a 429 seen by one
     client pauses all of them) and, with ``adaptive=True``, one adapted rate (a
-    refusal seen by one slows all of them; ``decrease_factor``, ``recovery_per_s``
-    and ``min_per_second`` as in :class:`~nebula_async.RateLimit`). Each acquire is
-    one round trip to Redis (an atomic Lua script, timed by Redis' clock, so the
+    refusal seen by one slows all of them: AIMD, a cut by ``decrease_factor`` once
+    per congestion event, then a linear recovery at ``recovery_per_s`` requests/s
+    per second, default ``per_second / 10``, back to ``per_second``, never below
+    ``min_per_second``, default ``per_second / 20``; the in-process
+    :class:`~nebula_async.RateLimit` steers by a rate controller instead). Each
+    acquire is one round trip to Redis (an atomic Lua script, timed by Redis' clock, so the
     hosts' clocks never matter). Every client of one ``key`` should use the same
     settings.
 
