@@ -1,6 +1,6 @@
 """One rate limit shared by N processes: ``python -m benchmarks --only shared``.
 
-N worker processes (1, 2, 4, 8) send to one lean mock server on loopback under
+N worker processes (1, 2, 4, 8) send to one mock server on loopback under
 one aggregate limit (50/s and 500/s), each with a few concurrent senders
 (acquire a slot, POST an img2img request with raw aiohttp, record the outcome;
 the client integration of the limiter seam is the lead's and is not used
@@ -18,19 +18,32 @@ here). Contenders, each in the same harness:
   (``get_window_stats``) and sleeps until the window's reset time, then tries
   again. Every call is a round trip; its timestamps come from each host's clock.
 
-Figures per cell, over the sends of all processes (stamped with
+Figures per cell, over the requests of all processes (stamped with
 ``time.monotonic``, one clock for all processes on Linux): the aggregate
-rate over the fixed window from 1 s after the common start to the end, against
-the target (the long-run rate error), the busiest
-one-second window against ``rate + burst``, Redis round trips per request (per
-acquire that returned a slot, the last ones past the end included), and
-the added latency per acquire (the time acquire took beyond the wait the
-limiter meant: the round trip plus the timer's lateness; p50, p99).
+rate of the sends over the fixed window from 1 s after the common start to the
+end, against the target (the long-run rate error); the busiest one-second
+window against ``rate + burst`` on three clocks: the granted slots (the shared
+limiter's are Redis' slot times), the sends (just before each POST) and the
+arrivals at the server (a full ``MockNebulaServer`` in a process of its own
+that keeps them, :mod:`benchmarks._arrivals`); how late the sends were against
+their slots (p99); Redis round trips per request (per acquire that returned a
+slot, the last ones past the end included); the added latency per acquire
+(the time acquire took beyond the wait the limiter meant: the round trip plus
+the timer's lateness; p50, p99); and, to tell a stall of the host from one of
+ours, the longest gap between two slots, the longest event-loop stall of any
+worker (a 10 ms ticker's lateness) and the slots the shared limiter let lapse.
+Every worker opens all its connections (server and Redis) before the start:
+a cold start is not what the cells measure.
 
-The pause cell: 4 processes at 100/s; the mock server answers the 300th
+The pause cell: 4 processes at 100/s; the mock server answers the 150th
 request 429 with ``Retry-After: 2``; the process that gets it records it, and
 the figure is the time from that 429 to the last send of any process before
 the pause ends, with the number of sends inside the pause.
+
+The stall cell: 4 processes at 500/s; the first is stopped (SIGSTOP) 2 s in
+for 0.7 s, as a loaded host may deschedule it, with its senders asleep on
+slots; the figures are what went out when it woke: the busiest second at the
+sends and at the server, the long-run rate, the slots lapsed.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ import json
 import math
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -60,7 +74,16 @@ from ._arrivals import ArrivalServer
 from ._server import ROOT
 from ._stats import busiest_window
 
-__all__ = ["CONTENDERS", "PauseResult", "SharedResult", "render", "run_part", "run_shared"]
+__all__ = [
+    "CONTENDERS",
+    "PauseResult",
+    "SharedResult",
+    "StallResult",
+    "render",
+    "run_part",
+    "run_shared",
+    "run_stalls",
+]
 
 CONTENDERS: Final = ("shared", "per-process R/N", "limits moving window")
 _MIN_SENDERS: Final = 8  # concurrent senders per process, at least
@@ -72,6 +95,10 @@ _PAUSE_PROCESSES: Final = 4
 _PAUSE_RATE: Final = 100.0
 _PAUSE_AT: Final = 150  # the mock server answers this request 429 (about 1.4 s in)
 _RETRY_AFTER_S: Final = 2.0
+_STALL_PROCESSES: Final = 4
+_STALL_RATE: Final = 500.0
+_STALL_AT_S: Final = 2.0
+_STALL_S: Final = 0.7
 _PAYLOAD: Final = na.to_payload(na.Img2ImgRequest(model="bench", prompt="a fox", n=1))
 
 
@@ -121,6 +148,25 @@ class PauseResult:
     stop_after_429_ms: float
     sends_in_pause: int
     first_send_after_pause_s: float
+
+
+@attrs.frozen
+class StallResult:
+    """One worker of several stopped for a while: what went out when it woke."""
+
+    contender: str
+    processes: int
+    rate: float
+    stall_s: float
+    busiest_window: int
+    busiest_arrivals: int
+    long_run_rate: float
+    expired: int
+
+    @property
+    def long_run_error(self) -> float:
+        """Relative error of the aggregate long-run rate (-0.01 is 1% slow)."""
+        return self.long_run_rate / self.rate - 1
 
 
 # -- the worker process --------------------------------------------------------------------------
@@ -315,8 +361,14 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]:
-    """Run one worker per spec; all start together once every one has warmed up."""
+def _run_cell(
+    specs: list[dict[str, Any]], cap_s: float, stall: tuple[float, float] | None = None
+) -> list[dict[str, Any]]:
+    """Run one worker per spec; all start together once every one has warmed up.
+
+    ``stall`` (``at_s``, ``for_s``): stop the first worker (SIGSTOP) ``at_s`` after
+    the start for ``for_s``, as a host that deschedules it would.
+    """
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "benchmarks.shared", "--worker", json.dumps(spec)],
@@ -340,6 +392,8 @@ def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]
             assert child.stdin is not None
             child.stdin.write(f"{start!r}\n")
             child.stdin.flush()
+        if stall is not None:
+            _stop_for(children[0].pid, start + stall[0], stall[1])
         for child in children:
             out, _ = child.communicate(timeout=cap_s)
             if child.returncode != 0:
@@ -351,6 +405,20 @@ def _run_cell(specs: list[dict[str, Any]], cap_s: float) -> list[dict[str, Any]]
                 child.kill()
                 child.wait()
     return outputs
+
+
+def _stop_for(pid: int, at: float, for_s: float) -> None:
+    """In a thread: SIGSTOP ``pid`` at monotonic ``at``, SIGCONT ``for_s`` later."""
+
+    def stall() -> None:
+        time.sleep(max(0.0, at - time.monotonic()))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(for_s)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    threading.Thread(target=stall, daemon=True).start()
 
 
 def _specs(
@@ -498,6 +566,37 @@ def run_shared(
     return results, pauses
 
 
+def run_stalls(
+    *, redis_url: str, duration_s: float, log: Callable[[str], None]
+) -> list[StallResult]:
+    """4 processes at 500/s, the first stopped for 0.7 s 2 s in: shared, per-process."""
+    stalls = []
+    cap_s = duration_s + 60.0
+    with ArrivalServer(_LATENCY_S) as server:
+        for contender in ("shared", "per-process R/N"):
+            specs = _specs(
+                contender, _STALL_PROCESSES, _STALL_RATE, server.base_url, redis_url, duration_s
+            )
+            server.take()
+            outputs = _run_cell(specs, cap_s, stall=(_STALL_AT_S, _STALL_S))
+            cell = _measure(
+                contender, _STALL_PROCESSES, _STALL_RATE, outputs, specs[0], server.take()
+            )
+            stall = StallResult(
+                contender=contender,
+                processes=_STALL_PROCESSES,
+                rate=_STALL_RATE,
+                stall_s=_STALL_S,
+                busiest_window=cell.busiest_window,
+                busiest_arrivals=cell.busiest_arrivals,
+                long_run_rate=cell.long_run_rate,
+                expired=cell.expired,
+            )
+            stalls.append(stall)
+            log(f"[shared] stall {_summary_line(cell)[9:]}")
+    return stalls
+
+
 def _summary_line(r: SharedResult) -> str:
     return (
         f"[shared] {r.rate:>4g}/s x{r.processes} {r.contender:<21} "
@@ -514,7 +613,11 @@ def _cell(value: float, fmt: str) -> str:
     return "n/a" if math.isnan(value) else format(value, fmt)
 
 
-def render(results: Sequence[SharedResult], pauses: Sequence[PauseResult]) -> str:
+def render(
+    results: Sequence[SharedResult],
+    pauses: Sequence[PauseResult],
+    stalls: Sequence[StallResult] = (),
+) -> str:
     """The tables, in Markdown."""
     lines = [
         "| rate | procs | limiter | requests | long-run rate error "
@@ -543,23 +646,43 @@ def render(results: Sequence[SharedResult], pauses: Sequence[PauseResult]) -> st
             f"| {p.stop_after_429_ms:.1f} ms | {p.sends_in_pause} "
             f"| {_cell(p.first_send_after_pause_s, '.2f')} s |"
         )
+    if stalls:
+        lines += ["", *_render_stalls(stalls)]
     return "\n".join(lines)
+
+
+def _render_stalls(stalls: Sequence[StallResult]) -> list[str]:
+    lines = [
+        "| limiter | procs | rate | one worker stopped | busiest 1 s: sends / arrivals (bound) "
+        "| long-run rate error | slots lapsed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in stalls:
+        lines.append(
+            f"| {t.contender} | {t.processes} | {t.rate:g}/s | {t.stall_s:g} s "
+            f"| {t.busiest_window} / {t.busiest_arrivals} ({t.rate + 1:g}) "
+            f"| {t.long_run_error:+.2%} | {t.expired} |"
+        )
+    return lines
 
 
 def run_part(*, duration_s: float, log: Callable[[str], None]) -> dict[str, Any]:
     """The ``shared`` part of ``python -m benchmarks``: starts its own redis-server.
 
-    Returns ``{"cells": [...], "pauses": [...], "markdown": "..."}`` for the run's record.
+    Returns ``{"cells": [...], "pauses": [...], "stalls": [...], "markdown": "..."}``
+    for the run's record.
     """
     sys.path.insert(0, str(ROOT))
     from tests.redis_server import RedisServer, require_redis_server
 
     with RedisServer(require_redis_server()) as redis_server:
         results, pauses = run_shared(redis_url=redis_server.url, duration_s=duration_s, log=log)
+        stalls = run_stalls(redis_url=redis_server.url, duration_s=duration_s, log=log)
     return {
         "cells": [attrs.asdict(r) | {"long_run_error": r.long_run_error} for r in results],
         "pauses": [attrs.asdict(p) for p in pauses],
-        "markdown": render(results, pauses),
+        "stalls": [attrs.asdict(t) | {"long_run_error": t.long_run_error} for t in stalls],
+        "markdown": render(results, pauses, stalls),
     }
 
 
