@@ -372,7 +372,11 @@ class RedisLimiter:
             self._pause_ends_us = max(self._pause_ends_us, now_us + pause_us)
 
     async def acquire(self) -> Ticket:
-        """Wait for a shared send slot (after any pause in force); one round trip."""
+        """Wait for a shared send slot (after any pause in force); one round trip.
+
+        Two when the slot lay inside a pause heard of meanwhile, or lapsed while
+        this process stalled (see the module notes).
+        """
         acquire_script, _ = self._connect()
         waited_us = 0
         expired = False
