@@ -1,18 +1,21 @@
-"""The batch pipeline: lazy input, one feeder, a bounded worker pool, a drain.
+"""The batch pipeline: lazy input, a bounded worker pool reading it, a drain.
 
 ::
 
     jobs (any iterable or async iterable)
-      -> feeder --[rendezvous stream]--> workers --run_item--> [bounded stream] -> JobStream
+      -> feed.take() <- workers --run_item--> [bounded stream] -> JobStream
 
-One feeder reads the input, plain or async alike, one item at a time and only
-when a worker is free to take it (a rendezvous stream: nothing read waits in a
-buffer), so memory stays flat in the number of jobs and a drain leaves no job
-half-taken. There are twice as many workers as the client's concurrency: the
-concurrency cap itself is a semaphore taken per HTTP attempt and released during
-a retry's backoff, so a job sleeping in a backoff never idles a slot while other
-jobs wait. Results flow back through a stream bounded by the workers
-(backpressure on a slow consumer).
+Each worker, when free, takes the next item from one :class:`_Feed` (plain or
+async input alike) and runs it, so nothing read waits in a buffer, memory stays
+flat in the number of jobs, and a drain leaves no job half-taken. Taking in the
+worker itself, rather than through a feeder task and a rendezvous stream, saves
+two task hand-offs per job: 349k -> 246k instructions per job in run_batch
+(library only, callgrind), about 13% of a whole request. There are twice as
+many workers as the client's concurrency: the concurrency cap itself is a
+semaphore taken per HTTP attempt and released during a retry's backoff, so a
+job sleeping in a backoff never idles a slot while other jobs wait. Results
+flow back through a stream bounded by the workers (backpressure on a slow
+consumer).
 
 :class:`JobStream` owns the pipeline's task group when entered
 (``async with client.stream(jobs) as results``), the structured form. Iterated
@@ -20,7 +23,7 @@ bare (``async for r in client.stream(jobs)``), it runs the same pipeline in a
 task of the client's, because a task group cannot live in the frame of an
 abandoned async iterator (PEP 789); dropping the iterator cancels that task.
 
-:meth:`JobStream.drain` stops the feeder and every submission not yet started
+:meth:`JobStream.drain` stops the feed and every submission not yet started
 (they end as :class:`~nebula_async.NotAttemptedError`); the jobs in flight finish
 and are yielded, then the stream ends.
 """
@@ -28,6 +31,7 @@ and are yielded, then the stream ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import (
     AsyncIterable,
@@ -36,6 +40,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Iterator,
     Mapping,
 )
 from functools import partial
@@ -50,7 +55,7 @@ from ._breaker import CircuitBreaker
 from ._exceptions import ClientStateError, NotAttemptedError, ValidationError
 from ._models import JobResult
 
-__all__ = ["BatchControl", "JobStream", "default_window", "iterate", "worker_count"]
+__all__ = ["BatchControl", "JobStream", "default_window", "worker_count"]
 
 RunItem = Callable[[int, object, "BatchControl"], Awaitable[JobResult]]
 Admit = Callable[[int, object], object]
@@ -143,25 +148,128 @@ def check_jobs(jobs: object) -> Iterable[object] | AsyncIterable[object]:
     return jobs
 
 
-async def iterate(jobs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[object]:
-    """Both kinds of input as one async iterator; an async generator input is closed here."""
-    if not isinstance(jobs, AsyncIterable):
-        for item in jobs:
-            yield item
-        return
-    try:
-        async for item in jobs:
-            yield item
-    finally:
-        aclose = getattr(jobs, "aclose", None)
+class _Feed:
+    """The input, read by whichever worker comes free: ``take()`` one item at a time.
+
+    Nothing is read before a worker is free to run it (memory stays flat in the
+    number of jobs), and a drain leaves no job half-taken. A plain iterator is
+    read with ``next()``, which cannot be interrupted halfway, so the workers call
+    it directly; an async iterable may wait inside ``anext()``, so one worker reads
+    at a time (a lock) in a scope that :meth:`stop` cancels. Everything else (the
+    index, ``admit``, the reorder window, the input's own failure) is the same
+    code for both.
+    """
+
+    def __init__(
+        self,
+        jobs: Iterable[object] | AsyncIterable[object],
+        *,
+        admit: Admit | None,
+        window: anyio.Semaphore | None,
+    ) -> None:
+        self._plain = None if isinstance(jobs, AsyncIterable) else iter(jobs)
+        self._async = jobs.__aiter__() if isinstance(jobs, AsyncIterable) else None
+        self._lock = anyio.Lock(fast_acquire=True)
+        self._admit = admit
+        self._window = window
+        self._index = 0
+        self._reading: anyio.CancelScope | None = None
+        self.stopped = False
+        self.failure: BaseException | None = None
+
+    def stop(self) -> None:
+        """Read nothing more; a worker waiting on the input stops waiting."""
+        self.stopped = True
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def take(self) -> tuple[int, object] | None:
+        """The next ``(index, item)``, admitted; None once the input is done or stopped."""
+        if self._window is not None and not await self._wait_for_window():
+            return None
+        if self._async is None:
+            taken = self._read(self._plain)
+        else:
+            async with self._lock:
+                taken = await self._read_async(self._async)
+        if taken is None and self._window is not None:
+            self._window.release()  # the permit taken for an item that never came
+        return taken
+
+    async def _wait_for_window(self) -> bool:
+        window = self._window
+        assert window is not None
+        try:
+            window.acquire_nowait()
+        except anyio.WouldBlock:
+            with self._cut_by_stop() as scope:
+                await window.acquire()
+            return not scope.cancelled_caught
+        return True
+
+    def _read(self, source: Iterator[object] | None) -> tuple[int, object] | None:
+        assert source is not None
+        if self.stopped:
+            return None
+        try:
+            return self._admitted(next(source))
+        except StopIteration:
+            self.stopped = True
+        except Exception as exc:  # the caller's input failed: stop, keep results
+            self._failed(exc)
+        except asyncio.CancelledError as exc:  # no await in next(): never ours
+            self._failed(_stray_cancel(exc))
+        return None
+
+    async def _read_async(self, source: AsyncIterator[object]) -> tuple[int, object] | None:
+        if self.stopped:
+            return None
+        with self._cut_by_stop():
+            try:
+                return self._admitted(await anext(source))
+            except StopAsyncIteration:
+                self.stopped = True
+            except Exception as exc:  # the caller's input failed: stop, keep results
+                self._failed(exc)
+            except asyncio.CancelledError as exc:
+                if _really_cancelled():
+                    raise
+                self._failed(_stray_cancel(exc))
+        return None
+
+    def _admitted(self, item: object) -> tuple[int, object]:
+        index = self._index
+        self._index += 1
+        if self._admit is not None:
+            item = self._admit(index, item)
+        return index, item
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
+        self.stopped = True
+
+    @contextlib.contextmanager
+    def _cut_by_stop(self) -> Iterator[anyio.CancelScope]:
+        """A scope for one wait on the input, cancelled by :meth:`stop`."""
+        with anyio.CancelScope() as scope:
+            self._reading = scope
+            if self.stopped:
+                scope.cancel()
+            try:
+                yield scope
+            finally:
+                self._reading = None
+
+    async def aclose(self) -> None:
+        """Close an async generator input (stopped early: drain, cancel) in this task."""
+        aclose = getattr(self._async, "aclose", None)
         if aclose is not None:
-            # Stopped early (drain, cancel): close the caller's generator in this task.
             with anyio.CancelScope(shield=True):
                 await aclose()
 
 
 class _Pipeline:
-    """The feeder and the workers of one stream, in a task group the caller provides."""
+    """The workers of one stream, in a task group the caller provides."""
 
     def __init__(
         self,
@@ -173,16 +281,17 @@ class _Pipeline:
         window: anyio.Semaphore | None,
         admit: Admit | None,
     ) -> None:
-        self._jobs = jobs
+        self._feed = _Feed(jobs, admit=admit, window=window)
         self._run_item = run_item
         self._control = control
         self._workers = workers
-        self._window = window
-        self._admit = admit
-        self._feed_scope = anyio.CancelScope()
-        control.on_drain(self._feed_scope.cancel)
-        self.input_failure: BaseException | None = None
+        control.on_drain(self._feed.stop)
         self.cut_short: ClientStateError | None = None
+
+    @property
+    def input_failure(self) -> BaseException | None:
+        """The exception the jobs iterable raised, if it did."""
+        return self._feed.failure
 
     async def run_in(
         self, send_results: MemoryObjectSendStream[_Pair], call_scope: Callable[[], Any]
@@ -197,63 +306,23 @@ class _Pipeline:
             send_results.close()
 
     async def run(self, send_results: MemoryObjectSendStream[_Pair]) -> None:
-        """Feed and work until the input ends (or is drained) and every job is done."""
-        send_jobs, receive_jobs = anyio.create_memory_object_stream[tuple[int, object]](0)
-        async with send_results, receive_jobs, anyio.create_task_group() as task_group:
-            task_group.start_soon(self._feed, send_jobs)
-            for _ in range(self._workers):
-                task_group.start_soon(self._work, receive_jobs.clone(), send_results.clone())
-
-    async def _feed(self, send_jobs: MemoryObjectSendStream[tuple[int, object]]) -> None:
-        async with send_jobs:
-            with self._feed_scope:
-                await self._feed_items(send_jobs)
-
-    async def _feed_items(self, send_jobs: MemoryObjectSendStream[tuple[int, object]]) -> None:
-        source = iterate(self._jobs)
-        index = 0
+        """Work until the input ends (or is drained) and every job taken is done."""
         try:
-            while True:
-                try:
-                    item = await anext(source)
-                    if self._admit is not None:
-                        item = self._admit(index, item)
-                except StopAsyncIteration:
-                    return
-                except Exception as exc:  # the caller's input failed: stop, keep results
-                    self.input_failure = exc
-                    return
-                except asyncio.CancelledError as exc:
-                    if _really_cancelled():
-                        raise
-                    self.input_failure = _stray_cancel(exc)
-                    return
-                if self._window is not None:
-                    await self._window.acquire()
-                try:
-                    await _send(send_jobs, (index, item))
-                except anyio.BrokenResourceError:
-                    return  # every worker is gone: the consumer left
-                index += 1
+            async with send_results, anyio.create_task_group() as task_group:
+                for _ in range(self._workers):
+                    task_group.start_soon(self._work, send_results.clone())
         finally:
-            with anyio.CancelScope(shield=True):
-                await source.aclose()  # type: ignore[attr-defined]
+            await self._feed.aclose()
 
-    async def _work(
-        self,
-        receive_jobs: MemoryObjectReceiveStream[tuple[int, object]],
-        send_results: MemoryObjectSendStream[_Pair],
-    ) -> None:
-        async with receive_jobs, send_results:
-            while True:
-                try:
-                    index, item = await _receive(receive_jobs)
-                except anyio.EndOfStream:
-                    return
+    async def _work(self, send_results: MemoryObjectSendStream[_Pair]) -> None:
+        async with send_results:
+            while (taken := await self._feed.take()) is not None:
+                index, item = taken
                 result = await self._run_item(index, item, self._control)
                 try:
                     await _send(send_results, (index, result))
                 except anyio.BrokenResourceError:
+                    self._feed.stop()
                     return  # the consumer left (a bare loop abandoned): nobody wants it
 
 

@@ -87,7 +87,8 @@ RateLimitOption = float | RateLimit | Limiter | LimiterFactory | None
 
 
 class _Tally:
-    """Per-submission attempt counts, kept even when the submission fails."""
+    """A job's attempt counts, kept even when a submission fails; its submissions
+    share one (each count moves with no await in between)."""
 
     __slots__ = ("attempts", "rate_limited", "retries")
 
@@ -675,20 +676,18 @@ class NebulaClient:
         """All submissions of one job, concurrently under the client's limits."""
         started = time.perf_counter()
         sizes = job.submission_sizes()
-        tallies = [_Tally() for _ in sizes]
+        tally = _Tally()
         outcomes: list[ImageResult | NebulaError | None] = [None] * len(sizes)
         if len(sizes) == 1:
-            outcomes[0] = await self._submission(
-                self._request_of(job, sizes[0]), tallies[0], control
-            )
+            outcomes[0] = await self._submission(self._request_of(job, sizes[0]), tally, control)
         else:
-            await self._fan_out(job, sizes, tallies, outcomes, control)
+            await self._fan_out(job, sizes, tally, outcomes, control)
         result = aggregate(
             job.id or "",
             [outcome for outcome in outcomes if outcome is not None],
-            attempts=sum(t.attempts for t in tallies),
-            retries=sum(t.retries for t in tallies),
-            rate_limited=sum(t.rate_limited for t in tallies),
+            attempts=tally.attempts,
+            retries=tally.retries,
+            rate_limited=tally.rate_limited,
             elapsed_s=time.perf_counter() - started,
             requested_images=job.total_images,
         )
@@ -706,7 +705,7 @@ class NebulaClient:
         self,
         job: Job,
         sizes: list[int],
-        tallies: list[_Tally],
+        tally: _Tally,
         outcomes: list[ImageResult | NebulaError | None],
         control: BatchControl | None,
     ) -> None:
@@ -717,7 +716,7 @@ class NebulaClient:
             # Shared iterator: a job of 1,000 submissions runs on a few tasks, not 1,000.
             for index, size in pending:
                 request = self._request_of(job, size)
-                outcomes[index] = await self._submission(request, tallies[index], control)
+                outcomes[index] = await self._submission(request, tally, control)
 
         async with anyio.create_task_group() as task_group:
             for _ in range(min(len(sizes), self._max_concurrency)):

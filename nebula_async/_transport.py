@@ -16,7 +16,6 @@ so a gzip bomb never exists inflated beyond the cap.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Final
 
@@ -105,8 +104,13 @@ class AiohttpTransport:
         self._trust_env = trust_env
         self._headers = {"User-Agent": USER_AGENT, **(headers or {})}
         self._attempt_timeout = timeout.attempt
+        # aiohttp's own total timeout bounds each attempt from the send to the last body
+        # byte (the body is read inside it); past aiohttp's ceil_threshold (5 s) its
+        # deadline is rounded up to a whole second, which groups the timers. An
+        # asyncio.timeout() around the request did the same at 47k more instructions
+        # per request (callgrind, whole client: 714k -> 667k).
         self._client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeout.connect, sock_read=timeout.read
+            total=timeout.attempt, sock_connect=timeout.connect, sock_read=timeout.read
         )
         self._session: aiohttp.ClientSession | None = None
         # (scheme, host, port) -> (proxy URL, proxy auth), or None for a direct line.
@@ -178,20 +182,17 @@ class AiohttpTransport:
             limit = request.max_response_bytes
         proxy, proxy_auth = self._proxy_for(request.url)
         try:
-            # asyncio.timeout is one timer handle; an anyio cancel scope costs several
-            # times more per attempt, and this sits on the hot path.
-            async with asyncio.timeout(self._attempt_timeout):
-                async with session.request(
-                    request.method,
-                    request.url,
-                    data=request.body,
-                    headers=request.headers,
-                    allow_redirects=False,
-                    proxy=proxy,
-                    proxy_auth=proxy_auth,
-                ) as response:
-                    body = await _read_capped(response, limit)
-                    return response.status, response.headers, body
+            async with session.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=request.headers,
+                allow_redirects=False,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
+            ) as response:
+                body = await _read_capped(response, limit)
+                return response.status, response.headers, body
         except aiohttp.ConnectionTimeoutError as exc:
             raise APITimeoutError(f"connect timed out: {exc}", request_sent=False) from exc
         except (aiohttp.SocketTimeoutError, TimeoutError) as exc:

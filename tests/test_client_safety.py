@@ -432,7 +432,7 @@ async def test_repeated_ids_are_refused_in_input_order() -> None:
     async def jobs() -> AsyncIterator[na.Job]:
         for i in range(400):
             if i % 3 == 0:
-                await anyio.lowlevel.checkpoint()  # lets workers interleave with the feeder
+                await anyio.lowlevel.checkpoint()  # lets workers interleave as they take jobs
             yield na.Job(na.Img2ImgRequest(model="m", prompt=f"p{i}"), id=str(i // 2))
 
     async with MockNebulaServer(latency=(0.0, 0.003)) as server:

@@ -6,8 +6,8 @@
         --> results loop: one line per answer, written as it arrives
             --(URL images: a "pending" line, then)--> download stage --> final line
 
-The feed runs where the client reads its input (its feeder task); it never
-writes a result. The results loop is the only writer of answers, and it never
+The feed runs where the client reads its input (in the worker that takes the
+next job); it never writes a result. The results loop is the only writer of answers, and it never
 waits on a download: a job's URLs are on disk as soon as its answer arrives,
 and the download stage (its own tasks, a bounded number of jobs at a time)
 fetches them from the line it reads back, then writes the job's final line. So
@@ -465,7 +465,7 @@ async def execute_jobs(
     recorder = _Recorder(client, writer, progress, tally, stage)
 
     async def feed() -> AsyncIterator[Job]:
-        # Runs in the client's feeder task: reads, validates, inlines images; no writes.
+        # Runs where the client takes its next job: reads, validates, inlines images; no writes.
         for item in job_lines:
             if control.draining:
                 return
