@@ -470,8 +470,9 @@ class JobStream:
 
 
 # anyio's send() and receive() pass through the event loop even when they need not
-# wait (a checkpoint each): two to four extra loop iterations per job, measured at
-# 1.49x raw aiohttp's instructions per request for run_batch. Every job still
+# wait (a checkpoint each). Measured with the workers taking from one feed: run_batch
+# 246.2k instructions per job with these two helpers, 342.6k with plain send() and
+# receive() (library only, callgrind): about 13% of a whole request. Every job still
 # reaches a real await (its HTTP request), so cancellation is as prompt as ever.
 async def _send(stream: MemoryObjectSendStream[_T], item: _T) -> None:
     try:
