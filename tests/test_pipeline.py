@@ -7,6 +7,7 @@ so that what is in flight, and what was read from the input, can be seen exactly
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -115,6 +116,26 @@ async def test_never_more_than_max_concurrency_in_flight_and_every_slot_used(see
     assert all(result.ok for result in report.results), [r.error for r in report.results]
     assert server.max_in_flight == concurrency  # capped, and the cap was reached
     assert server.request_count == report.attempts
+
+
+async def test_a_short_input_starts_few_workers_under_a_large_concurrency() -> None:
+    # Workers start as the input proves long enough: 5 jobs at max_concurrency=1,000
+    # need 6 tasks (the sixth finds the input ended), not 2,000 started up front.
+    tasks_at_read: list[int] = []
+
+    def jobs() -> Iterator[na.Img2ImgRequest]:
+        for index in range(5):
+            tasks_at_read.append(len(asyncio.all_tasks()) - before)
+            yield request_for(f"job{index}")
+        tasks_at_read.append(len(asyncio.all_tasks()) - before)
+
+    async with MockNebulaServer(latency=0.01) as server:
+        async with client_for(server.base_url, max_concurrency=1000) as client:
+            before = len(asyncio.all_tasks())
+            report = await client.run_batch(jobs())
+    assert report.succeeded == 5
+    # The pipeline's task, the workers so far, aiohttp's writers of requests sent.
+    assert max(tasks_at_read) <= 1 + 6 + 5, tasks_at_read
 
 
 @pytest.mark.parametrize("kind", ["plain", "async"])
