@@ -78,7 +78,10 @@ async def test_a_second_signal_stops_at_once_leaving_whole_lines(tmp_path: Path)
     async with MockNebulaServer(latency=0.05, fault_script=script, slow_s=30.0) as server:
         async with await anyio.open_process(argv, env=cli_env(server)) as process:
             with anyio.fail_after(20):
-                while complete_lines(out) < 4 and process.returncode is None:
+                # Four lines written and four slow requests sent: a drain now waits.
+                while (
+                    complete_lines(out) < 4 or server.in_flight < 4
+                ) and process.returncode is None:
                     await anyio.sleep(0.01)
             process.send_signal(signal.SIGINT)
             await anyio.sleep(0.3)
