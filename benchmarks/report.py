@@ -112,17 +112,18 @@ def checks(results: Results) -> list[Check]:
     growth, small, large = memory_growth_mb(results.memory, "stream")
     found = [
         _check(
+            # A regression guard since issue 12, not a target: 1.25x raw aiohttp.
             "run_batch CPU per request vs raw aiohttp",
             cpu_ratio,
-            "<= 1.10x",
-            lambda v: v <= 1.10,
+            "<= 1.25x",
+            lambda v: v <= 1.25,
             f"{cpu_ratio:.2f}x",
         ),
         _check(
             "run_batch instructions per request vs raw aiohttp (callgrind, whole client)",
             _instructions_ratio(results.instructions_network, OURS),
-            "<= 1.10x",
-            lambda v: v <= 1.10,
+            "<= 1.25x",
+            lambda v: v <= 1.25,
             f"{_instructions_ratio(results.instructions_network, OURS):.2f}x",
         ),
         _check(

@@ -2,15 +2,18 @@
 
 ::
 
-    jobs (any iterable or async iterable)
-      -> feed.take() <- workers --run_item--> [bounded stream] -> JobStream
+    jobs (plain iterable)   --next()----------------------.
+    jobs (async iterable)   --pump task--[rendezvous]-----+--> feed.take() <- workers
+    workers --run_item--> [bounded stream] -> JobStream
 
-Each worker, when free, takes the next item from one :class:`_Feed` (plain or
-async input alike) and runs it, so nothing read waits in a buffer, memory stays
-flat in the number of jobs, and a drain leaves no job half-taken. Taking in the
-worker itself, rather than through a feeder task and a rendezvous stream, saves
-two task hand-offs per job: 349k -> 246k instructions per job in run_batch
-(library only, callgrind), about 13% of a whole request. There are up to twice
+Each worker, when free, takes the next item from one :class:`_Feed` and runs
+it, so memory stays flat in the number of jobs and a drain leaves no job
+half-taken. A plain iterable is read by the worker itself; taking it there,
+rather than from a feeder task over a rendezvous stream, saves two task
+hand-offs per job: 349k -> 246k instructions per job in run_batch (library
+only, callgrind), about 13% of a whole request. An async iterable keeps one
+task of its own (the feed's pump), since an async generator may hold a timer, a
+context or a cancel scope across its yields. There are up to twice
 as many workers as the client's concurrency, each started when the one before it
 took a job (a short input starts few tasks): the concurrency cap itself is a
 semaphore taken per HTTP attempt and released during a retry's backoff, so a
@@ -32,7 +35,6 @@ and are yielded, then the stream ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import (
     AsyncIterable,
@@ -41,7 +43,6 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
-    Iterator,
     Mapping,
 )
 from functools import partial
@@ -63,6 +64,8 @@ Admit = Callable[[int, object], object]
 _Pair = tuple[int, JobResult]
 _T = TypeVar("_T")
 _log = logging.getLogger("nebula_async")
+# What a feed gives back for "no item" (None may be an item: it fails its own job).
+_NOTHING: Final = object()
 # Closing a cancelled pipeline is prompt (aiohttp aborts at once); this only
 # guards against a run_item that ignores cancellation.
 _CLOSE_GRACE_S: Final = 10.0
@@ -151,15 +154,17 @@ def check_jobs(jobs: object) -> Iterable[object] | AsyncIterable[object]:
 
 
 class _Feed:
-    """The input, read by whichever worker comes free: ``take()`` one item at a time.
+    """The input, taken by whichever worker comes free: ``take()`` one item at a time.
 
     Nothing is read before a worker is free to run it (memory stays flat in the
     number of jobs), and a drain leaves no job half-taken. A plain iterator is
-    read with ``next()``, which cannot be interrupted halfway, so the workers call
-    it directly; an async iterable may wait inside ``anext()``, so one worker reads
-    at a time (a lock) in a scope that :meth:`stop` cancels. Everything else (the
-    index, ``admit``, the reorder window, the input's own failure) is the same
-    code for both.
+    read with ``next()``, which cannot stop halfway, so the workers call it
+    themselves. An async iterable is read by one task of its own, :meth:`pump`,
+    handing each item over a rendezvous stream: an async generator may hold a
+    timer, a context or a cancel scope across its ``yield`` (an aiohttp response
+    it streams jobs from), which must stay in the task that entered it. The index,
+    ``admit``, the reorder window and the end of the input are the same code for
+    both; so is the input's own failure, kept in :attr:`failure`.
     """
 
     def __init__(
@@ -169,34 +174,112 @@ class _Feed:
         admit: Admit | None,
         window: anyio.Semaphore | None,
     ) -> None:
+        self._jobs = jobs
         self._plain = None if isinstance(jobs, AsyncIterable) else iter(jobs)
-        self._async = jobs.__aiter__() if isinstance(jobs, AsyncIterable) else None
-        self._lock = anyio.Lock(fast_acquire=True)
+        self._handed: MemoryObjectReceiveStream[object] | None = None
         self._admit = admit
         self._window = window
         self._index = 0
         self._reading: anyio.CancelScope | None = None
+        self._pump_scope = anyio.CancelScope()
         self.stopped = False
         self.failure: BaseException | None = None
 
     def stop(self) -> None:
-        """Read nothing more; a worker waiting on the input stops waiting."""
+        """Take nothing more; a worker (or the pump) waiting on the input stops waiting."""
         self.stopped = True
+        self._pump_scope.cancel()
         if self._reading is not None:
             self._reading.cancel()
 
+    def start(self, task_group: TaskGroup) -> None:
+        """Start the pump of an async input in ``task_group`` (a plain one needs none)."""
+        if isinstance(self._jobs, AsyncIterable):
+            send, self._handed = anyio.create_memory_object_stream[object](0)
+            task_group.start_soon(self.pump, self._jobs, send)
+
+    def close(self) -> None:
+        """Close the workers' end of the pump's stream (once every worker is done)."""
+        if self._handed is not None:
+            self._handed.close()
+
     async def take(self) -> tuple[int, object] | None:
         """The next ``(index, item)``, admitted; None once the input is done or stopped."""
+        if self.stopped:
+            return None
         if self._window is not None and not await self._wait_for_window():
             return None
-        if self._async is None:
-            taken = self._read(self._plain)
+        if self._handed is None:
+            item = self._read_plain()
         else:
-            async with self._lock:
-                taken = await self._read_async(self._async)
-        if taken is None and self._window is not None:
-            self._window.release()  # the permit taken for an item that never came
-        return taken
+            item = await self._receive_handed(self._handed)
+        index = self._index
+        if item is not _NOTHING and self._admit is not None:
+            try:
+                item = self._admit(index, item)
+            except Exception as exc:  # the check of the input failed: as the input itself
+                self._failed(exc)
+                item = _NOTHING
+        if item is _NOTHING:
+            if self._window is not None:
+                self._window.release()  # the permit taken for an item that never came
+            return None
+        self._index += 1
+        return index, item
+
+    def _read_plain(self) -> object:
+        assert self._plain is not None
+        try:
+            return next(self._plain)
+        except StopIteration:
+            self.stopped = True
+        except Exception as exc:  # the caller's input failed: stop, keep results
+            self._failed(exc)
+        except asyncio.CancelledError as exc:  # no await in next(): never ours
+            self._failed(_stray_cancel(exc))
+        return _NOTHING
+
+    async def _receive_handed(self, handed: MemoryObjectReceiveStream[object]) -> object:
+        try:
+            return await _receive(handed)
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self.stopped = True  # the pump ended: input done, failed or stopped
+            return _NOTHING
+
+    async def pump(self, jobs: AsyncIterable[object], send: MemoryObjectSendStream[object]) -> None:
+        """Read an async input in this one task, an item whenever a worker waits for one."""
+        source = aiter(jobs)
+        try:
+            async with send:
+                with self._pump_scope:
+                    await self._pump_items(source, send)
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                # Stopped early (drain, cancel): close the caller's generator here.
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+    async def _pump_items(
+        self, source: AsyncIterator[object], send: MemoryObjectSendStream[object]
+    ) -> None:
+        while True:
+            try:
+                item = await anext(source)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:  # the caller's input failed: stop, keep results
+                self._failed(exc)
+                return
+            except asyncio.CancelledError as exc:
+                if _really_cancelled():
+                    raise
+                self._failed(_stray_cancel(exc))
+                return
+            try:
+                await _send(send, item)
+            except anyio.BrokenResourceError:
+                return  # every worker is gone
 
     async def _wait_for_window(self) -> bool:
         window = self._window
@@ -204,70 +287,18 @@ class _Feed:
         try:
             window.acquire_nowait()
         except anyio.WouldBlock:
-            with self._cut_by_stop() as scope:
-                await window.acquire()
+            with anyio.CancelScope() as scope:
+                self._reading = scope
+                try:
+                    await window.acquire()
+                finally:
+                    self._reading = None
             return not scope.cancelled_caught
         return True
-
-    def _read(self, source: Iterator[object] | None) -> tuple[int, object] | None:
-        assert source is not None
-        if self.stopped:
-            return None
-        try:
-            return self._admitted(next(source))
-        except StopIteration:
-            self.stopped = True
-        except Exception as exc:  # the caller's input failed: stop, keep results
-            self._failed(exc)
-        except asyncio.CancelledError as exc:  # no await in next(): never ours
-            self._failed(_stray_cancel(exc))
-        return None
-
-    async def _read_async(self, source: AsyncIterator[object]) -> tuple[int, object] | None:
-        if self.stopped:
-            return None
-        with self._cut_by_stop():
-            try:
-                return self._admitted(await anext(source))
-            except StopAsyncIteration:
-                self.stopped = True
-            except Exception as exc:  # the caller's input failed: stop, keep results
-                self._failed(exc)
-            except asyncio.CancelledError as exc:
-                if _really_cancelled():
-                    raise
-                self._failed(_stray_cancel(exc))
-        return None
-
-    def _admitted(self, item: object) -> tuple[int, object]:
-        index = self._index
-        self._index += 1
-        if self._admit is not None:
-            item = self._admit(index, item)
-        return index, item
 
     def _failed(self, exc: BaseException) -> None:
         self.failure = exc
         self.stopped = True
-
-    @contextlib.contextmanager
-    def _cut_by_stop(self) -> Iterator[anyio.CancelScope]:
-        """A scope for one wait on the input, cancelled by :meth:`stop`."""
-        with anyio.CancelScope() as scope:
-            self._reading = scope
-            if self.stopped:
-                scope.cancel()
-            try:
-                yield scope
-            finally:
-                self._reading = None
-
-    async def aclose(self) -> None:
-        """Close an async generator input (stopped early: drain, cancel) in this task."""
-        aclose = getattr(self._async, "aclose", None)
-        if aclose is not None:
-            with anyio.CancelScope(shield=True):
-                await aclose()
 
 
 class _Pipeline:
@@ -312,9 +343,10 @@ class _Pipeline:
         """Work until the input ends (or is drained) and every job taken is done."""
         try:
             async with send_results, anyio.create_task_group() as task_group:
+                self._feed.start(task_group)
                 self._start_worker(task_group, send_results)
         finally:
-            await self._feed.aclose()
+            self._feed.close()
 
     def _start_worker(
         self, task_group: TaskGroup, send_results: MemoryObjectSendStream[_Pair]

@@ -138,6 +138,24 @@ async def test_a_short_input_starts_few_workers_under_a_large_concurrency() -> N
     assert max(tasks_at_read) <= 1 + 6 + 5, tasks_at_read
 
 
+async def test_an_async_input_is_read_in_one_task_across_its_yields() -> None:
+    # An async generator may hold a timer, a context or a cancel scope across its
+    # yields (an aiohttp response it streams jobs from): it must stay in one task.
+    readers: set[asyncio.Task[Any] | None] = set()
+
+    async def jobs() -> AsyncIterator[na.Img2ImgRequest]:
+        with anyio.CancelScope():  # exited in another task, this would raise
+            for index in range(40):
+                readers.add(asyncio.current_task())
+                yield request_for(f"job{index}")
+
+    async with MockNebulaServer(latency=(0.0, 0.005), seed=1) as server:
+        async with client_for(server.base_url, max_concurrency=4) as client:
+            report = await client.run_batch(jobs())
+    assert report.succeeded == 40
+    assert len(readers) == 1
+
+
 @pytest.mark.parametrize("kind", ["plain", "async"])
 async def test_the_input_is_read_lazily_one_item_per_free_worker(kind: str) -> None:
     concurrency = 2
@@ -148,10 +166,11 @@ async def test_the_input_is_read_lazily_one_item_per_free_worker(kind: str) -> N
             with anyio.fail_after(10):
                 async with client.stream(reads.source(kind)) as results:
                     # Every answer held: each worker took one job, and nothing more is
-                    # read until one of them comes free.
+                    # read until one of them comes free (an async input's pump holds
+                    # the next item read, for the first worker to come free).
                     await wait_until(lambda: server.in_flight == concurrency)
                     await anyio.sleep(0.1)
-                    assert reads.read == workers
+                    assert reads.read == workers + (kind == "async")
                     assert server.in_flight == concurrency  # the third worker waits for a slot
                     server.open()
                     seen = [result.job_id async for result in results]
@@ -179,7 +198,7 @@ async def test_each_finished_job_lets_exactly_one_more_item_be_read(kind: str) -
                     await wait_until(lambda: server.in_flight == 1)
                     await anyio.sleep(0.05)
                     held = reads.read
-                    assert held == worker_count(1)
+                    assert held == worker_count(1) + (kind == "async")
                     async with anyio.create_task_group() as task_group:
                         task_group.start_soon(watch)
                         server.open()
