@@ -72,12 +72,31 @@ _NEVER: Final = -math.inf
 #: spread evenly, and the server counts by arrival, not by sending; against a
 #: sliding window of 20, windows read 19.4-20.1 without it.
 _EDGE: Final = 0.25
+#: A window's oldest bin holding this share of the rest holds a burst.
+_BURST_SHARE: Final = 0.25
+#: Bins of slack for the server's clock: it counts arrivals, and the requests of a
+#: burst arrive spread over some milliseconds (new connections first), while a
+#: later send on a warm connection arrives at once.
+_GUARD_BINS: Final = 3
 #: Per answer: the longest latency seen fades by 2%, so an old outlier is forgotten.
 _LATENCY_DECAY: Final = 0.98
 #: A refusal whose window held fewer other sends than this reads no limit: one
 #: request refused on its own says "not now" (its Retry-After pause covers that),
 #: and reading it as "one per window" would crawl for good.
 _MIN_READING: Final = 3.0
+#: A probe's window that took this many more than the estimate (or this share more)
+#: found a higher limit: grow from there as in slow start.
+_CLEAR: Final = 2.0
+_CLEAR_SHARE: Final = 0.1
+#: After the limit fell, probing starts ``moved_hold`` after each event and each
+#: probe that fails lengthens that by this factor (not 2) until it is back at
+#: ``hold``: a limit that moved may move back soon, and probes spaced
+#: geometrically cost refusals in the log of the time since. Meanwhile probes
+#: step up this many times faster.
+_MOVED_GROWTH: Final = 1.25
+_MOVED_GAIN: Final = 3.0
+#: A reading at the plateau under this share of the estimate: the limit fell.
+_FELL: Final = 0.75
 # Phases: no rate yet; a fixed rate; slow start from a guess; steering on an estimate.
 _UNLIMITED: Final = 0
 _FIXED: Final = 1
@@ -140,6 +159,7 @@ class RateController:
         "_bins",
         "_burst",
         "_ceiling",
+        "_checked",
         "_cut_at",
         "_decreases",
         "_estimate",
@@ -156,15 +176,22 @@ class RateController:
         "_margin",
         "_max_decrease",
         "_min_rate",
+        "_moved_hold",
         "_pause_hold",
+        "_pausing",
         "_phase",
         "_plateau",
         "_pre_cut",
         "_probe_gain",
         "_probe_ramp",
         "_ramp",
+        "_ramp_at",
+        "_reading",
+        "_readings",
         "_refused",
+        "_regrow",
         "_settle_until",
+        "_settled",
         "_start",
         "_started_at",
         "_unproven",
@@ -184,13 +211,15 @@ class RateController:
         margin: float = 0.03,
         start_fraction: float = 0.5,
         ramp: float = 2.0,
-        hold: float = 4.0,
+        hold: float = 8.0,
         hold_max: float = 120.0,
         probe_gain: float = 0.05,
         min_rate: float = 0.1,
         max_decrease: float = 0.25,
         pause_hold: float = 60.0,
         probe_ramp: float = 1.25,
+        moved_hold: float = 1.0,
+        regrow: float = 1.5,
     ) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise ValueError(f"burst must be an integer >= 1, got {burst!r}")
@@ -208,6 +237,11 @@ class RateController:
         self._max_decrease = _fraction("max_decrease", max_decrease, low=0.01, high=1.0)
         self._pause_hold = _fraction("pause_hold", pause_hold, low=0.0, high=3600.0)
         self._probe_ramp = _fraction("probe_ramp", probe_ramp, low=1.0, high=16.0)
+        self._moved_hold = _fraction("moved_hold", moved_hold, low=0.0, high=self._hold_max)
+        self._regrow = _fraction("regrow", regrow, low=1.0, high=16.0)
+        self._readings = 1  # probe readings averaged into the estimate
+        self._reading = math.inf  # the last event's own reading, less its echoes
+        self._pausing = False  # a refusal came with a Retry-After
         self._last_refused = _NEVER  # the send time of the last event's refusal
         self._unproven: float | None = None  # the estimate before a probe raised it
         self._unproven_hold = self._hold  # and the hold, had that probe failed
@@ -224,11 +258,16 @@ class RateController:
         self._estimate: float | None = None  # at most what the event's window held
         self._lower = 0.0  # at least what it held
         self._settle_until = _NEVER  # its answers should all be in by then
+        self._settled = 0.0  # the estimate that stood before the last cuts
         self._latency = 0.0  # the longest answer lately, decaying
         self._first_answer: tuple[float, float] | None = None  # (sent, answered)
         self._plateau = math.nan  # the rate after the last event
         self._pre_cut: float | None = None  # the rate just before it
         self._started_at = math.nan  # the first send
+        self._ramp_at = (
+            math.nan
+        )  # when the slow start began (the first send, or a probe that cleared)
+        self._checked = -1  # the last bin a probe was checked at
         self._cut_at = _NEVER  # the last event
         self._event_bins = (0, -1)  # the bins the estimate was read from
         self._horizon = _NEVER  # refusals of sends up to here are echoes
@@ -277,10 +316,17 @@ class RateController:
         estimate = self._estimate
         if rate is None or estimate is None or self._phase != _STEADY:
             return now
+        start = now
         if now < self._settle_until and self._lower < 0.9 * estimate:
             # The event's window is still being answered, and what it held is
-            # unsure by over 10%: wait for its answers (a round trip at most).
-            return self._settle_until
+            # unsure by over 10%: wait for its answers (a round trip at most),
+            # and then for the window too, if it is still full.
+            start = self._settle_until
+        return self._window_frees(start, rate)
+
+    def _window_frees(self, now: float, rate: float) -> float:
+        """``now``, or when the sends of the last window not refused fall to what
+        the estimate allows."""
         allowed = max(self._target(self._working()), rate) * self._window
         # Whole bins only: the oldest, partly outside the window, is left out, so
         # that steady pacing at ``rate`` (about ``allowed`` sends a window) never
@@ -300,8 +346,9 @@ class RateController:
             if counts is not None:
                 held -= counts[0] - counts[2]
             if held <= allowed:
-                free_at = (index + 1) * self._bin_width + self._window
-                return free_at if free_at - now > 1.0 / rate else now
+                # (To the end of the bin: a burst is sent at one instant within it.)
+                free_at = (index + 1 + _GUARD_BINS) * self._bin_width + self._window
+                return free_at if free_at > now else now
         return now
 
     # -- events ----------------------------------------------------------------------------
@@ -309,7 +356,7 @@ class RateController:
     def on_sent(self, now: float) -> None:
         """A request was sent at ``now``."""
         if math.isnan(self._started_at):
-            self._started_at = now
+            self._started_at = self._ramp_at = now
         if now > self._latest_sent:
             self._latest_sent = now
         self._bin(now)[0] += 1
@@ -328,8 +375,16 @@ class RateController:
         estimate = self._estimate
         if estimate is not None and first <= index <= last:
             # An answer from the window the estimate was read from: it was taken.
-            self._lower = min(self._lower + 1.0 / self._window, estimate)
+            self._lower = min(self._lower + 1.0 / (self._readings * self._window), estimate)
             self._plateau = self._after_cut(self._pre_cut, self._working())
+        if (
+            self._phase == _STEADY
+            and index != self._checked
+            and now > self._cut_at + self._hold
+            and self._hold < self._hold_base
+        ):
+            self._checked = index  # once a bin: the check counts a window's bins
+            self._probe_cleared(sent_at, now)
 
     def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
         """The request sent at ``sent_at`` was refused for the rate (HTTP or body 429).
@@ -352,16 +407,56 @@ class RateController:
             first, last = self._event_bins
             estimate = self._estimate
             if estimate is not None and first <= index <= last:
-                self._estimate = max(estimate - 1.0 / self._window, self._min_rate)
+                self._estimate = max(self._echo(estimate), self._min_rate)
                 self._lower = min(self._lower, self._estimate)
                 self._plateau = self._after_cut(self._pre_cut, self._working())
             return
         most, _ = self._window_count(sent_at)
         if self._phase == _UNLIMITED and most - _EDGE < _MIN_READING:
             return  # nothing to read a limit from yet: stay unlimited
+        if self._at_the_edge(sent_at, most):
+            return
         self._congestion(sent_at, now, retry_after)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _at_the_edge(self, sent_at: float, most: float) -> bool:
+        """Whether a refusal is the last event's burst still in the server's window:
+        sent about a window after it (within the guard, where the server's clock
+        and ours disagree) and reading far under the estimate, its window missing
+        that burst. It says nothing new, like an echo."""
+        estimate = self._estimate
+        if estimate is None or most / self._window >= _FELL * estimate:
+            return False
+        guard = _GUARD_BINS * self._bin_width
+        return abs(sent_at - self._window - self._last_refused) <= guard
+
+    def _echo(self, estimate: float) -> float:
+        """The estimate once an echo says the event's window held one fewer: the
+        reading loses one; a mean of readings loses that reading's share; an
+        estimate below the reading (a cut to the one before) stays until the
+        reading falls under it."""
+        self._reading -= 1.0 / self._window
+        if self._readings > 1:
+            return estimate - 1.0 / (self._readings * self._window)
+        return min(estimate, self._reading)
+
+    def _probe_cleared(self, sent_at: float, now: float) -> None:
+        """While probing, a window that took clearly more than the estimate says the
+        limit rose: from the probe's rate, grow as in slow start until refused
+        (BBR's STARTUP after its bandwidth probe finds headroom; CUBIC's max probing,
+        RFC 9438 s. 4.3, likewise grows fast once past the old ``W_max``)."""
+        estimate = self._estimate
+        assert estimate is not None
+        took = self._count_between(sent_at - self._window, sent_at, 1)
+        if took < estimate * self._window + max(_CLEAR, _CLEAR_SHARE * estimate * self._window):
+            return
+        rate = self._pace(now)
+        assert rate is not None
+        self._hold = self._hold_base
+        self._start = rate
+        self._ramp_at = now
+        self._phase = _STARTING
 
     def _pace(self, now: float) -> float | None:
         """The rate of the current phase."""
@@ -371,85 +466,44 @@ class RateController:
         if phase == _FIXED:
             return self._start
         if phase == _STARTING:
-            if math.isnan(self._started_at):
+            if math.isnan(self._ramp_at):
                 return self._start
-            return self._grown(self._start, now - self._started_at, now)
+            return self._grown(self._start, now - self._ramp_at, now)
         since = now - self._cut_at - self._hold
         plateau = self._plateau
         if since <= 0.0:
             rate = plateau
         else:
-            step = self._probe_gain * (2.0 ** (since / self._window) - 1.0)
+            gain = self._probe_gain
+            if self._hold < self._hold_base:
+                gain *= _MOVED_GAIN  # a limit that moved lately is probed harder
+            step = gain * (2.0 ** (since / self._window) - 1.0)
             cap = self._sent_cap(now, self._probe_ramp)
             rate = self._clamp(min(plateau * (1.0 + step), cap))
         return rate
 
-    # Over 60 lines: one event's reading of the limit is a sequence of corrections
-    # that each read the state the one before left; split, they would pass it around.
     def _congestion(self, sent_at: float, now: float, retry_after: float | None) -> None:
         """A new congestion event: re-read the limit, cut to just under it."""
         most, least = self._window_count(sent_at)
-        measured = most / self._window
-        last = self._last_refused
-        unproven = self._unproven
-        self._unproven = None
-        if sent_at - last <= self._window:
-            # Refused again within a window of the last event, despite the cut. When
-            # the server took some in between, it was full at both ends and refilling
-            # meanwhile (a token bucket, whose burst made the window's count too
-            # high), what it took in between is its rate. Over a short span that is
-            # a few requests, so it is taken at one standard deviation above
-            # (counts vary about as their square root). When it took none, it is a
-            # window that a burst filled and that has yet to slide past: the count
-            # stands.
-            # From the end of the last refusal's bin, so that a burst sent with it
-            # is left out; and only if the server was fed meanwhile at about the
-            # rate the window read (not held back by hold_until): an idle span
-            # says nothing of it.
-            start = (self._index(last) + 1) * self._bin_width
-            span = sent_at - start
-            between = self._accepted_between(start, sent_at)
-            fed = self._count_between(start, sent_at, 0) >= 0.9 * measured * span
-            if span > 0.0 and between >= 2.0 and fed:
-                upper = (between + math.sqrt(between)) / span
-                if unproven is not None and upper <= 1.5 * unproven:
-                    # Soon after a probe read a higher limit, and the server takes
-                    # about what it took before: the probe saw a token bucket's
-                    # burst, refilled while we sat under the limit. Back to before,
-                    # and to the hold of a probe that failed.
-                    upper = unproven
-                    self._hold = self._unproven_hold
-                measured = min(measured, upper)
+        measured = self._refill_reading(sent_at, most / self._window)
         self._last_refused = sent_at
+        self._reading = measured
         current = self._pace(now)
         previous = self.estimated_limit
-        probing = self._phase == _STEADY and now > self._cut_at + self._hold
-        if probing and previous is not None and measured > 1.15 * previous:
-            # A probe found a higher limit (unless refused again soon: see above);
-            # it may rise again, so probe as often as at first.
-            self._unproven = previous
-            self._unproven_hold = min(max(self._hold * 2.0, self._hold_base), self._hold_max)
-            self._hold = self._hold_base
-        elif probing:
-            # A probe found the limit where it was: probe less often, and average
-            # the two readings (each is off by a send at the window's edges).
-            self._hold = min(max(self._hold * 2.0, self._hold_base), self._hold_max)
-            if previous is not None and measured >= 0.85 * previous:
-                measured = (measured + previous) / 2
-        elif previous is not None:
-            # Refused at the plateau (or in the pause after an event): the last
-            # reading was too high, or the limit fell.
-            measured = min(measured, previous)
-        if sent_at - self._started_at < self._window:
-            # Read from less than a window of history, the estimate may be a token
-            # bucket's burst rather than its rate: probe a window later, once.
-            self._hold = min(self._hold, self._window)
+        # A slow start after a probe that cleared is a probe too.
+        probing = (self._phase == _STEADY and now > self._cut_at + self._hold) or (
+            self._phase == _STARTING and previous is not None
+        )
+        measured, lower = self._reread(measured, least / self._window, previous, probing, now)
         if retry_after is not None:
+            self._pausing = True
             # Each refused probe will cost a pause of this much: probe rarely enough
             # that pauses cost at most 1 / pause_hold of the time.
             self._hold = max(self._hold, self._pause_hold * retry_after)
         self._estimate = max(measured, self._min_rate)
-        self._lower = max(min(least / self._window, self._estimate), self._min_rate)
+        if probing and self._unproven is None:
+            self._settled = self._estimate  # confirmed where it was
+        self._lower = max(min(lower, self._estimate), self._min_rate)
         self._event_bins = (self._index(sent_at - self._window), self._index(sent_at))
         self._settle_until = sent_at + 1.25 * max(self._latency, now - sent_at)
         new = self._after_cut(current, self._working())
@@ -460,6 +514,80 @@ class RateController:
         self._phase = _STEADY
         self._cut_at = now
         self._horizon = max(now, self._latest_sent)
+
+    def _refill_reading(self, sent_at: float, measured: float) -> float:
+        """The window's reading, or the server's refill rate when refused again
+        within a window of the last event despite the cut.
+
+        When the server took some in between, it was full at both ends and
+        refilling meanwhile (a token bucket, whose burst made the window's count too
+        high): what it took in between is its rate. Over a short span that is a few
+        requests, so it is taken at one standard deviation above (counts vary about
+        as their square root). When it took none, it is a window that a burst filled
+        and that has yet to slide past: the count stands. Counted from the end of
+        the last refusal's bin, so that a burst sent with it is left out; and only
+        if the server was fed meanwhile at about the rate the window read (not held
+        back by hold_until): an idle span says nothing of it.
+        """
+        last = self._last_refused
+        unproven = self._unproven
+        self._unproven = None
+        if sent_at - last > self._window:
+            return measured
+        start = (self._index(last) + 1) * self._bin_width
+        span = sent_at - start
+        between = self._accepted_between(start, sent_at)
+        fed = self._count_between(start, sent_at, 0) >= 0.9 * measured * span
+        if not (span > 0.0 and between >= 2.0 and fed):
+            return measured
+        upper = (between + math.sqrt(between)) / span
+        if unproven is not None and upper <= 1.5 * unproven:
+            # Soon after a probe read a higher limit, and the server takes about
+            # what it took before: the probe saw a token bucket's burst, refilled
+            # while we sat under the limit. Back to before, and to the hold of a
+            # probe that failed.
+            upper = unproven
+            self._hold = self._unproven_hold
+        return min(measured, upper)
+
+    def _reread(
+        self, measured: float, lower: float, previous: float | None, probing: bool, now: float
+    ) -> tuple[float, float]:
+        """The estimate and its lower bound after an event that read ``measured``
+        (and ``lower`` surely taken), and the hold before the next probe."""
+        if probing and previous is not None and measured > 1.15 * previous:
+            # A probe found a higher limit (unless refused again soon: see
+            # _refill_reading); it may rise again, so probe as often as at first.
+            self._unproven = previous
+            self._unproven_hold = min(max(self._hold * 2.0, self._hold_base), self._hold_max)
+            self._hold = self._hold_base
+        elif probing:
+            # A probe found the limit where it was: probe less often (but often
+            # while it moved lately: it may move again).
+            if self._hold < self._hold_base:
+                self._hold = min(self._hold * _MOVED_GROWTH, self._hold_base)
+            else:
+                self._hold = min(max(self._hold * 2.0, self._hold_base), self._hold_max)
+            last = self._estimate
+            if last is not None and previous is not None and measured >= 0.85 * previous:
+                # The mean of the readings since the limit last moved (each is off by
+                # a send at the window's edges), from the last reading itself, not
+                # the working estimate, lower while its window's answers were out.
+                readings = self._readings = self._readings + 1
+                return last + (measured - last) / readings, last + (lower - last) / readings
+        elif previous is not None:
+            # Refused at the plateau (or in the pause after an event): the last
+            # reading was too high, or the limit fell.
+            if now - self._cut_at > 2.0 * self._window:
+                self._settled = previous  # it stood a while: a cut starts from it
+            if measured < _FELL * self._settled:
+                # Well under where it stood (after one cut or several): the limit
+                # fell, and a limit that moved may move back: probe soon.
+                self._hold = self._moved_hold
+                self._settled = measured
+            measured = min(measured, previous)
+        self._readings = 1
+        return measured, lower
 
     def _window_count(self, sent_at: float) -> tuple[float, float]:
         """What the server holds in the window of a refusal of a send at ``sent_at``,
@@ -473,14 +601,21 @@ class RateController:
         lo = sent_at - self._window
         first = self._index(lo)
         most = least = 0.0
-        for index in range(first, self._index(sent_at) + 1):
+        for index in range(first + 1, self._index(sent_at) + 1):
             counts = bins.get(index)
             if counts is not None:
-                share = 1.0
-                if index == first:
-                    share = min(max(((index + 1) * width - lo) / width, 0.0), 1.0)
-                most += (counts[0] - counts[2]) * share
-                least += counts[1] * share
+                most += counts[0] - counts[2]
+                least += counts[1]
+        oldest = bins.get(first)
+        if oldest is not None:
+            taken = oldest[0] - oldest[2]
+            share = 1.0
+            if taken < _BURST_SHARE * most:
+                # Pacing: its sends spread over the bin. A burst (many sends at one
+                # instant) may lie anywhere in it: then all of it.
+                share = min(max(((first + 1) * width - lo) / width, 0.0), 1.0)
+            most += taken * share
+            least += oldest[1] * share
         return most + _EDGE, least + _EDGE
 
     def _first_round_hold(self, now: float) -> float:
@@ -523,13 +658,19 @@ class RateController:
 
     def _target(self, estimate: float) -> float:
         """The rate that keeps any window under ``(1 - margin) * estimate * W`` sends."""
+        if self._pausing:
+            # Each refusal pauses every send: keep the margin off the count itself,
+            # not off the allowance for the window's edges too.
+            estimate -= _EDGE / self._window
         allowed = estimate * (1.0 - self._margin) - (self._burst - 1) / self._window
         return self._clamp(allowed)
 
     def _grown(self, base: float, elapsed: float, now: float) -> float:
-        """Slow start: ``base`` grown ``ramp``-fold per window over ``elapsed``."""
-        growth = self._ramp ** (max(elapsed, 0.0) / self._window)
-        return self._clamp(min(base * growth, self._sent_cap(now, self._ramp)))
+        """Slow start: ``base`` grown ``ramp``-fold per window over ``elapsed``
+        (``regrow``-fold after a probe that cleared)."""
+        ramp = self._ramp if self._estimate is None else self._regrow
+        growth = ramp ** (max(elapsed, 0.0) / self._window)
+        return self._clamp(min(base * growth, self._sent_cap(now, ramp)))
 
     def _sent_cap(self, now: float, gain: float) -> float:
         """Growth stops at ``gain`` times what was sent in the last window, so that a
