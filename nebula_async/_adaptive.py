@@ -68,13 +68,10 @@ probed ever more rarely; one that found a higher limit resets it.
 A limit that fell (a cut to under ``0.75`` of where it stood, in one event or a
 few) may move back: the next probe comes ``moved_hold`` after the cut, each that
 fails spaces the next ``1.25``-fold (not 2-fold) until back at ``hold``, and
-these probes step up 3x faster. A probe whose window took clearly more than the
-estimate (2 sends or 10% more) has found headroom: from its rate the controller
-grows ``regrow``-fold a window, as in slow start, until refused (BBR goes back to
-STARTUP-like growth when a bandwidth probe finds more; CUBIC's max probing, RFC
-9438 s. 4.3, likewise speeds up past the old ``W_max``). Finding a rise costs
-refusals either way: a probe at the old limit is refused, so a rise found within
-a second of happening costs a refusal a second while it has not. With
+these probes step up 3x faster (the convex curve then passes the old limit within
+a second and doubles it within 3). Finding a rise costs refusals either way: a
+probe at the old limit is refused, so a rise found within a second of happening
+costs a refusal a second while it has not. With
 ``Retry-After`` every refused probe pauses all sending, so the hold is at least
 ``pause_hold`` times the pause. Netflix's concurrency-limits (``AIMDLimit``,
 ``Gradient2Limit``) and Envoy's adaptive concurrency filter steer a concurrency
@@ -111,10 +108,6 @@ _LATENCY_DECAY: Final = 0.98
 #: request refused on its own says "not now" (its Retry-After pause covers that),
 #: and reading it as "one per window" would crawl for good.
 _MIN_READING: Final = 3.0
-#: A probe's window that took this many more than the estimate (or this share more)
-#: found a higher limit: grow from there as in slow start.
-_CLEAR: Final = 2.0
-_CLEAR_SHARE: Final = 0.1
 #: After the limit fell, probing starts ``moved_hold`` after each event and each
 #: probe that fails lengthens that by this factor (not 2) until it is back at
 #: ``hold``: a limit that moved may move back soon, and probes spaced
@@ -167,8 +160,7 @@ class RateController:
     or the ceiling if lower); ``max_decrease`` (no event cuts below this fraction
     of the rate, 0.25); ``pause_hold`` (with ``Retry-After``, the hold is at least
     this many pauses, 60); ``probe_ramp`` (a probe's growth per window at most,
-    1.25); ``moved_hold`` (the hold after the limit fell, 1); ``regrow`` (growth
-    per window after a probe that cleared, 1.5).
+    1.25); ``moved_hold`` (the hold after the limit fell, 1).
 
     >>> c = RateController(initial_rate=None)
     >>> c.rate_at(0.0) is None
@@ -189,7 +181,6 @@ class RateController:
         "_bins",
         "_burst",
         "_ceiling",
-        "_checked",
         "_cut_at",
         "_decreases",
         "_estimate",
@@ -215,11 +206,9 @@ class RateController:
         "_probe_gain",
         "_probe_ramp",
         "_ramp",
-        "_ramp_at",
         "_reading",
         "_readings",
         "_refused",
-        "_regrow",
         "_settle_until",
         "_settled",
         "_start",
@@ -249,7 +238,6 @@ class RateController:
         pause_hold: float = 60.0,
         probe_ramp: float = 1.25,
         moved_hold: float = 1.0,
-        regrow: float = 1.5,
     ) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise ValueError(f"burst must be an integer >= 1, got {burst!r}")
@@ -268,7 +256,6 @@ class RateController:
         self._pause_hold = _fraction("pause_hold", pause_hold, low=0.0, high=3600.0)
         self._probe_ramp = _fraction("probe_ramp", probe_ramp, low=1.0, high=16.0)
         self._moved_hold = _fraction("moved_hold", moved_hold, low=0.0, high=self._hold_max)
-        self._regrow = _fraction("regrow", regrow, low=1.0, high=16.0)
         self._readings = 1  # probe readings averaged into the estimate
         self._reading = math.inf  # the last event's own reading, less its echoes
         self._pausing = False  # a refusal came with a Retry-After
@@ -294,10 +281,6 @@ class RateController:
         self._plateau = math.nan  # the rate after the last event
         self._pre_cut: float | None = None  # the rate just before it
         self._started_at = math.nan  # the first send
-        self._ramp_at = (
-            math.nan
-        )  # when the slow start began (the first send, or a probe that cleared)
-        self._checked = -1  # the last bin a probe was checked at
         self._cut_at = _NEVER  # the last event
         self._event_bins = (0, -1)  # the bins the estimate was read from
         self._horizon = _NEVER  # refusals of sends up to here are echoes
@@ -386,7 +369,7 @@ class RateController:
     def on_sent(self, now: float) -> None:
         """A request was sent at ``now``."""
         if math.isnan(self._started_at):
-            self._started_at = self._ramp_at = now
+            self._started_at = now
         if now > self._latest_sent:
             self._latest_sent = now
         self._bin(now)[0] += 1
@@ -407,14 +390,6 @@ class RateController:
             # An answer from the window the estimate was read from: it was taken.
             self._lower = min(self._lower + 1.0 / (self._readings * self._window), estimate)
             self._plateau = self._after_cut(self._pre_cut, self._working())
-        if (
-            self._phase == _STEADY
-            and index != self._checked
-            and now > self._cut_at + self._hold
-            and self._hold < self._hold_base
-        ):
-            self._checked = index  # once a bin: the check counts a window's bins
-            self._probe_cleared(sent_at, now)
 
     def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
         """The request sent at ``sent_at`` was refused for the rate (HTTP or body 429).
@@ -471,23 +446,6 @@ class RateController:
             return estimate - 1.0 / (self._readings * self._window)
         return min(estimate, self._reading)
 
-    def _probe_cleared(self, sent_at: float, now: float) -> None:
-        """While probing, a window that took clearly more than the estimate says the
-        limit rose: from the probe's rate, grow as in slow start until refused
-        (BBR's STARTUP after its bandwidth probe finds headroom; CUBIC's max probing,
-        RFC 9438 s. 4.3, likewise grows fast once past the old ``W_max``)."""
-        estimate = self._estimate
-        assert estimate is not None
-        took = self._count_between(sent_at - self._window, sent_at, 1)
-        if took < estimate * self._window + max(_CLEAR, _CLEAR_SHARE * estimate * self._window):
-            return
-        rate = self._pace(now)
-        assert rate is not None
-        self._hold = self._hold_base
-        self._start = rate
-        self._ramp_at = now
-        self._phase = _STARTING
-
     def _pace(self, now: float) -> float | None:
         """The rate of the current phase."""
         phase = self._phase
@@ -496,9 +454,9 @@ class RateController:
         if phase == _FIXED:
             return self._start
         if phase == _STARTING:
-            if math.isnan(self._ramp_at):
+            if math.isnan(self._started_at):
                 return self._start
-            return self._grown(self._start, now - self._ramp_at, now)
+            return self._grown(self._start, now - self._started_at, now)
         since = now - self._cut_at - self._hold
         plateau = self._plateau
         if since <= 0.0:
@@ -520,10 +478,7 @@ class RateController:
         self._reading = measured
         current = self._pace(now)
         previous = self.estimated_limit
-        # A slow start after a probe that cleared is a probe too.
-        probing = (self._phase == _STEADY and now > self._cut_at + self._hold) or (
-            self._phase == _STARTING and previous is not None
-        )
+        probing = self._phase == _STEADY and now > self._cut_at + self._hold
         measured, lower = self._reread(measured, least / self._window, previous, probing, now)
         if retry_after is not None:
             self._pausing = True
@@ -696,11 +651,9 @@ class RateController:
         return self._clamp(allowed)
 
     def _grown(self, base: float, elapsed: float, now: float) -> float:
-        """Slow start: ``base`` grown ``ramp``-fold per window over ``elapsed``
-        (``regrow``-fold after a probe that cleared)."""
-        ramp = self._ramp if self._estimate is None else self._regrow
-        growth = ramp ** (max(elapsed, 0.0) / self._window)
-        return self._clamp(min(base * growth, self._sent_cap(now, ramp)))
+        """Slow start: ``base`` grown ``ramp``-fold per window over ``elapsed``."""
+        growth = self._ramp ** (max(elapsed, 0.0) / self._window)
+        return self._clamp(min(base * growth, self._sent_cap(now, self._ramp)))
 
     def _sent_cap(self, now: float, gain: float) -> float:
         """Growth stops at ``gain`` times what was sent in the last window, so that a

@@ -14,7 +14,6 @@ needed to learn a limit at all, a fixed cost that only longer runs dilute.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 
@@ -310,10 +309,9 @@ def test_a_limit_that_changes_is_followed(server: str) -> None:
     )
     down = ours.settled_after(20.0, target=10.0, low=0.85, high=1.0)
     up = ours.settled_after(40.0, target=30.0, low=0.85, high=1.0)
-    # A drop is found within seconds. A limit that fell is probed soon and then
-    # ever more rarely, and a probe that clears grows as in slow start, so the rise
-    # is found within seconds too (measured 2.4-6.6 s; before, only by the next
-    # probe at a doubled hold: up to 37 s, 0.73x).
+    # A drop is found within seconds. A limit that fell is probed soon, harder,
+    # and then ever more rarely, so the rise is found within seconds too (measured
+    # 2.5-6.8 s; before, only by the next probe at a doubled hold: up to 37 s, 0.73x).
     assert down <= 5.0
     assert up <= 8.0
     # Short of 0.97: the seconds at 10/s after the rise (measured 0.945-1.02x).
@@ -355,20 +353,20 @@ def test_after_a_fall_probes_come_soon_then_ever_more_rarely(seed: int) -> None:
     )
     probes = [t for t in found if t > 11.0]
     assert probes[0] < 13.0  # the first probe, a second or so after the fall
-    # Events under 1.5 s apart are one probe (its reading and a correction).
-    spaced = [b for a, b in itertools.pairwise(probes) if b - a >= 1.5]
-    gaps = [b - a for a, b in itertools.pairwise(spaced)]
-    assert all(later >= 0.8 * earlier for earlier, later in itertools.pairwise(gaps))
-    assert len(spaced) <= 16  # measured 13-14 over the 75 s at 10/s
+    # Soon: 4 or more in the 10 s after the fall (measured 5; spaced 2-fold, 2-3).
+    assert sum(t < 21.0 for t in probes) >= 4
+    # Then rarely: at most 3 in the run's last 25 s (measured 2), 16 in all (13-14).
+    assert sum(t > 60.0 for t in probes) <= 3
+    assert len(probes) <= 16
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_probe_that_clears_grows_as_in_slow_start(seed: int) -> None:
-    """20/s, 10/s from 5 s, 40/s from 12 s: once a probe's window took clearly more
-    than the estimate, the rate grows ``regrow``-fold (1.5) a window until refused:
-    from 1.3x the old limit to 0.85x the new in under 3.5 s (ln(2.6)/ln(1.5) is
-    2.4 windows; measured 2.4-2.5 s), where the probe's own step would take
-    over 5 s (1.25-fold a window at most)."""
+def test_a_fallen_limit_that_rises_is_found_within_seconds(seed: int) -> None:
+    """20/s, 10/s from 5 s, 40/s from 12 s: the probes after a fall step up 3x
+    faster on the convex curve, so one that starts after the rise passes 1.3x the
+    old limit within seconds and reaches 0.85x the new within 3.5 s more (measured
+    2.5-2.6 s; at the plain probe's step it is never within the run's first
+    seconds, and a slow start from the probe, tried too, gained 0.1 s)."""
     limit = phases((0.0, 20.0), (5.0, 10.0), (12.0, 40.0))
     run = simulate(
         RateController(initial_rate=None),
@@ -380,8 +378,8 @@ def test_a_probe_that_clears_grows_as_in_slow_start(seed: int) -> None:
     )
     cleared = next(t for t, rate in run.rates if t > 12.0 and rate and rate > 13.0)
     found = next(t for t, rate in run.rates if t > 12.0 and rate and rate > 34.0)
+    assert cleared < 16.0
     assert found - cleared < 3.5
-    assert cleared < 18.0
 
 
 def test_the_first_probe_waits_a_whole_hold() -> None:
