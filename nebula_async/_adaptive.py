@@ -18,15 +18,23 @@ whatever the rate we sent at, and even across a pause (a full window holds
 ``N`` however it filled). A token bucket's burst makes it read high: when
 refusals go on within a window of the cut, the rate the server took between
 two refusals (full at both ends, so that is its refill rate) replaces it.
+Readings at probes that find the limit where it was are averaged (each is off
+by a send at the window's edges) until the limit moves.
 
 The rate is then ``(1 - margin) * estimate``, less the GCRA burst (any window of
-``W`` holds at most ``burst + W * rate`` sends). A refusal is one congestion
+``W`` holds at most ``burst + W * rate`` sends); once refusals come with
+``Retry-After`` (each pauses every send) the margin is taken off the count
+itself, not off the allowance for the window's edges too. A refusal is one congestion
 event per round trip, as in TCP (RFC 5681's "once per window of data"): refusals
 of requests sent before the last cut are echoes of it. While the sends of the
 last ``W`` that were not refused already exceed what the estimate allows (a
 burst sent before the first refusal), the rate is held until the window slides
 past: a client-side image of the server's window, so that no request is sent
-into a window that is known to be full.
+into a window that is known to be full. The server counts arrivals, and a
+burst's requests arrive spread over some milliseconds (new connections first):
+the image frees a few bins late, and a refusal about a window after the last
+event that reads far under the estimate is taken for that burst, still in the
+server's window, not for a limit.
 
 Start
 -----
@@ -38,6 +46,14 @@ sign of a full pipe), never faster than ``ramp`` times what it sent in the last
 window, so a guess 3x too high overfills one window only a little, while a
 guess too low is left behind within a few windows.
 
+What learning costs is physics, not tuning: the sends of the round trip after
+the server's window first fills are refused, whatever the controller does,
+``RTT * rate`` of them (0.2 s at 30-45/s: 6-10 for a guess 3x too high; with no
+rate, every worker's first request goes at once: ``concurrency - N``). A start
+under the limit would cost fewer, and would cost a guess that is right (at 0.35
+of the guess and 1.6-fold a window: 3-4 fewer refusals, and 0.96x -> 0.89x for a
+right guess over 400 jobs, simulated).
+
 Probing
 -------
 A limit that was raised is found only by sending faster. After a cut the rate
@@ -47,7 +63,15 @@ by ``probe_gain * (2 ** (t / W) - 1)`` (CUBIC's convex region: slow near the old
 limit, fast far from it), at most ``probe_ramp``-fold a window (BBR probes at a
 pacing gain of 1.25). A probe refused near the old estimate cost about one
 refusal and doubles the hold (up to ``hold_max``), so a limit that stays put is
-probed ever more rarely; one that found a higher limit resets it. With
+probed ever more rarely; one that found a higher limit resets it.
+
+A limit that fell (a cut to under ``0.75`` of where it stood, in one event or a
+few) may move back: the next probe comes ``moved_hold`` after the cut, each that
+fails spaces the next ``1.25``-fold (not 2-fold) until back at ``hold``, and
+these probes step up 3x faster (the convex curve then passes the old limit within
+a second and doubles it within 3). Finding a rise costs refusals either way: a
+probe at the old limit is refused, so a rise found within a second of happening
+costs a refusal a second while it has not. With
 ``Retry-After`` every refused probe pauses all sending, so the hold is at least
 ``pause_hold`` times the pause. Netflix's concurrency-limits (``AIMDLimit``,
 ``Gradient2Limit``) and Envoy's adaptive concurrency filter steer a concurrency
@@ -72,12 +96,27 @@ _NEVER: Final = -math.inf
 #: spread evenly, and the server counts by arrival, not by sending; against a
 #: sliding window of 20, windows read 19.4-20.1 without it.
 _EDGE: Final = 0.25
+#: A window's oldest bin holding this share of the rest holds a burst.
+_BURST_SHARE: Final = 0.25
+#: Bins of slack for the server's clock: it counts arrivals, and the requests of a
+#: burst arrive spread over some milliseconds (new connections first), while a
+#: later send on a warm connection arrives at once.
+_GUARD_BINS: Final = 3
 #: Per answer: the longest latency seen fades by 2%, so an old outlier is forgotten.
 _LATENCY_DECAY: Final = 0.98
 #: A refusal whose window held fewer other sends than this reads no limit: one
 #: request refused on its own says "not now" (its Retry-After pause covers that),
 #: and reading it as "one per window" would crawl for good.
 _MIN_READING: Final = 3.0
+#: After the limit fell, probing starts ``moved_hold`` after each event and each
+#: probe that fails lengthens that by this factor (not 2) until it is back at
+#: ``hold``: a limit that moved may move back soon, and probes spaced
+#: geometrically cost refusals in the log of the time since. Meanwhile probes
+#: step up this many times faster.
+_MOVED_GROWTH: Final = 1.25
+_MOVED_GAIN: Final = 3.0
+#: A reading at the plateau under this share of the estimate: the limit fell.
+_FELL: Final = 0.75
 # Phases: no rate yet; a fixed rate; slow start from a guess; steering on an estimate.
 _UNLIMITED: Final = 0
 _FIXED: Final = 1
@@ -116,10 +155,12 @@ class RateController:
     Tuning (keyword-only): ``window`` (seconds the server counts over, 1);
     ``margin`` (how far under the estimate to run, 0.03); ``start_fraction``
     (0.5); ``ramp`` (growth per window while starting, 2); ``hold`` and
-    ``hold_max`` (seconds at the plateau before probing, 4 and 120);
+    ``hold_max`` (seconds at the plateau before probing, 8 and 120);
     ``probe_gain`` (the first probe's step, 0.05); ``min_rate`` (the floor, 0.1/s
     or the ceiling if lower); ``max_decrease`` (no event cuts below this fraction
-    of the rate, 0.25).
+    of the rate, 0.25); ``pause_hold`` (with ``Retry-After``, the hold is at least
+    this many pauses, 60); ``probe_ramp`` (a probe's growth per window at most,
+    1.25); ``moved_hold`` (the hold after the limit fell, 1).
 
     >>> c = RateController(initial_rate=None)
     >>> c.rate_at(0.0) is None
@@ -156,15 +197,20 @@ class RateController:
         "_margin",
         "_max_decrease",
         "_min_rate",
+        "_moved_hold",
         "_pause_hold",
+        "_pausing",
         "_phase",
         "_plateau",
         "_pre_cut",
         "_probe_gain",
         "_probe_ramp",
         "_ramp",
+        "_reading",
+        "_readings",
         "_refused",
         "_settle_until",
+        "_settled",
         "_start",
         "_started_at",
         "_unproven",
@@ -184,13 +230,14 @@ class RateController:
         margin: float = 0.03,
         start_fraction: float = 0.5,
         ramp: float = 2.0,
-        hold: float = 4.0,
+        hold: float = 8.0,
         hold_max: float = 120.0,
         probe_gain: float = 0.05,
         min_rate: float = 0.1,
         max_decrease: float = 0.25,
         pause_hold: float = 60.0,
         probe_ramp: float = 1.25,
+        moved_hold: float = 1.0,
     ) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise ValueError(f"burst must be an integer >= 1, got {burst!r}")
@@ -208,6 +255,10 @@ class RateController:
         self._max_decrease = _fraction("max_decrease", max_decrease, low=0.01, high=1.0)
         self._pause_hold = _fraction("pause_hold", pause_hold, low=0.0, high=3600.0)
         self._probe_ramp = _fraction("probe_ramp", probe_ramp, low=1.0, high=16.0)
+        self._moved_hold = _fraction("moved_hold", moved_hold, low=0.0, high=self._hold_max)
+        self._readings = 1  # probe readings averaged into the estimate
+        self._reading = math.inf  # the last event's own reading, less its echoes
+        self._pausing = False  # a refusal came with a Retry-After
         self._last_refused = _NEVER  # the send time of the last event's refusal
         self._unproven: float | None = None  # the estimate before a probe raised it
         self._unproven_hold = self._hold  # and the hold, had that probe failed
@@ -224,6 +275,7 @@ class RateController:
         self._estimate: float | None = None  # at most what the event's window held
         self._lower = 0.0  # at least what it held
         self._settle_until = _NEVER  # its answers should all be in by then
+        self._settled = 0.0  # the estimate that stood before the last cuts
         self._latency = 0.0  # the longest answer lately, decaying
         self._first_answer: tuple[float, float] | None = None  # (sent, answered)
         self._plateau = math.nan  # the rate after the last event
@@ -277,10 +329,17 @@ class RateController:
         estimate = self._estimate
         if rate is None or estimate is None or self._phase != _STEADY:
             return now
+        start = now
         if now < self._settle_until and self._lower < 0.9 * estimate:
             # The event's window is still being answered, and what it held is
-            # unsure by over 10%: wait for its answers (a round trip at most).
-            return self._settle_until
+            # unsure by over 10%: wait for its answers (a round trip at most),
+            # and then for the window too, if it is still full.
+            start = self._settle_until
+        return self._window_frees(start, rate)
+
+    def _window_frees(self, now: float, rate: float) -> float:
+        """``now``, or when the sends of the last window not refused fall to what
+        the estimate allows."""
         allowed = max(self._target(self._working()), rate) * self._window
         # Whole bins only: the oldest, partly outside the window, is left out, so
         # that steady pacing at ``rate`` (about ``allowed`` sends a window) never
@@ -300,8 +359,9 @@ class RateController:
             if counts is not None:
                 held -= counts[0] - counts[2]
             if held <= allowed:
-                free_at = (index + 1) * self._bin_width + self._window
-                return free_at if free_at - now > 1.0 / rate else now
+                # (To the end of the bin: a burst is sent at one instant within it.)
+                free_at = (index + 1 + _GUARD_BINS) * self._bin_width + self._window
+                return free_at if free_at > now else now
         return now
 
     # -- events ----------------------------------------------------------------------------
@@ -328,7 +388,7 @@ class RateController:
         estimate = self._estimate
         if estimate is not None and first <= index <= last:
             # An answer from the window the estimate was read from: it was taken.
-            self._lower = min(self._lower + 1.0 / self._window, estimate)
+            self._lower = min(self._lower + 1.0 / (self._readings * self._window), estimate)
             self._plateau = self._after_cut(self._pre_cut, self._working())
 
     def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
@@ -352,16 +412,39 @@ class RateController:
             first, last = self._event_bins
             estimate = self._estimate
             if estimate is not None and first <= index <= last:
-                self._estimate = max(estimate - 1.0 / self._window, self._min_rate)
+                self._estimate = max(self._echo(estimate), self._min_rate)
                 self._lower = min(self._lower, self._estimate)
                 self._plateau = self._after_cut(self._pre_cut, self._working())
             return
         most, _ = self._window_count(sent_at)
         if self._phase == _UNLIMITED and most - _EDGE < _MIN_READING:
             return  # nothing to read a limit from yet: stay unlimited
+        if self._at_the_edge(sent_at, most):
+            return
         self._congestion(sent_at, now, retry_after)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _at_the_edge(self, sent_at: float, most: float) -> bool:
+        """Whether a refusal is the last event's burst still in the server's window:
+        sent about a window after it (within the guard, where the server's clock
+        and ours disagree) and reading far under the estimate, its window missing
+        that burst. It says nothing new, like an echo."""
+        estimate = self._estimate
+        if estimate is None or most / self._window >= _FELL * estimate:
+            return False
+        guard = _GUARD_BINS * self._bin_width
+        return abs(sent_at - self._window - self._last_refused) <= guard
+
+    def _echo(self, estimate: float) -> float:
+        """The estimate once an echo says the event's window held one fewer: the
+        reading loses one; a mean of readings loses that reading's share; an
+        estimate below the reading (a cut to the one before) stays until the
+        reading falls under it."""
+        self._reading -= 1.0 / self._window
+        if self._readings > 1:
+            return estimate - 1.0 / (self._readings * self._window)
+        return min(estimate, self._reading)
 
     def _pace(self, now: float) -> float | None:
         """The rate of the current phase."""
@@ -379,77 +462,33 @@ class RateController:
         if since <= 0.0:
             rate = plateau
         else:
-            step = self._probe_gain * (2.0 ** (since / self._window) - 1.0)
+            gain = self._probe_gain
+            if self._hold < self._hold_base:
+                gain *= _MOVED_GAIN  # a limit that moved lately is probed harder
+            step = gain * (2.0 ** (since / self._window) - 1.0)
             cap = self._sent_cap(now, self._probe_ramp)
             rate = self._clamp(min(plateau * (1.0 + step), cap))
         return rate
 
-    # Over 60 lines: one event's reading of the limit is a sequence of corrections
-    # that each read the state the one before left; split, they would pass it around.
     def _congestion(self, sent_at: float, now: float, retry_after: float | None) -> None:
         """A new congestion event: re-read the limit, cut to just under it."""
         most, least = self._window_count(sent_at)
-        measured = most / self._window
-        last = self._last_refused
-        unproven = self._unproven
-        self._unproven = None
-        if sent_at - last <= self._window:
-            # Refused again within a window of the last event, despite the cut. When
-            # the server took some in between, it was full at both ends and refilling
-            # meanwhile (a token bucket, whose burst made the window's count too
-            # high), what it took in between is its rate. Over a short span that is
-            # a few requests, so it is taken at one standard deviation above
-            # (counts vary about as their square root). When it took none, it is a
-            # window that a burst filled and that has yet to slide past: the count
-            # stands.
-            # From the end of the last refusal's bin, so that a burst sent with it
-            # is left out; and only if the server was fed meanwhile at about the
-            # rate the window read (not held back by hold_until): an idle span
-            # says nothing of it.
-            start = (self._index(last) + 1) * self._bin_width
-            span = sent_at - start
-            between = self._accepted_between(start, sent_at)
-            fed = self._count_between(start, sent_at, 0) >= 0.9 * measured * span
-            if span > 0.0 and between >= 2.0 and fed:
-                upper = (between + math.sqrt(between)) / span
-                if unproven is not None and upper <= 1.5 * unproven:
-                    # Soon after a probe read a higher limit, and the server takes
-                    # about what it took before: the probe saw a token bucket's
-                    # burst, refilled while we sat under the limit. Back to before,
-                    # and to the hold of a probe that failed.
-                    upper = unproven
-                    self._hold = self._unproven_hold
-                measured = min(measured, upper)
+        measured = self._refill_reading(sent_at, most / self._window)
         self._last_refused = sent_at
+        self._reading = measured
         current = self._pace(now)
         previous = self.estimated_limit
         probing = self._phase == _STEADY and now > self._cut_at + self._hold
-        if probing and previous is not None and measured > 1.15 * previous:
-            # A probe found a higher limit (unless refused again soon: see above);
-            # it may rise again, so probe as often as at first.
-            self._unproven = previous
-            self._unproven_hold = min(max(self._hold * 2.0, self._hold_base), self._hold_max)
-            self._hold = self._hold_base
-        elif probing:
-            # A probe found the limit where it was: probe less often, and average
-            # the two readings (each is off by a send at the window's edges).
-            self._hold = min(max(self._hold * 2.0, self._hold_base), self._hold_max)
-            if previous is not None and measured >= 0.85 * previous:
-                measured = (measured + previous) / 2
-        elif previous is not None:
-            # Refused at the plateau (or in the pause after an event): the last
-            # reading was too high, or the limit fell.
-            measured = min(measured, previous)
-        if sent_at - self._started_at < self._window:
-            # Read from less than a window of history, the estimate may be a token
-            # bucket's burst rather than its rate: probe a window later, once.
-            self._hold = min(self._hold, self._window)
+        measured, lower = self._reread(measured, least / self._window, previous, probing, now)
         if retry_after is not None:
+            self._pausing = True
             # Each refused probe will cost a pause of this much: probe rarely enough
             # that pauses cost at most 1 / pause_hold of the time.
             self._hold = max(self._hold, self._pause_hold * retry_after)
         self._estimate = max(measured, self._min_rate)
-        self._lower = max(min(least / self._window, self._estimate), self._min_rate)
+        if probing and self._unproven is None:
+            self._settled = self._estimate  # confirmed where it was
+        self._lower = max(min(lower, self._estimate), self._min_rate)
         self._event_bins = (self._index(sent_at - self._window), self._index(sent_at))
         self._settle_until = sent_at + 1.25 * max(self._latency, now - sent_at)
         new = self._after_cut(current, self._working())
@@ -460,6 +499,80 @@ class RateController:
         self._phase = _STEADY
         self._cut_at = now
         self._horizon = max(now, self._latest_sent)
+
+    def _refill_reading(self, sent_at: float, measured: float) -> float:
+        """The window's reading, or the server's refill rate when refused again
+        within a window of the last event despite the cut.
+
+        When the server took some in between, it was full at both ends and
+        refilling meanwhile (a token bucket, whose burst made the window's count too
+        high): what it took in between is its rate. Over a short span that is a few
+        requests, so it is taken at one standard deviation above (counts vary about
+        as their square root). When it took none, it is a window that a burst filled
+        and that has yet to slide past: the count stands. Counted from the end of
+        the last refusal's bin, so that a burst sent with it is left out; and only
+        if the server was fed meanwhile at about the rate the window read (not held
+        back by hold_until): an idle span says nothing of it.
+        """
+        last = self._last_refused
+        unproven = self._unproven
+        self._unproven = None
+        if sent_at - last > self._window:
+            return measured
+        start = (self._index(last) + 1) * self._bin_width
+        span = sent_at - start
+        between = self._accepted_between(start, sent_at)
+        fed = self._count_between(start, sent_at, 0) >= 0.9 * measured * span
+        if not (span > 0.0 and between >= 2.0 and fed):
+            return measured
+        upper = (between + math.sqrt(between)) / span
+        if unproven is not None and upper <= 1.5 * unproven:
+            # Soon after a probe read a higher limit, and the server takes about
+            # what it took before: the probe saw a token bucket's burst, refilled
+            # while we sat under the limit. Back to before, and to the hold of a
+            # probe that failed.
+            upper = unproven
+            self._hold = self._unproven_hold
+        return min(measured, upper)
+
+    def _reread(
+        self, measured: float, lower: float, previous: float | None, probing: bool, now: float
+    ) -> tuple[float, float]:
+        """The estimate and its lower bound after an event that read ``measured``
+        (and ``lower`` surely taken), and the hold before the next probe."""
+        if probing and previous is not None and measured > 1.15 * previous:
+            # A probe found a higher limit (unless refused again soon: see
+            # _refill_reading); it may rise again, so probe as often as at first.
+            self._unproven = previous
+            self._unproven_hold = min(max(self._hold * 2.0, self._hold_base), self._hold_max)
+            self._hold = self._hold_base
+        elif probing:
+            # A probe found the limit where it was: probe less often (but often
+            # while it moved lately: it may move again).
+            if self._hold < self._hold_base:
+                self._hold = min(self._hold * _MOVED_GROWTH, self._hold_base)
+            else:
+                self._hold = min(max(self._hold * 2.0, self._hold_base), self._hold_max)
+            last = self._estimate
+            if last is not None and previous is not None and measured >= 0.85 * previous:
+                # The mean of the readings since the limit last moved (each is off by
+                # a send at the window's edges), from the last reading itself, not
+                # the working estimate, lower while its window's answers were out.
+                readings = self._readings = self._readings + 1
+                return last + (measured - last) / readings, last + (lower - last) / readings
+        elif previous is not None:
+            # Refused at the plateau (or in the pause after an event): the last
+            # reading was too high, or the limit fell.
+            if now - self._cut_at > 2.0 * self._window:
+                self._settled = previous  # it stood a while: a cut starts from it
+            if measured < _FELL * self._settled:
+                # Well under where it stood (after one cut or several): the limit
+                # fell, and a limit that moved may move back: probe soon.
+                self._hold = self._moved_hold
+                self._settled = measured
+            measured = min(measured, previous)
+        self._readings = 1
+        return measured, lower
 
     def _window_count(self, sent_at: float) -> tuple[float, float]:
         """What the server holds in the window of a refusal of a send at ``sent_at``,
@@ -473,14 +586,21 @@ class RateController:
         lo = sent_at - self._window
         first = self._index(lo)
         most = least = 0.0
-        for index in range(first, self._index(sent_at) + 1):
+        for index in range(first + 1, self._index(sent_at) + 1):
             counts = bins.get(index)
             if counts is not None:
-                share = 1.0
-                if index == first:
-                    share = min(max(((index + 1) * width - lo) / width, 0.0), 1.0)
-                most += (counts[0] - counts[2]) * share
-                least += counts[1] * share
+                most += counts[0] - counts[2]
+                least += counts[1]
+        oldest = bins.get(first)
+        if oldest is not None:
+            taken = oldest[0] - oldest[2]
+            share = 1.0
+            if taken < _BURST_SHARE * most:
+                # Pacing: its sends spread over the bin. A burst (many sends at one
+                # instant) may lie anywhere in it: then all of it.
+                share = min(max(((first + 1) * width - lo) / width, 0.0), 1.0)
+            most += taken * share
+            least += oldest[1] * share
         return most + _EDGE, least + _EDGE
 
     def _first_round_hold(self, now: float) -> float:
@@ -523,6 +643,10 @@ class RateController:
 
     def _target(self, estimate: float) -> float:
         """The rate that keeps any window under ``(1 - margin) * estimate * W`` sends."""
+        if self._pausing:
+            # Each refusal pauses every send: keep the margin off the count itself,
+            # not off the allowance for the window's edges too.
+            estimate -= _EDGE / self._window
         allowed = estimate * (1.0 - self._margin) - (self._burst - 1) / self._window
         return self._clamp(allowed)
 

@@ -253,13 +253,17 @@ class InProcessLimiter:
     async def _acquire(self) -> float:
         while True:
             now = self._clock()
+            refused = self._refused
             slot = self._reserve(now)
             if slot > now:
                 await self._sleep(slot - now)
-            if self._pause_until <= slot:
+            if self._pause_until <= slot and (
+                refused == self._refused or self._controller.hold_until(slot) <= slot
+            ):
                 break
-            # A Retry-After came in while this caller slept: its slot falls inside the
-            # pause, so it is forfeited (erring slow) and a new one taken after it.
+            # A Retry-After came in while this caller slept, or a refusal that says
+            # the server's window is full: its slot falls inside the pause or the
+            # hold, so it is forfeited (erring slow) and a new one taken after it.
         self._controller.on_sent(slot)
         self._acquired += 1
         return slot

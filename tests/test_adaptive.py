@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from simulated_servers import (
     REFUSAL_STYLES,
+    Controller,
     FixedWindow,
     OracleController,
     Result,
@@ -33,7 +35,8 @@ from simulated_servers import (
 )
 
 import nebula_async as na
-from nebula_async._adaptive import _EDGE, RateController
+from nebula_async._adaptive import _EDGE, _GUARD_BINS, RateController
+from nebula_async._limiter import Outcome
 from nebula_async._limits import InProcessLimiter
 from nebula_async.testing import MockNebulaServer, busiest_window
 
@@ -135,8 +138,12 @@ def test_retry_after_is_one_event_and_does_not_collapse_the_rate() -> None:
         feed_window(c, sent=30, accepted=20)
         for i in range(20, 30):
             c.on_refused(i * 0.25 / 30, now=0.45, retry_after=retry_after)
-    # After the pause, the adapted rate: neither from zero nor the old one.
-    assert paused.rate_at(1.5) == quiet.rate_at(1.5) == pytest.approx(0.97 * (20.0 + _EDGE))
+    # After the pause, the adapted rate: neither from zero nor the old one. Where
+    # each refusal pauses every send, the margin is taken off the count itself, not
+    # off the allowance for the window's edges too (a refusal costs a pause there).
+    assert quiet.rate_at(1.5) == pytest.approx(0.97 * (20.0 + _EDGE))
+    assert paused.rate_at(1.5) == pytest.approx(0.97 * 20.0)
+    assert paused.estimated_limit == quiet.estimated_limit
 
 
 def test_a_refusal_never_raises_the_rate_and_cuts_at_most_to_max_decrease() -> None:
@@ -220,15 +227,20 @@ def test_converges_on_an_unknown_limit(server: str, start: str, style: str) -> N
 
 @pytest.mark.parametrize("server", sorted(SERVERS))
 def test_a_long_run_settles_at_the_limit(server: str) -> None:
-    """Over 4,000 jobs the cost of learning is diluted: issue 10's goal holds for
-    the windows. A token bucket refills while the rate sits under its limit, and
-    each probe spends that burst before it is refused, reading high: 3-5 refusals
-    a probe, 1.2% over this run."""
+    """Over 4,000 jobs the cost of learning is diluted: issue 10's goal holds
+    (measured: sliding 0.98x with 0.35% refused, bucket 1.03x with 0.8%, fixed
+    1.01x with 0.4%). A token bucket refills while the rate sits under its limit,
+    and a probe spends that burst before it is refused, reading high (3-5
+    refusals), so its probes cost the most. The probes' readings are averaged
+    without drifting down: the rate at the end is within 6% of the limit."""
     ours, oracle = run_pair(
         SERVERS[server], RateController(initial_rate=3 * LIMIT), retry_after=None, jobs=4000
     )
     assert ours.goodput / oracle.goodput >= 0.97
-    assert ours.refused_share <= (0.0125 if server == "bucket" else 0.01)
+    assert ours.refused_share <= 0.01
+    final = ours.rates[-1][1]
+    assert final is not None
+    assert final >= 0.94 * LIMIT
 
 
 @pytest.mark.parametrize("server", sorted(SERVERS))
@@ -262,9 +274,11 @@ def test_hold_until_waits_out_a_full_window() -> None:
         else:
             c.on_refused(0.2, now=0.4, retry_after=None)
     assert c.estimated_limit == pytest.approx(20.0 + _EDGE)
-    # The window holds 20 until the first 16 leave it, a window after they went.
-    assert c.hold_until(0.4) == pytest.approx(1.0, abs=0.03)
-    assert c.hold_until(1.05) == 1.05
+    # The window holds 20 until the first 16 leave it, a window after they went
+    # (to the end of their bin, and a guard of a few bins for the server's clock).
+    free_at = 1.0 + 0.02 * (1 + _GUARD_BINS)
+    assert c.hold_until(0.4) == pytest.approx(free_at)
+    assert c.hold_until(free_at + 0.01) == free_at + 0.01
 
 
 def test_no_rate_and_many_workers_costs_one_burst() -> None:
@@ -295,14 +309,153 @@ def test_a_limit_that_changes_is_followed(server: str) -> None:
     )
     down = ours.settled_after(20.0, target=10.0, low=0.85, high=1.0)
     up = ours.settled_after(40.0, target=30.0, low=0.85, high=1.0)
-    # A drop is found within seconds; a rise only by the next probe, which may be
-    # up to a doubled hold away (a probe just before the rise doubles it to 32 s).
+    # A drop is found within seconds. A limit that fell is probed soon, harder,
+    # and then ever more rarely, so the rise is found within seconds too (measured
+    # 2.5-6.8 s; before, only by the next probe at a doubled hold: up to 37 s, 0.73x).
     assert down <= 5.0
-    assert up <= 45.0
-    # Far from 0.97: the 20 s at 30/s are mostly spent below it until a probe goes
-    # (the fixed window's probe failed at 39.9 s, so the next came 32 s later).
-    assert ours.goodput / oracle.goodput >= 0.7
-    assert ours.refused_share <= 0.05
+    assert up <= 8.0
+    # Short of 0.97: the seconds at 10/s after the rise (measured 0.94-1.02x).
+    assert ours.goodput / oracle.goodput >= 0.93
+    assert ours.refused_share <= 0.045
+
+
+def _events(controller: RateController) -> tuple[list[float], Controller]:
+    """The send times of the refusals that were congestion events (not echoes)."""
+    found: list[float] = []
+
+    class Watch:
+        def __getattr__(self, name: str) -> object:
+            return getattr(controller, name)
+
+        def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
+            before = controller.decreases, controller.estimated_limit
+            controller.on_refused(sent_at, now, retry_after=retry_after)
+            if (controller.decreases, controller.estimated_limit) != before:
+                found.append(sent_at)
+
+    return found, Watch()  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_after_a_fall_probes_come_soon_then_ever_more_rarely(seed: int) -> None:
+    """20/s, then 10/s for good from 10 s: the probes after the fall start a second
+    after it and space out 1.25-fold (then 2-fold once back at ``hold``), so a
+    limit that moved back would be found soon, and one that stays costs refusals
+    in the log of the time."""
+    found, watched = _events(RateController(initial_rate=None))
+    simulate(
+        watched,
+        SlidingWindow(phases((0.0, 20.0), (10.0, 10.0))),
+        jobs=900,
+        concurrency=32,
+        jitter=0.1,
+        seed=seed,
+    )
+    probes = [t for t in found if t > 11.0]
+    assert probes[0] < 13.0  # the first probe, a second or so after the fall
+    # Soon: 4 or more in the 10 s after the fall (measured 5; at the plain hold, 2).
+    assert sum(t < 21.0 for t in probes) >= 4
+    # Then rarely: at most 3 in the run's last 25 s (measured 2), 16 in all (14-15).
+    assert sum(t > 60.0 for t in probes) <= 3
+    assert len(probes) <= 16
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_fallen_limit_that_rises_is_found_within_seconds(seed: int) -> None:
+    """20/s, 10/s from 5 s, 40/s from 12 s: the probes after a fall step up 3x
+    faster on the convex curve, so one that starts after the rise passes 1.3x the
+    old limit within seconds and reaches 0.85x the new within 3.5 s more (measured
+    2.5-2.6 s; at the plain probe's step it is never within the run's first
+    seconds, and a slow start from the probe, tried too, gained 0.1 s)."""
+    limit = phases((0.0, 20.0), (5.0, 10.0), (12.0, 40.0))
+    run = simulate(
+        RateController(initial_rate=None),
+        SlidingWindow(limit),
+        jobs=900,
+        concurrency=32,
+        jitter=0.1,
+        seed=seed,
+    )
+    cleared = next(t for t, rate in run.rates if t > 12.0 and rate and rate > 13.0)
+    found = next(t for t, rate in run.rates if t > 12.0 and rate and rate > 34.0)
+    assert cleared < 16.0
+    assert found - cleared < 3.5
+
+
+def test_the_first_probe_waits_a_whole_hold() -> None:
+    """No early probe a window after the first event (it cost a refusal in every
+    short run): the plateau holds for ``hold`` seconds."""
+    c = RateController(initial_rate=None, hold=8.0)
+    feed_window(c, sent=30, accepted=20)
+    for i in range(20, 30):
+        c.on_refused(i * 0.25 / 30, now=0.45, retry_after=None)
+    plateau = c.rate_at(1.5)
+    assert plateau is not None
+    t, rates = 1.5, []
+    while t < 10.0:  # sending at whatever it says, all taken
+        c.on_sent(t)
+        c.on_accepted(t, now=t)
+        rate = c.rate_at(t)
+        assert rate is not None
+        rates.append((t, rate))
+        t += 1.0 / rate
+    assert all(rate == plateau for at, rate in rates if at < 0.45 + 8.0)
+    assert rates[-1][1] > plateau  # probing from there
+
+
+def test_a_burst_still_in_the_servers_window_reads_no_new_limit() -> None:
+    """The first round (32 at once, 20 taken) is held for a window; a send just
+    after it is refused, because the server counts arrivals and the burst's arrived
+    over some milliseconds (new connections): its window, by our clock, misses the
+    burst and reads ~1/s. Read as a limit, that crawled at 7/s for 12 s on
+    loopback; it is the burst, still in the window, like an echo."""
+    c = RateController(initial_rate=None)
+    for i in range(32):
+        c.on_sent(0.001 * (i // 16) + 0.019)  # across two bins, as on loopback
+    for i in range(32):
+        sent = 0.001 * (i // 16) + 0.019
+        if i < 20:
+            c.on_accepted(sent, now=0.22)
+        else:
+            c.on_refused(sent, now=0.23, retry_after=None)
+    estimate = c.estimated_limit
+    assert estimate == pytest.approx(20.0 + _EDGE, abs=1.0)
+    held = c.hold_until(0.3)
+    assert held > 1.0
+    c.on_sent(held - 0.04)  # a send a guard's width early, as a late timer might
+    c.on_refused(held - 0.04, now=held + 0.16, retry_after=None)
+    assert c.estimated_limit == estimate
+    assert c.decreases <= 1
+
+
+@pytest.mark.anyio
+async def test_a_slot_reserved_before_a_refusal_waits_for_the_window() -> None:
+    """A caller asleep on its slot when a refusal says the server's window is full
+    takes a new slot after the hold, as after a Retry-After (on loopback two such
+    slots went out into the full window, each refused)."""
+    from test_limits import FakeController, VirtualTime, with_virtual_time
+
+    controller = FakeController(10.0)
+    vt = VirtualTime()
+    limiter = InProcessLimiter(controller, clock=vt.clock, sleep=vt.sleep)
+    slots: list[float] = []
+
+    async def body() -> None:
+        first = await limiter.acquire()
+        slots.append(first)
+
+        async def second() -> None:
+            slots.append(await limiter.acquire())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second)
+            await vt.sleep(0.05)  # the second caller sleeps until its slot at 0.1
+            controller.hold = 1.0  # the refusal's window is full until 1.0
+            await limiter.record(first, Outcome.REFUSED)
+
+    await with_virtual_time(vt, body)
+    assert slots[0] == 0.0
+    assert slots[1] >= 1.0
 
 
 # -- on loopback, real clock ---------------------------------------------------------------
