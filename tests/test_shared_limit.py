@@ -330,8 +330,10 @@ async def test_a_pause_reaches_another_instances_sleepers_at_once(
 ) -> None:
     """The sleepers of another process hold slots reserved before the pause; the
     pause notice (pub/sub) makes them re-reserve instead of sending inside it."""
-    seen_by = _limiter(redis_server.url, key, per_second=10.0, adaptive=False)
-    sleepers = _limiter(redis_server.url, key, per_second=10.0, adaptive=False)
+    # 4/s: a quarter second between slots leaves room for the subscription on a
+    # busy machine (at 10/s the first sleeper's slot could come before the pause).
+    seen_by = _limiter(redis_server.url, key, per_second=4.0, adaptive=False)
+    sleepers = _limiter(redis_server.url, key, per_second=4.0, adaptive=False)
     returned: list[float] = []
 
     async def one() -> None:
@@ -340,19 +342,19 @@ async def test_a_pause_reaches_another_instances_sleepers_at_once(
 
     try:
         ticket = await seen_by.acquire()  # slot 0
-        await sleepers.acquire()  # slot +0.1 s
+        await sleepers.acquire()  # slot +0.25 s
         await _subscribed(redis_server.url, sleepers)
         async with anyio.create_task_group() as tg:
-            for _ in range(3):  # slots about +0.2 .. +0.4 s
+            for _ in range(3):  # slots about +0.5 .. +1.0 s
                 tg.start_soon(one)
             await anyio.sleep(0.02)
             paused_at = time.monotonic()
-            await seen_by.record(ticket, Outcome.REFUSED, retry_after=0.6)
+            await seen_by.record(ticket, Outcome.REFUSED, retry_after=1.0)
     finally:
         await seen_by.aclose()
         await sleepers.aclose()
     assert len(returned) == 3
-    assert min(returned) >= paused_at + 0.6 - 0.01
+    assert min(returned) >= paused_at + 1.0 - 0.01
     assert sleepers.statistics().paused_for_s == 0  # over by now
 
 
