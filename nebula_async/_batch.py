@@ -180,17 +180,17 @@ class _Feed:
         self._admit = admit
         self._window = window
         self._index = 0
-        self._reading: anyio.CancelScope | None = None
+        self._window_wait: anyio.CancelScope | None = None
         self._pump_scope = anyio.CancelScope()
         self.stopped = False
         self.failure: BaseException | None = None
 
     def stop(self) -> None:
-        """Take nothing more; a worker (or the pump) waiting on the input stops waiting."""
+        """Take nothing more; the pump, and a worker waiting for the window, stop waiting."""
         self.stopped = True
         self._pump_scope.cancel()
-        if self._reading is not None:
-            self._reading.cancel()
+        if self._window_wait is not None:
+            self._window_wait.cancel()
 
     def start(self, task_group: TaskGroup) -> None:
         """Start the pump of an async input in ``task_group`` (a plain one needs none)."""
@@ -288,11 +288,11 @@ class _Feed:
             window.acquire_nowait()
         except anyio.WouldBlock:
             with anyio.CancelScope() as scope:
-                self._reading = scope
+                self._window_wait = scope
                 try:
                     await window.acquire()
                 finally:
-                    self._reading = None
+                    self._window_wait = None
             return not scope.cancelled_caught
         return True
 
