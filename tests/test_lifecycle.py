@@ -8,6 +8,7 @@ retry backoff or a limiter pause.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -119,7 +120,7 @@ async def test_close_cancels_running_calls_which_raise_client_state_error() -> N
         lifecycle.close()
     assert len(outcome) == 3
     assert all(isinstance(exc, ClientStateError) for exc in outcome)
-    assert not lifecycle._scopes  # every scope deregistered
+    assert not lifecycle._calls  # every call deregistered
 
 
 async def test_a_call_that_ends_normally_or_is_cancelled_otherwise_is_left_alone() -> None:
@@ -132,7 +133,109 @@ async def test_a_call_that_ends_normally_or_is_cancelled_otherwise_is_left_alone
             await anyio.sleep_forever()
     assert scope.cancelled_caught
     assert lifecycle.state is State.OPEN
-    assert not lifecycle._scopes
+    assert not lifecycle._calls
+
+
+async def test_closing_takes_back_its_cancel_so_the_callers_task_goes_on() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    entered = anyio.Event()
+    after: list[int] = []
+
+    async def caller() -> None:
+        try:
+            with lifecycle.call():
+                entered.set()
+                await anyio.sleep_forever()
+        except ClientStateError:
+            after.append(0)
+        task = asyncio.current_task()
+        assert task is not None
+        after.append(task.cancelling())
+        await anyio.sleep(0.01)  # no cancel left pending: the caller's task goes on
+        after.append(-1)
+
+    task = asyncio.get_running_loop().create_task(caller())
+    await entered.wait()
+    lifecycle.close()
+    await asyncio.wait({task}, timeout=2)
+    task.result()
+    assert after == [0, 0, -1]
+
+
+async def test_a_call_cancelled_by_close_and_by_its_caller_at_once_stays_cancelled() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    entered = anyio.Event()
+
+    async def call() -> None:
+        with lifecycle.call():
+            entered.set()
+            await anyio.sleep_forever()
+
+    for outer_first in (True, False):
+        task = asyncio.get_running_loop().create_task(call())
+        await entered.wait()
+        entered = anyio.Event()
+        if outer_first:
+            task.cancel()  # the caller's own cancellation, in the same loop iteration
+        lifecycle.close()
+        if not outer_first:
+            task.cancel()
+        await asyncio.wait({task}, timeout=2)
+        assert task.cancelled()  # a cancellation, not a ClientStateError
+        lifecycle = Lifecycle()
+        lifecycle.open()
+
+
+async def test_an_anyio_deadline_in_the_same_iteration_as_close_stays_a_cancellation() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    with anyio.CancelScope() as scope:
+        with lifecycle.call():
+            scope.cancel()
+            asyncio.get_running_loop().call_soon(lifecycle.close)
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    assert not lifecycle._calls
+
+
+async def test_nested_calls_in_one_task_end_as_one_client_state_error() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    seen: list[str] = []
+
+    async def caller() -> None:
+        try:
+            with lifecycle.call():
+                try:
+                    with lifecycle.call():
+                        await anyio.sleep_forever()
+                except asyncio.CancelledError:
+                    seen.append("inner: cancelled")  # the outer call's cancel still pending
+                    raise
+        except ClientStateError:
+            seen.append("outer: ClientStateError")
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+
+    task = asyncio.get_running_loop().create_task(caller())
+    await anyio.wait_all_tasks_blocked()
+    lifecycle.close()
+    await asyncio.wait({task}, timeout=2)
+    task.result()
+    assert seen == ["inner: cancelled", "outer: ClientStateError"]
+
+
+async def test_the_task_that_closes_is_not_cancelled_inside_its_own_call() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.open()
+    with lifecycle.call():
+        lifecycle.close()  # e.g. a custom limiter that closes the client it serves
+        await anyio.sleep(0.01)  # its close may await: nothing cuts it short
+    assert lifecycle.state is State.CLOSED
+    assert not lifecycle._calls
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -315,3 +418,27 @@ async def test_close_during_a_drain_stops_the_jobs_in_flight_at_once() -> None:
         await wait_until(lambda: len(server.abandoned) == 2, within=2)
     assert elapsed < 1.0
     assert isinstance(outcome[0], ClientStateError)
+
+
+async def test_aclose_stops_a_fanned_out_job_with_client_state_error() -> None:
+    async with GatedServer() as server:
+        client = client_for(server.base_url, max_concurrency=3)
+        outcome: list[BaseException] = []
+
+        async def job() -> None:
+            try:
+                await client.run_job(na.Job(request_for("fan", n=2), images=12))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        async with client, anyio.create_task_group() as task_group:
+            task_group.start_soon(job)
+            await wait_until(lambda: server.in_flight == 3)  # 3 of its 6 calls in flight
+            started = time.monotonic()
+            await client.aclose()
+        elapsed = time.monotonic() - started
+        await wait_until(lambda: len(server.abandoned) == 3, within=2)
+    assert elapsed < 1.0
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ClientStateError), repr(outcome[0])
+    assert len(server.arrivals) == 3

@@ -361,8 +361,10 @@ async def test_a_pause_reaches_another_instances_sleepers_at_once(
 async def test_refusals_cut_the_shared_rate_once_per_event(
     redis_server: RedisServer, key: str
 ) -> None:
-    first = _limiter(redis_server.url, key, per_second=100.0, recovery_per_s=1.0)
-    second = _limiter(redis_server.url, key, per_second=100.0, recovery_per_s=1.0)
+    # A slow recovery (0.1/s), so a busy machine may take up to 1 s between the cut and
+    # the reads below before the rate has moved by their tolerance.
+    first = _limiter(redis_server.url, key, per_second=100.0, recovery_per_s=0.1)
+    second = _limiter(redis_server.url, key, per_second=100.0, recovery_per_s=0.1)
     try:
         old = [await first.acquire() for _ in range(3)]
         await first.record(old[0], Outcome.REFUSED)
