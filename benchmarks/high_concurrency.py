@@ -2,10 +2,11 @@
 
 1,000 requests in flight against the lean mock server answering after 1 s, side by
 side in one run, raw aiohttp (the baseline, between every two others) against
-``run_batch`` and ``stream``. What a user feels here is Little's law: the ceiling is
-concurrency / latency = 1,000 requests/s, and a client's efficiency is its
-throughput over that ceiling. Prints each contender's median throughput, its
-efficiency, and its ratio to the raw aiohttp samples beside it.
+``run_batch``, ``stream`` and ``asyncio.gather`` over ``img2img``. What a user
+feels here is Little's law: the ceiling is concurrency / latency = 1,000
+requests/s, and a client's efficiency is its throughput over that ceiling. Prints
+each contender's median throughput, its efficiency, and its ratio to the raw
+aiohttp samples beside it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .contenders import CONTENDERS
 CONCURRENCY = 1000
 LATENCY_S = 1.0
 BASELINE = "raw aiohttp"
-NAMES = ("raw aiohttp", "ours run_batch", "ours stream")
+NAMES = ("raw aiohttp", "ours run_batch", "ours stream", "ours img2img")
 
 
 def main(argv: list[str] | None = None) -> int:
