@@ -31,6 +31,7 @@ __all__ = [
     "REFUSAL_STYLES",
     "Controller",
     "FixedWindow",
+    "Noisy",
     "OracleController",
     "Result",
     "Server",
@@ -139,6 +140,25 @@ class TokenBucket:
             self._tokens -= 1.0
             return True
         return False
+
+
+class Noisy:
+    """Refuses each request with probability ``share`` whatever the rate, then asks
+    ``inner`` (None: no limit at all): a server that says 429 now and then."""
+
+    def __init__(self, share: float, inner: Server | None = None, *, seed: int = 7) -> None:
+        self.share = share
+        self.inner = inner
+        self.window = 1.0 if inner is None else inner.window
+        self._rng = random.Random(seed)
+
+    def limit_at(self, t: float) -> float:
+        return math.inf if self.inner is None else self.inner.limit_at(t)
+
+    def admit(self, t: float) -> bool:
+        if self._rng.random() < self.share:
+            return False
+        return self.inner is None or self.inner.admit(t)
 
 
 class Controller(Protocol):
