@@ -36,18 +36,6 @@ the image frees a few bins late, and a refusal about a window after the last
 event that reads far under the estimate is taken for that burst, still in the
 server's window, not for a limit.
 
-Noise
------
-A full window refuses every send past the limit; a server that refuses now and
-then whatever the rate (a flaky gateway) refuses a share of all of them. Read as
-a full window, each such refusal would cut the rate to what the window held, and
-the next would cut again: a limit that keeps falling. So a refusal without a
-``Retry-After`` whose window's answers hold at most 2% refusals is noise and
-reads nothing (BBR's ``LossThresh``, the most loss a round may have and not be
-congestion, draft-ietf-ccwg-bbr); with fewer than 50 answers a window,
-one refusal is over 2% and this never applies. A ``Retry-After`` asks every
-sender to pause and is always an event.
-
 Start
 -----
 With no configured rate the controller is unlimited until the first refusal,
@@ -120,10 +108,6 @@ _LATENCY_DECAY: Final = 0.98
 #: request refused on its own says "not now" (its Retry-After pause covers that),
 #: and reading it as "one per window" would crawl for good.
 _MIN_READING: Final = 3.0
-#: A refusal whose window's answers hold no more than this share of refusals is
-#: noise, not a full window (see "Noise"; BBR's ``LossThresh``,
-#: draft-ietf-ccwg-bbr).
-_NOISE_SHARE: Final = 0.02
 #: After the limit fell, probing starts ``moved_hold`` after each event and each
 #: probe that fails lengthens that by this factor (not 2) until it is back at
 #: ``hold``: a limit that moved may move back soon, and probes spaced
@@ -432,8 +416,6 @@ class RateController:
                 self._lower = min(self._lower, self._estimate)
                 self._plateau = self._after_cut(self._pre_cut, self._working())
             return
-        if retry_after is None and self._is_noise(sent_at):
-            return
         most, _ = self._window_count(sent_at)
         if self._phase == _UNLIMITED and most - _EDGE < _MIN_READING:
             return  # nothing to read a limit from yet: stay unlimited
@@ -442,21 +424,6 @@ class RateController:
         self._congestion(sent_at, now, retry_after)
 
     # -- internals -------------------------------------------------------------------------
-
-    def _is_noise(self, sent_at: float) -> bool:
-        """Whether the answers of the refused send's window hold few enough refusals
-        (this one included) to be noise rather than a full window, which refuses
-        every send past the limit."""
-        answered = refused = 0
-        bins = self._bins
-        for index in range(self._index(sent_at - self._window) + 1, self._index(sent_at) + 1):
-            counts = bins.get(index)
-            if counts is not None:
-                answered += counts[1] + counts[2]
-                refused += counts[2]
-        if not refused:
-            return False  # its send was never reported: nothing to weigh it against
-        return refused <= _NOISE_SHARE * answered
 
     def _at_the_edge(self, sent_at: float, most: float) -> bool:
         """Whether a refusal is the last event's burst still in the server's window:

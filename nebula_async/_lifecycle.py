@@ -1,31 +1,32 @@
 """The client's lifecycle: one small state machine that owns shutdown.
 
 ``new -> open -> (draining ->) closed``. Every call the client runs (an
-``img2img``, a job, a stream's pipeline) is registered here while it runs, so
-:meth:`Lifecycle.close` stops them all at once: it cancels each call's task,
-and the call turns that cancellation into a
+``img2img``, a job, a stream's pipeline) runs inside a cancel scope registered
+here, so :meth:`Lifecycle.close` stops them all at once, structured: it cancels
+their scopes, and each call turns that cancellation into a
 :class:`~nebula_async.ClientStateError` for its caller. Nothing is checked
 mid-retry by string comparison: a closed client cancels, and a draining one is
 asked through :meth:`Lifecycle.require_open` before new work starts.
 
-Why ``Task.cancel()`` here and anyio everywhere else: a call runs in a task the
-client does not own (the caller's), and anyio's one tool for cancelling such a
-body is a ``CancelScope`` per call. On asyncio a scope is itself a
-``Task.cancel()`` plus bookkeeping, and that bookkeeping (a ``TaskState`` per new
-task in a weak dictionary, the scope tree, its checks at exit) cost 41k
-instructions per ``img2img`` of the ~720k a whole request costs (1.31x raw
-aiohttp against the 1.25x guard). :class:`_Call` keeps the part that is needed,
-as ``asyncio.timeout`` does: the cancel, and ``uncancel()`` counting on exit so
-that only the cancellation it made becomes an error.
+Why a scope per call, although it is most of what ``img2img`` costs over
+``run_batch`` (41k instructions a call, 1.31x raw aiohttp against the 1.25x
+guard): cancelling the caller's task itself (``Task.cancel()``/``uncancel()``,
+as ``asyncio.timeout`` does) measured 1.22x, and a review found it wrong where a
+scope is right. A native cancel is delivered once, where a scope's is repeated
+until it lands; it does not respect an anyio shield; it may reach a call's task
+group after the caller's own anyio deadline and escape the caller's
+``move_on_after``; and ``aclose()`` from inside a call's own task (a custom
+limiter acting as a kill switch) could not stop that call.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import weakref
 from types import TracebackType
 from typing import Protocol
+
+import anyio
 
 from ._exceptions import ClientStateError
 
@@ -49,28 +50,22 @@ class Drainable(Protocol):
 
 
 class _Call:
-    """One running call, registered with its lifecycle: ``with lifecycle.call():``."""
+    """One running call: ``with lifecycle.call():``, its body in a cancel scope
+    that :meth:`Lifecycle.close` cancels.
 
-    __slots__ = ("_calls", "_cancelled", "_cancelling_at_enter", "_task")
+    A plain class rather than ``contextlib.contextmanager``: the generator and its
+    helper cost 11k instructions a call, measured.
+    """
 
-    def __init__(self, calls: set[_Call]) -> None:
-        self._calls = calls
-        self._cancelled = False
+    __slots__ = ("_scope", "_scopes")
+
+    def __init__(self, scopes: set[anyio.CancelScope]) -> None:
+        self._scopes = scopes
+        self._scope = anyio.CancelScope()
 
     def __enter__(self) -> None:
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("a NebulaClient call must run in an asyncio task")
-        self._task = task
-        self._cancelling_at_enter = task.cancelling()
-        self._calls.add(self)
-
-    def cancel(self) -> None:
-        """Cancel the call's task, unless that task is the one closing (it is not
-        waiting in its call, and a cancel would cut its close short)."""
-        if self._task is not asyncio.current_task():
-            self._cancelled = True
-            self._task.cancel()
+        self._scope.__enter__()
+        self._scopes.add(self._scope)
 
     def __exit__(
         self,
@@ -78,25 +73,23 @@ class _Call:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._calls.discard(self)
-        # Our cancel is taken back whatever happened; the error is ours to raise only
-        # when no other cancellation (the caller's own timeout, say) is pending too.
-        if (
-            self._cancelled
-            and self._task.uncancel() <= self._cancelling_at_enter
-            and isinstance(exc, asyncio.CancelledError)
-        ):
+        scope = self._scope
+        self._scopes.discard(scope)
+        # The scope swallows only its own cancellation (then cancelled_caught is
+        # set), which becomes the caller's ClientStateError; anything else goes on.
+        scope.__exit__(exc_type, exc, traceback)
+        if scope.cancelled_caught:
             raise ClientStateError(
                 "the NebulaClient was closed while this call was running"
             ) from None
 
 
 class Lifecycle:
-    """The state, the running calls, and the streams to drain."""
+    """The state, the scopes of running calls, and the streams to drain."""
 
     def __init__(self) -> None:
         self.state = State.NEW
-        self._calls: set[_Call] = set()
+        self._scopes: set[anyio.CancelScope] = set()
         self._streams: weakref.WeakSet[Drainable] = weakref.WeakSet()
 
     def open(self) -> None:
@@ -124,7 +117,7 @@ class Lifecycle:
         """
         if self.state is State.CLOSED:
             raise ClientStateError("the NebulaClient was closed; create a new client")
-        return _Call(self._calls)
+        return _Call(self._scopes)
 
     def watch(self, stream: Drainable) -> None:
         """Drain ``stream`` too when the client drains (held weakly)."""
@@ -144,6 +137,6 @@ class Lifecycle:
         if self.state is State.CLOSED:
             return False
         self.state = State.CLOSED
-        for call in list(self._calls):
-            call.cancel()
+        for scope in list(self._scopes):
+            scope.cancel()
         return True

@@ -531,7 +531,6 @@ def test_the_rate_stays_within_its_bounds(
     now = 0.0
     refused = False
     decreases = 0
-    answered: list[float] = []  # the send time of each answer
     for kind, step, latency in events:
         now += step
         sent_at = max(0.0, now - latency)
@@ -539,21 +538,10 @@ def test_the_rate_stays_within_its_bounds(
             c.on_sent(now)
         elif kind == "accepted":
             c.on_accepted(sent_at, now)
-            answered.append(sent_at)
         else:
-            pause = kind == "refused_pause"
-            c.on_refused(sent_at, now, retry_after=1.0 if pause else None)
-            answered.append(sent_at)
-            # Unlimited, a refusal reads a limit only from a window of a few sends;
-            # with a guess, any refusal does, unless it may be noise: no Retry-After,
-            # and at least 50 answers in its window (a bin's width of slack each side).
-            window = sum(sent_at - 1.04 <= s <= sent_at + 0.02 for s in answered)
-            may_be_noise = not pause and window >= 50
-            refused = (
-                refused
-                or (initial is not None and not may_be_noise)
-                or c.estimated_limit is not None
-            )
+            c.on_refused(sent_at, now, retry_after=1.0 if kind == "refused_pause" else None)
+            # Unlimited, a refusal reads a limit only from a window of a few sends.
+            refused = refused or initial is not None or c.estimated_limit is not None
         rate = c.rate_at(now)
         if refused:
             assert rate is not None
@@ -579,30 +567,6 @@ def test_a_lone_refusal_of_an_unlimited_client_reads_no_limit() -> None:
     assert c.estimated_limit == pytest.approx(20.0 + _EDGE)
 
 
-def test_a_refusal_among_many_answers_is_noise_not_a_limit() -> None:
-    # A full window refuses every send past the limit; one refusal in 200 answers is
-    # a server saying 429 now and then (BBR tolerates 2% loss a round the same way).
-    c = RateController(initial_rate=None)
-    feed_window(c, sent=200, accepted=195)
-    for i in range(195, 198):  # 1, 2 and 3 refused of 196-198 answers: at most 2%
-        c.on_refused(i * 0.25 / 200, now=0.3, retry_after=None)
-        assert c.estimated_limit is None
-        assert c.rate_at(0.3) is None
-    c.on_refused(198 * 0.25 / 200, now=0.3, retry_after=None)  # 4 of 199: over 2%
-    assert c.estimated_limit is not None
-
-
-def test_a_refusal_with_retry_after_or_in_a_small_window_is_never_noise() -> None:
-    paused = RateController(initial_rate=None)
-    feed_window(paused, sent=200, accepted=199)
-    paused.on_refused(199 * 0.25 / 200, now=0.3, retry_after=1.0)
-    assert paused.estimated_limit is not None  # a pause is asked for: it is a limit
-    small = RateController(initial_rate=None)
-    feed_window(small, sent=30, accepted=29)
-    small.on_refused(29 * 0.25 / 30, now=0.3, retry_after=None)
-    assert small.estimated_limit is not None  # 1 of 30: a full window of 29
-
-
 def _goodput(server: Callable[[], Server]) -> float:
     runs = [
         simulate(
@@ -614,17 +578,23 @@ def _goodput(server: Callable[[], Server]) -> float:
             seed=seed,
             max_time=3000,
         )
-        for seed in range(4)
+        for seed in range(3)
     ]
     return sum(run.goodput for run in runs) / len(runs)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known weakness (docs/concepts/limits.md): each random 429 reads as a full "
+    "window and cuts the rate; at 1% with no limit the run keeps 0.20x of its speed",
+)
 def test_refusals_at_random_are_not_read_as_a_limit_that_keeps_falling() -> None:
-    """A server with no limit that refuses 0.5% or 1% of requests at random, at
-    about 200 answers a second: before the noise rule every such refusal read its
-    window as full and the rate only fell (1%: 0.20x the run without refusals).
-    Now (mean of 4 seeds) 0.5% costs 10% and 1% costs 17%. At 2% it is still
-    0.15x (0.06x before): refusals over the 2% of a window are read as a limit."""
+    """A server with no limit that refuses 1% of requests at random, at about 200
+    answers a second: a demanding user expects to lose about that 1%, not 80% of
+    the throughput. Strict: when a rule tells noise from a full window, this
+    passes and must lose its mark. (A 2% "loss threshold" as in BBR fixed this
+    case but cost real limits at 1,000/s up to 6.7x the refusals of an unlimited
+    start, 4-6% of goodput against token buckets, and small falls went unread:
+    measured and reverted, docs/benchmarks.md.)"""
     clean = _goodput(lambda: Noisy(0.0))
-    assert _goodput(lambda: Noisy(0.005)) >= 0.85 * clean
     assert _goodput(lambda: Noisy(0.01)) >= 0.75 * clean

@@ -9,6 +9,7 @@ retry backoff or a limiter pause.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -120,7 +121,7 @@ async def test_close_cancels_running_calls_which_raise_client_state_error() -> N
         lifecycle.close()
     assert len(outcome) == 3
     assert all(isinstance(exc, ClientStateError) for exc in outcome)
-    assert not lifecycle._calls  # every call deregistered
+    assert not lifecycle._scopes  # every call deregistered
 
 
 async def test_a_call_that_ends_normally_or_is_cancelled_otherwise_is_left_alone() -> None:
@@ -133,7 +134,7 @@ async def test_a_call_that_ends_normally_or_is_cancelled_otherwise_is_left_alone
             await anyio.sleep_forever()
     assert scope.cancelled_caught
     assert lifecycle.state is State.OPEN
-    assert not lifecycle._calls
+    assert not lifecycle._scopes
 
 
 async def test_closing_takes_back_its_cancel_so_the_callers_task_goes_on() -> None:
@@ -197,7 +198,7 @@ async def test_an_anyio_deadline_in_the_same_iteration_as_close_stays_a_cancella
             asyncio.get_running_loop().call_soon(lifecycle.close)
             await anyio.sleep_forever()
     assert scope.cancelled_caught
-    assert not lifecycle._calls
+    assert not lifecycle._scopes
 
 
 async def test_nested_calls_in_one_task_end_as_one_client_state_error() -> None:
@@ -228,14 +229,21 @@ async def test_nested_calls_in_one_task_end_as_one_client_state_error() -> None:
     assert seen == ["inner: cancelled", "outer: ClientStateError"]
 
 
-async def test_the_task_that_closes_is_not_cancelled_inside_its_own_call() -> None:
+async def test_a_call_whose_own_task_closes_the_client_ends_with_client_state_error() -> None:
+    # e.g. a custom limiter acting as a kill switch: closing is the immediate stop
+    # for the call that closed too, and what the closing itself awaits is shielded.
     lifecycle = Lifecycle()
     lifecycle.open()
-    with lifecycle.call():
-        lifecycle.close()  # e.g. a custom limiter that closes the client it serves
-        await anyio.sleep(0.01)  # its close may await: nothing cuts it short
-    assert lifecycle.state is State.CLOSED
-    assert not lifecycle._calls
+    closed_fully: list[bool] = []
+    with pytest.raises(ClientStateError):  # noqa: PT012 - the close and the await both matter
+        with lifecycle.call():
+            lifecycle.close()
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.01)  # what aclose() awaits: not cut short
+                closed_fully.append(True)
+            await anyio.sleep(1)  # the call's next wait is cancelled
+    assert closed_fully == [True]
+    assert not lifecycle._scopes
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -442,3 +450,77 @@ async def test_aclose_stops_a_fanned_out_job_with_client_state_error() -> None:
     assert len(outcome) == 1
     assert isinstance(outcome[0], ClientStateError), repr(outcome[0])
     assert len(server.arrivals) == 3
+
+
+# -- why a cancel scope per call (a review of Task.cancel()/uncancel() instead) -----------
+
+
+@pytest.mark.parametrize("gap", [0, 1, 3])
+async def test_a_close_just_after_the_callers_own_deadline_leaves_the_caller_moving_on(
+    gap: int,
+) -> None:
+    # A fanned-out run_job unwinding from the caller's anyio deadline when the client
+    # closes `gap` loop iterations later: the caller's scope must still catch it
+    # (with a native cancel, a CancelledError escaped it and killed the task).
+    async with GatedServer() as server:
+        client = client_for(server.base_url, max_concurrency=3)
+        async with client:
+            scopes: list[anyio.CancelScope] = []
+
+            async def caller() -> bool:
+                with anyio.CancelScope() as scope:
+                    scopes.append(scope)
+                    await client.run_job(na.Job(request_for("fan", n=2), images=12))
+                return scope.cancelled_caught
+
+            task = asyncio.get_running_loop().create_task(caller())
+            await wait_until(lambda: server.in_flight == 3)
+            scopes[0].cancel()  # the caller's deadline
+            for _ in range(gap):
+                await asyncio.sleep(0)
+            await client.aclose()
+            await asyncio.wait({task}, timeout=3)
+    assert task.done()
+    assert not task.cancelled()
+    assert task.result() is True
+
+
+class SwallowsOneCancel:
+    """A limiter whose wait swallows one CancelledError (a timed read that does so)."""
+
+    def __init__(self) -> None:
+        self.waiting = asyncio.Event()
+
+    async def acquire(self) -> object:
+        self.waiting.set()
+        with contextlib.suppress(asyncio.CancelledError):  # the cancel must come again
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)
+        return None
+
+    async def record(
+        self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        pass
+
+    def statistics(self) -> LimiterStatistics:
+        return LimiterStatistics(current_rate=0.0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_aclose_stops_a_call_even_if_something_in_it_swallows_one_cancel() -> None:
+    async with MockNebulaServer() as server:
+        limiter = SwallowsOneCancel()
+        client = client_for(server.base_url, rate_limit=limiter)
+        async with client:
+            task = asyncio.get_running_loop().create_task(client.img2img(request_for("a")))
+            await limiter.waiting.wait()
+            started = time.monotonic()
+            await client.aclose()
+            await asyncio.wait({task}, timeout=3)
+        elapsed = time.monotonic() - started
+        assert isinstance(task.exception(), ClientStateError)
+        assert elapsed < 0.3
+        assert server.request_count == 0
