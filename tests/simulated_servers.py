@@ -4,8 +4,9 @@ A discrete-event simulation, deterministic for a seed: ``concurrency`` workers t
 jobs, wait for a send slot from an anchored :class:`GcraSchedule` paced at the
 controller's ``rate_at`` (unlimited while it says None), send; the request reaches
 the server after half the latency (with jitter), the server admits or refuses it
-by its arrival time, and the answer comes back after the other half. A refused job
-goes back to the head of the queue; a ``Retry-After`` pauses every worker (as the
+at its arrival (in arrival order, which jitter makes other than the order of
+sending), and the answer comes back after the other half. A refused job goes
+back to the head of the queue; a ``Retry-After`` pauses every worker (as the
 client's limiter does) and defers the schedule. This is the client's shape, not its
 code: the in-process limiter does the same with a real clock.
 
@@ -222,7 +223,7 @@ class Result:
         return math.inf
 
 
-_SEND, _ANSWER, _WAKE = 0, 1, 2
+_SEND, _ANSWER, _WAKE, _ARRIVE = 0, 1, 2, 3
 
 
 def simulate(
@@ -335,9 +336,12 @@ def simulate(
             attempts += 1
             controller.on_sent(now)
             sent_at[job] = now
-            arrival = now + half * rng.uniform(1 - jitter, 1 + jitter)
-            admitted[job] = server.admit(arrival)
-            push(arrival + half * rng.uniform(1 - jitter, 1 + jitter), _ANSWER, job)
+            push(now + half * rng.uniform(1 - jitter, 1 + jitter), _ARRIVE, job)
+            continue
+        if kind == _ARRIVE:
+            # Decided in arrival order (jitter reorders sends), as a server would.
+            admitted[job] = server.admit(now)
+            push(now + half * rng.uniform(1 - jitter, 1 + jitter), _ANSWER, job)
             continue
         sent = sent_at.pop(job)
         idle_workers += 1
