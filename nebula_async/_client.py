@@ -12,6 +12,7 @@ hold no slot.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import os
@@ -73,6 +74,10 @@ __all__ = ["NebulaClient"]
 
 # Log records carry error classes, messages and delays: never a header or a secret.
 _log = logging.getLogger("nebula_async")
+#: The detached stream pipeline (see NebulaClient._detach) this task runs in, if any.
+_DETACHED: contextvars.ContextVar[asyncio.Task[None] | None] = contextvars.ContextVar(
+    "nebula_async_detached", default=None
+)
 
 # After a refused token a caller logs in again itself at most once; it may also
 # repeat this often with a token another caller fetched, so that a service
@@ -360,8 +365,11 @@ class NebulaClient:
         if not self._lifecycle.close():
             return
         with anyio.CancelScope(shield=True):
-            if self._tasks:
-                await asyncio.wait(list(self._tasks))
+            # Not the pipeline this close runs in (a custom limiter closing from a
+            # worker): it waits for that worker, which would wait for it.
+            pipelines = self._tasks - {_DETACHED.get()}
+            if pipelines:
+                await asyncio.wait(pipelines)
             await self._transport.aclose()
             if self._owns_limiter and self._limiter is not None:
                 await self._limiter.aclose()
@@ -783,7 +791,9 @@ class NebulaClient:
 
     def _detach(self, run: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
         """Run a bare stream's pipeline in a task of the client's (awaited by aclose)."""
-        task = asyncio.get_running_loop().create_task(run())
+        context = contextvars.copy_context()  # its workers inherit it
+        task = asyncio.get_running_loop().create_task(run(), context=context)
+        context.run(_DETACHED.set, task)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

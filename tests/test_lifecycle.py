@@ -524,3 +524,43 @@ async def test_aclose_stops_a_call_even_if_something_in_it_swallows_one_cancel()
         assert isinstance(task.exception(), ClientStateError)
         assert elapsed < 0.3
         assert server.request_count == 0
+
+
+class ClosesItsClient:
+    """A limiter acting as a kill switch: it closes the client at the first answer."""
+
+    client: na.NebulaClient | None = None
+
+    async def acquire(self) -> object:
+        return None
+
+    async def record(
+        self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        assert self.client is not None
+        await self.client.aclose()
+
+    def statistics(self) -> LimiterStatistics:
+        return LimiterStatistics(current_rate=0.0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_aclose_from_inside_a_bare_streams_worker_does_not_wait_for_itself() -> None:
+    # aclose() waits for detached pipelines, but not for the one it runs in: that
+    # pipeline waits for this very worker (it deadlocked before).
+    async with MockNebulaServer() as server:
+        limiter = ClosesItsClient()
+        client = client_for(server.base_url, rate_limit=limiter)
+        limiter.client = client
+        async with client:
+
+            async def consume() -> list[na.JobResult]:
+                return [r async for r in client.stream([request_for("a"), request_for("b")])]
+
+            task = asyncio.get_running_loop().create_task(consume())
+            await asyncio.wait({task}, timeout=3)
+            assert task.done()
+            assert isinstance(task.exception(), ClientStateError)
+        assert "state=closed" in repr(client)
