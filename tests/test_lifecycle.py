@@ -363,11 +363,12 @@ async def test_aclose_wakes_callers_held_in_a_limiter_pause() -> None:
     assert server.request_count == 1
 
 
-class StuckLimiter:
-    """A limiter whose acquire never returns: only cancellation gets a caller out."""
+class QuietLimiter:
+    """A Limiter that lets everything through and hears nothing; the ones below
+    change one method each."""
 
     async def acquire(self) -> object:
-        await anyio.sleep_forever()
+        return None
 
     async def record(
         self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
@@ -379,6 +380,13 @@ class StuckLimiter:
 
     async def aclose(self) -> None:
         pass
+
+
+class StuckLimiter(QuietLimiter):
+    """A limiter whose acquire never returns: only cancellation gets a caller out."""
+
+    async def acquire(self) -> object:
+        await anyio.sleep_forever()
 
 
 async def test_aclose_wakes_callers_of_any_limiter_and_a_batch_on_it() -> None:
@@ -485,7 +493,7 @@ async def test_a_close_just_after_the_callers_own_deadline_leaves_the_caller_mov
     assert task.result() is True
 
 
-class SwallowsOneCancel:
+class SwallowsOneCancel(QuietLimiter):
     """A limiter whose wait swallows one CancelledError (a timed read that does so)."""
 
     def __init__(self) -> None:
@@ -497,17 +505,6 @@ class SwallowsOneCancel:
             await asyncio.sleep(0.5)
         await asyncio.sleep(0.5)
         return None
-
-    async def record(
-        self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
-    ) -> None:
-        pass
-
-    def statistics(self) -> LimiterStatistics:
-        return LimiterStatistics(current_rate=0.0)
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def test_aclose_stops_a_call_even_if_something_in_it_swallows_one_cancel() -> None:
@@ -526,25 +523,16 @@ async def test_aclose_stops_a_call_even_if_something_in_it_swallows_one_cancel()
         assert server.request_count == 0
 
 
-class ClosesItsClient:
+class ClosesItsClient(QuietLimiter):
     """A limiter acting as a kill switch: it closes the client at the first answer."""
 
     client: na.NebulaClient | None = None
-
-    async def acquire(self) -> object:
-        return None
 
     async def record(
         self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
     ) -> None:
         assert self.client is not None
         await self.client.aclose()
-
-    def statistics(self) -> LimiterStatistics:
-        return LimiterStatistics(current_rate=0.0)
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def test_aclose_from_inside_a_bare_streams_worker_does_not_wait_for_itself() -> None:
