@@ -790,7 +790,8 @@ class NebulaClient:
         return stream
 
     def _detach(self, run: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
-        """Run a bare stream's pipeline in a task of the client's (awaited by aclose)."""
+        """Run a bare stream's pipeline in a task of the client's, awaited by aclose
+        (unless aclose runs inside it: see _DETACHED)."""
         context = contextvars.copy_context()  # its workers inherit it
         task = asyncio.get_running_loop().create_task(run(), context=context)
         context.run(_DETACHED.set, task)
