@@ -167,8 +167,28 @@ def checks(results: Results) -> list[Check]:
             f"{growth:+.1f} MB",
         ),
     ]
+    found += _limiter_checks(results.limiters)
+    found.append(_codec_check(results.codec))
+    found += [Check(*check) for check in goodput_checks(results.goodput)]
+    return found
+
+
+def _codec_check(codec_summary: Summary | None) -> Check:
+    codec = codec_summary.median if codec_summary else math.nan
+    return _check(
+        "codec to_payload + orjson.dumps",
+        codec,
+        ">= 200,000/s",
+        lambda v: v >= 200_000,
+        f"{codec:,.0f}/s",
+    )
+
+
+def _limiter_checks(limiters: Sequence[LimiterResult]) -> list[Check]:
+    """Long-run error and busiest window of our limiter at 50/s and 200/s."""
+    found: list[Check] = []
     for rate in (50.0, 200.0):
-        limiter = _limiter(results.limiters, rate)
+        limiter = _limiter(limiters, rate)
         error = limiter.long_run_error if limiter else math.nan
         window = float(limiter.busiest_window) if limiter else math.nan
         bound = rate + (limiter.burst if limiter else 1)
@@ -194,17 +214,6 @@ def checks(results: Results) -> list[Check]:
                 f"{window:.0f}",
             )
         )
-    codec = results.codec.median if results.codec else math.nan
-    found.append(
-        _check(
-            "codec to_payload + orjson.dumps",
-            codec,
-            ">= 200,000/s",
-            lambda v: v >= 200_000,
-            f"{codec:,.0f}/s",
-        )
-    )
-    found += [Check(*check) for check in goodput_checks(results.goodput)]
     return found
 
 
@@ -241,213 +250,237 @@ def _instruction_rows(counts: dict[str, float], baseline: str) -> list[list[str]
     ]
 
 
-def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) for each part that was run."""
-    out: list[tuple[str, list[str], list[list[str]]]] = []
+Table = tuple[str, list[str], list[list[str]]]
+
+
+def tables(results: Results) -> list[Table]:
+    """(title, header, rows) for each part that was run, in report order."""
+    makers: list[Callable[[Results], list[Table]]] = [
+        _throughput_table,
+        _little_table,
+        _open_loop_table,
+        _memory_table,
+        _limiter_table,
+        _overhead_table,
+        _instruction_tables,
+        _goodput_and_codec_tables,
+    ]
+    return [table for make in makers for table in make(results)]
+
+
+def _throughput_table(results: Results) -> list[Table]:
     tp = results.throughput
-    if tp:
-        rows = [
+    if not tp:
+        return []
+    rows = [
+        [
+            name,
+            _range(r.per_second),
+            _range(r.cpu_us_per_request),
+            _fmt_ratio(_paired(tp, name, BASELINE, "per_second")),
+            _fmt_ratio(_paired(tp, name, BASELINE, "cpu_us_per_request")),
+            f"{r.server_busy.median:.0%}" if r.samples else "-",
+            f"{r.other_load.median:.0%}" if r.samples else "-",
+            _range(r.faults_per_request, digits=2),
+            _rounds(r),
+        ]
+        for name, r in tp.items()
+    ]
+    title = (
+        "Closed loop: zero-latency server, concurrency 64 (median [min-max] of samples; "
+        "vs raw: median of each sample over the raw aiohttp samples beside it)"
+    )
+    header = [
+        "contender",
+        "req/s",
+        "client CPU us/req",
+        "req/s vs raw",
+        "CPU vs raw",
+        "server CPU",
+        "other load",
+        "page faults/req",
+        "rounds",
+    ]
+    return [(title, header, rows)]
+
+
+def _little_table(results: Results) -> list[Table]:
+    if not results.little:
+        return []
+    ceiling = results.little_ceiling
+    single = results.little_single
+    floor = (
+        single.per_second.median / results.little_single_ceiling
+        if single is not None and single.samples
+        else math.nan
+    )
+    rows = [
+        [
+            name,
+            _range(r.per_second),
+            f"{r.per_second.median / ceiling:.1%}" if r.samples else "-",
+            f"{r.per_second.median / ceiling / floor:.1%}"
+            if r.samples and math.isfinite(floor)
+            else "-",
+            _range(r.cpu_us_per_request),
+            f"{r.other_load.median:.0%}" if r.samples else "-",
+            _rounds(r),
+        ]
+        for name, r in results.little.items()
+    ]
+    if single is not None and single.samples:
+        rows.append(
+            [
+                f"{BASELINE}, one at a time (c=1)",
+                _range(single.per_second, digits=1),
+                f"{floor:.1%}",
+                "100.0%",
+                _range(single.cpu_us_per_request),
+                f"{single.other_load.median:.0%}",
+                _rounds(single),
+            ]
+        )
+    title = (
+        f"Little's law: 50 ms server, concurrency 64, ceiling {ceiling:,.0f} req/s "
+        "(of c=1: the efficiency over what one request at a time reaches here)"
+    )
+    header = [
+        "contender",
+        "req/s",
+        "efficiency",
+        "of c=1",
+        "client CPU us/req",
+        "other load",
+        "rounds",
+    ]
+    return [(title, header, rows)]
+
+
+def _open_loop_table(results: Results) -> list[Table]:
+    if not results.open_loop:
+        return []
+    base = results.open_loop.get(BASELINE)
+    base_p99 = base.p99.median if base else math.nan
+    base_p50 = base.p50.median if base else math.nan
+    rows = []
+    for name, r in results.open_loop.items():
+        added = (r.p99.median - base_p99) * 1e3
+        added50 = (r.p50.median - base_p50) * 1e3
+        rows.append(
             [
                 name,
-                _range(r.per_second),
-                _range(r.cpu_us_per_request),
-                _fmt_ratio(_paired(tp, name, BASELINE, "per_second")),
-                _fmt_ratio(_paired(tp, name, BASELINE, "cpu_us_per_request")),
-                f"{r.server_busy.median:.0%}" if r.samples else "-",
-                f"{r.other_load.median:.0%}" if r.samples else "-",
-                _range(r.faults_per_request, digits=2),
-                _rounds(r),
+                _range(r.p50, 1e3, 2),
+                _range(r.p99, 1e3, 2),
+                f"{added50:+.2f}" if math.isfinite(added50) else "-",
+                f"{added:+.2f}" if math.isfinite(added) else "-",
+                _range(r.max, 1e3, 1),
             ]
-            for name, r in tp.items()
+        )
+    first = next(iter(results.open_loop.values()))
+    title = (
+        f"Open loop: {results.meta.get('open_loop_rate', '?')} req/s for "
+        f"{first.requests:,} requests per round, 20 ms server, latency from the "
+        "scheduled send (ms, median [min-max] of rounds)"
+    )
+    return [(title, ["contender", "p50", "p99", "added p50", "added p99", "max"], rows)]
+
+
+def _memory_table(results: Results) -> list[Table]:
+    if not results.memory:
+        return []
+    sizes = sorted({r.jobs for r in results.memory})
+    rows = []
+    for mode in sorted({r.mode for r in results.memory}, reverse=True):
+        by_size = {r.jobs: r for r in results.memory if r.mode == mode}
+        growth, _, _ = memory_growth_mb(results.memory, mode)
+        rows.append(
+            [mode]
+            + [f"{by_size[n].peak_rss_mib * 1.048576:.1f}" if n in by_size else "-" for n in sizes]
+            + [f"{growth:+.1f}" if math.isfinite(growth) else "-"]
+        )
+    title = "Peak RSS (MB) of one fresh process over N jobs from a generator, concurrency 64"
+    return [(title, ["mode"] + [f"{n:,} jobs" for n in sizes] + ["growth"], rows)]
+
+
+def _limiter_table(results: Results) -> list[Table]:
+    if not results.limiters:
+        return []
+    rows = [
+        [
+            f"{r.rate:g}/s",
+            r.limiter,
+            r.config,
+            f"{r.long_run_error:+.2%}" if math.isfinite(r.long_run_error) else "n/a",
+            f"{r.busiest_window} (limit {r.rate + r.burst:g})",
+            str(r.first_second),
         ]
-        out.append(
-            (
-                "Closed loop: zero-latency server, concurrency 64 (median [min-max] of samples; "
-                "vs raw: median of each sample over the raw aiohttp samples beside it)",
-                [
-                    "contender",
-                    "req/s",
-                    "client CPU us/req",
-                    "req/s vs raw",
-                    "CPU vs raw",
-                    "server CPU",
-                    "other load",
-                    "page faults/req",
-                    "rounds",
-                ],
-                rows,
-            )
-        )
-    if results.little:
-        ceiling = results.little_ceiling
-        single = results.little_single
-        floor = (
-            single.per_second.median / results.little_single_ceiling
-            if single is not None and single.samples
-            else math.nan
-        )
-        rows = [
-            [
-                name,
-                _range(r.per_second),
-                f"{r.per_second.median / ceiling:.1%}" if r.samples else "-",
-                f"{r.per_second.median / ceiling / floor:.1%}"
-                if r.samples and math.isfinite(floor)
-                else "-",
-                _range(r.cpu_us_per_request),
-                f"{r.other_load.median:.0%}" if r.samples else "-",
-                _rounds(r),
-            ]
-            for name, r in results.little.items()
+        for r in results.limiters
+    ]
+    title = (
+        "Rate limiters: pure acquire loops; long-run rate after the first second; "
+        "limit = rate + the burst the configuration allows"
+    )
+    header = ["rate", "limiter", "config", "long-run error", "busiest 1 s", "first 1 s"]
+    return [(title, header, rows)]
+
+
+def _overhead_table(results: Results) -> list[Table]:
+    if not results.overhead:
+        return []
+    by_hand = next(iter(results.overhead.values()))[0].median
+    rows = [
+        [
+            name,
+            _range(cpu, digits=1),
+            f"{cpu.median - by_hand:+.1f}" if math.isfinite(by_hand) else "-",
+            _fmt_ratio(paired.median),
         ]
-        if single is not None and single.samples:
-            rows.append(
-                [
-                    f"{BASELINE}, one at a time (c=1)",
-                    _range(single.per_second, digits=1),
-                    f"{floor:.1%}",
-                    "100.0%",
-                    _range(single.cpu_us_per_request),
-                    f"{single.other_load.median:.0%}",
-                    _rounds(single),
-                ]
-            )
-        out.append(
-            (
-                f"Little's law: 50 ms server, concurrency 64, ceiling {ceiling:,.0f} req/s "
-                "(of c=1: the efficiency over what one request at a time reaches here)",
-                [
-                    "contender",
-                    "req/s",
-                    "efficiency",
-                    "of c=1",
-                    "client CPU us/req",
-                    "other load",
-                    "rounds",
-                ],
-                rows,
-            )
-        )
-    if results.open_loop:
-        base = results.open_loop.get(BASELINE)
-        base_p99 = base.p99.median if base else math.nan
-        base_p50 = base.p50.median if base else math.nan
-        rows = []
-        for name, r in results.open_loop.items():
-            added = (r.p99.median - base_p99) * 1e3
-            added50 = (r.p50.median - base_p50) * 1e3
-            rows.append(
-                [
-                    name,
-                    _range(r.p50, 1e3, 2),
-                    _range(r.p99, 1e3, 2),
-                    f"{added50:+.2f}" if math.isfinite(added50) else "-",
-                    f"{added:+.2f}" if math.isfinite(added) else "-",
-                    _range(r.max, 1e3, 1),
-                ]
-            )
-        first = next(iter(results.open_loop.values()))
-        out.append(
-            (
-                f"Open loop: {results.meta.get('open_loop_rate', '?')} req/s for "
-                f"{first.requests:,} requests per round, 20 ms server, latency from the "
-                "scheduled send (ms, median [min-max] of rounds)",
-                ["contender", "p50", "p99", "added p50", "added p99", "max"],
-                rows,
-            )
-        )
-    if results.memory:
-        sizes = sorted({r.jobs for r in results.memory})
-        rows = []
-        for mode in sorted({r.mode for r in results.memory}, reverse=True):
-            by_size = {r.jobs: r for r in results.memory if r.mode == mode}
-            growth, _, _ = memory_growth_mb(results.memory, mode)
-            rows.append(
-                [mode]
-                + [
-                    f"{by_size[n].peak_rss_mib * 1.048576:.1f}" if n in by_size else "-"
-                    for n in sizes
-                ]
-                + [f"{growth:+.1f}" if math.isfinite(growth) else "-"]
-            )
-        out.append(
-            (
-                "Peak RSS (MB) of one fresh process over N jobs from a generator, concurrency 64",
-                ["mode"] + [f"{n:,} jobs" for n in sizes] + ["growth"],
-                rows,
-            )
-        )
-    if results.limiters:
-        rows = [
-            [
-                f"{r.rate:g}/s",
-                r.limiter,
-                r.config,
-                f"{r.long_run_error:+.2%}" if math.isfinite(r.long_run_error) else "n/a",
-                f"{r.busiest_window} (limit {r.rate + r.burst:g})",
-                str(r.first_second),
-            ]
-            for r in results.limiters
-        ]
-        out.append(
-            (
-                "Rate limiters: pure acquire loops; long-run rate after the first second; "
-                "limit = rate + the burst the configuration allows",
-                ["rate", "limiter", "config", "long-run error", "busiest 1 s", "first 1 s"],
-                rows,
-            )
-        )
-    if results.overhead:
-        by_hand = next(iter(results.overhead.values()))[0].median
-        rows = [
-            [
-                name,
-                _range(cpu, digits=1),
-                f"{cpu.median - by_hand:+.1f}" if math.isfinite(by_hand) else "-",
-                _fmt_ratio(paired.median),
-            ]
-            for name, (cpu, paired) in results.overhead.items()
-        ]
-        out.append(
-            (
-                "Library overhead, network left out: in-process fake transport, concurrency 64 "
-                "(CPU us/job, median [min-max] of rounds; ratio: median of per-round ratios)",
-                ["variant", "CPU us/job", "over by hand", "ratio"],
-                rows,
-            )
-        )
+        for name, (cpu, paired) in results.overhead.items()
+    ]
+    title = (
+        "Library overhead, network left out: in-process fake transport, concurrency 64 "
+        "(CPU us/job, median [min-max] of rounds; ratio: median of per-round ratios)"
+    )
+    return [(title, ["variant", "CPU us/job", "over by hand", "ratio"], rows)]
+
+
+def _instruction_tables(results: Results) -> list[Table]:
+    found: list[Table] = []
     if results.instructions:
-        rows = _instruction_rows(results.instructions, next(iter(results.instructions)))
-        out.append(
+        found.append(
             (
                 "Library overhead in instructions (callgrind; deterministic): the overhead "
                 "harness at 200 and 2,200 jobs, difference per job",
                 ["variant", "instructions/job", "over by hand", "ratio"],
-                rows,
+                _instruction_rows(results.instructions, next(iter(results.instructions))),
             )
         )
     if results.instructions_network:
-        rows = _instruction_rows(results.instructions_network, BASELINE)
-        out.append(
+        found.append(
             (
                 "Whole client in instructions (callgrind; deterministic): each contender's "
                 "process against the lean server, concurrency 64, difference per request "
                 "between two batch sizes",
                 ["contender", "instructions/request", f"over {BASELINE}", "ratio"],
-                rows,
+                _instruction_rows(results.instructions_network, BASELINE),
             )
         )
+    return found
+
+
+def _goodput_and_codec_tables(results: Results) -> list[Table]:
+    found: list[Table] = []
     if results.goodput:
-        out.append(goodput_table(results.goodput))
+        found.append(goodput_table(results.goodput))
     if results.codec is not None:
-        out.append(
+        found.append(
             (
                 "Codec",
                 ["what", "payloads/s"],
                 [["to_payload + orjson.dumps", _range(results.codec)]],
             )
         )
-    return out
+    return found
 
 
 def _text_table(header: list[str], rows: list[list[str]]) -> str:

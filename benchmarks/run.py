@@ -195,6 +195,128 @@ class _Log:
         print(f"{time.perf_counter() - self.started:6.1f}s {message}", file=sys.stderr, flush=True)
 
 
+Log = Callable[[str], None]
+
+
+def _run_throughput(plan: Plan, results: Results, log: Log) -> None:
+    with ServerProcess(0.0) as server:
+        log(f"server pinned to cores {sorted(server.affinity())}, client to {_client_cores()}")
+        results.throughput = run_closed_loop(
+            CONTENDERS,
+            server,
+            concurrency=CONCURRENCY,
+            requests=plan.throughput_requests,
+            rounds=plan.rounds,
+            target_s=plan.throughput_target_s,
+            cap_s=60.0,
+            log=log,
+            label="throughput",
+            baseline=BASELINE,
+        )
+
+
+def _run_little(plan: Plan, results: Results, log: Log) -> None:
+    results.little_ceiling = CONCURRENCY / LITTLE_LATENCY_S
+    with ServerProcess(LITTLE_LATENCY_S) as server:
+        results.little = run_closed_loop(
+            CONTENDERS,
+            server,
+            concurrency=CONCURRENCY,
+            requests=CONCURRENCY * plan.little_waves,
+            rounds=plan.little_rounds,
+            target_s=2 * plan.little_waves * LITTLE_LATENCY_S,
+            cap_s=60.0,
+            log=log,
+            label="little",
+            baseline=BASELINE,
+        )
+        # The floor: one request at a time, so no client's concurrency is involved.
+        results.little_single_ceiling = 1 / LITTLE_LATENCY_S
+        results.little_single = run_closed_loop(
+            {BASELINE: CONTENDERS[BASELINE]},
+            server,
+            concurrency=1,
+            requests=plan.little_single_requests,
+            rounds=plan.little_single_rounds,
+            target_s=2 * plan.little_single_requests * LITTLE_LATENCY_S,
+            cap_s=60.0,
+            log=log,
+            label="little c=1",
+        )[BASELINE]
+
+
+def _run_open_loop(plan: Plan, results: Results, log: Log) -> None:
+    with ServerProcess(OPEN_LOOP_LATENCY_S) as server:
+        results.open_loop = run_open_loop(
+            OPEN_LOOP_CONTENDERS,
+            server.base_url,
+            concurrency=CONCURRENCY,
+            rate=OPEN_LOOP_RATE,
+            duration_s=plan.open_loop_s,
+            rounds=plan.open_loop_rounds,
+            cap_s=30.0,
+            log=log,
+        )
+
+
+def _run_memory(plan: Plan, results: Results, log: Log) -> None:
+    with ServerProcess(0.0) as server:
+        results.memory = run_memory(server.base_url, sizes=plan.memory_sizes, cap_s=240.0, log=log)
+
+
+def _run_limiters(plan: Plan, results: Results, log: Log) -> None:
+    results.limiters = run_limiters(
+        (50.0, 200.0), duration_s=plan.limiter_s, cap_s=plan.limiter_s * 3, log=log
+    )
+
+
+def _run_codec(plan: Plan, results: Results, log: Log) -> None:
+    results.codec = run_codec(count=plan.codec_count, repeats=plan.codec_repeats, log=log)
+
+
+def _run_overhead(plan: Plan, results: Results, log: Log) -> None:
+    results.overhead = run_overhead(jobs=plan.overhead_jobs, rounds=plan.overhead_rounds, log=log)
+
+
+def _run_instructions(plan: Plan, results: Results, log: Log) -> None:
+    if valgrind_available():
+        results.instructions = run_instructions(ROOT, small=200, large=2200, log=log)
+        with ServerProcess(0.0) as server:
+            results.instructions_network = run_network_instructions(
+                ROOT,
+                server.base_url,
+                concurrency=CONCURRENCY,
+                small=4 * CONCURRENCY,
+                large=20 * CONCURRENCY,
+                log=log,
+            )
+    else:
+        log("[instructions] skipped: valgrind is not installed")
+
+
+def _run_shared(plan: Plan, results: Results, log: Log) -> None:
+    # Kept in meta: its tables are its own (benchmarks/shared.py renders them).
+    results.meta["shared"] = run_shared_part(duration_s=plan.shared_s, log=log)
+
+
+def _run_goodput(plan: Plan, results: Results, log: Log) -> None:
+    results.goodput = run_goodput(jobs=plan.goodput_jobs, cap_s=plan.goodput_cap_s, log=log)
+
+
+_PART_RUNNERS: dict[str, Callable[[Plan, Results, Log], None]] = {
+    "throughput": _run_throughput,
+    "little": _run_little,
+    "open_loop": _run_open_loop,
+    "memory": _run_memory,
+    "limiters": _run_limiters,
+    "codec": _run_codec,
+    "overhead": _run_overhead,
+    "instructions": _run_instructions,
+    "shared": _run_shared,
+    "goodput": _run_goodput,
+}
+
+
 def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Results:
     """Run the chosen ``parts`` of ``plan``; the client side is pinned away from the server."""
     pin(split_cores()[1])
@@ -210,95 +332,9 @@ def run(plan: Plan, parts: tuple[str, ...], log: Callable[[str], None]) -> Resul
         }
     )
     started = time.perf_counter()
-    if "throughput" in parts:
-        with ServerProcess(0.0) as server:
-            log(f"server pinned to cores {sorted(server.affinity())}, client to {_client_cores()}")
-            results.throughput = run_closed_loop(
-                CONTENDERS,
-                server,
-                concurrency=CONCURRENCY,
-                requests=plan.throughput_requests,
-                rounds=plan.rounds,
-                target_s=plan.throughput_target_s,
-                cap_s=60.0,
-                log=log,
-                label="throughput",
-                baseline=BASELINE,
-            )
-    if "little" in parts:
-        results.little_ceiling = CONCURRENCY / LITTLE_LATENCY_S
-        with ServerProcess(LITTLE_LATENCY_S) as server:
-            results.little = run_closed_loop(
-                CONTENDERS,
-                server,
-                concurrency=CONCURRENCY,
-                requests=CONCURRENCY * plan.little_waves,
-                rounds=plan.little_rounds,
-                target_s=2 * plan.little_waves * LITTLE_LATENCY_S,
-                cap_s=60.0,
-                log=log,
-                label="little",
-                baseline=BASELINE,
-            )
-            # The floor: one request at a time, so no client's concurrency is involved.
-            results.little_single_ceiling = 1 / LITTLE_LATENCY_S
-            results.little_single = run_closed_loop(
-                {BASELINE: CONTENDERS[BASELINE]},
-                server,
-                concurrency=1,
-                requests=plan.little_single_requests,
-                rounds=plan.little_single_rounds,
-                target_s=2 * plan.little_single_requests * LITTLE_LATENCY_S,
-                cap_s=60.0,
-                log=log,
-                label="little c=1",
-            )[BASELINE]
-    if "open_loop" in parts:
-        with ServerProcess(OPEN_LOOP_LATENCY_S) as server:
-            results.open_loop = run_open_loop(
-                OPEN_LOOP_CONTENDERS,
-                server.base_url,
-                concurrency=CONCURRENCY,
-                rate=OPEN_LOOP_RATE,
-                duration_s=plan.open_loop_s,
-                rounds=plan.open_loop_rounds,
-                cap_s=30.0,
-                log=log,
-            )
-    if "memory" in parts:
-        with ServerProcess(0.0) as server:
-            results.memory = run_memory(
-                server.base_url, sizes=plan.memory_sizes, cap_s=240.0, log=log
-            )
-    if "limiters" in parts:
-        results.limiters = run_limiters(
-            (50.0, 200.0), duration_s=plan.limiter_s, cap_s=plan.limiter_s * 3, log=log
-        )
-    if "codec" in parts:
-        results.codec = run_codec(count=plan.codec_count, repeats=plan.codec_repeats, log=log)
-    if "overhead" in parts:
-        results.overhead = run_overhead(
-            jobs=plan.overhead_jobs, rounds=plan.overhead_rounds, log=log
-        )
-    if "instructions" in parts:
-        if valgrind_available():
-            results.instructions = run_instructions(ROOT, small=200, large=2200, log=log)
-            with ServerProcess(0.0) as server:
-                results.instructions_network = run_network_instructions(
-                    ROOT,
-                    server.base_url,
-                    concurrency=CONCURRENCY,
-                    small=4 * CONCURRENCY,
-                    large=20 * CONCURRENCY,
-                    log=log,
-                )
-        else:
-            log("[instructions] skipped: valgrind is not installed")
-    if "shared" in parts:
-        # Kept in meta: its tables are its own (benchmarks/shared.py renders them).
-        results.meta["shared"] = run_shared_part(duration_s=plan.shared_s, log=log)
-    if "goodput" in parts:
-        results.goodput = run_goodput(jobs=plan.goodput_jobs, cap_s=plan.goodput_cap_s, log=log)
+    for part, run_part in _PART_RUNNERS.items():  # in report order, whatever the order asked
+        if part in parts:
+            run_part(plan, results, log)
     results.meta["duration_s"] = time.perf_counter() - started
     results.meta["loadavg_end"] = _loadavg()
     return results

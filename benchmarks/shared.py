@@ -279,14 +279,39 @@ async def _loop_stalls(end: float, tick_s: float = 0.01) -> float:
     return longest
 
 
-async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+def _worker_limiter(spec: dict[str, Any]) -> Any:
+    """The limiter a worker process uses for its contender."""
     contender, rate, burst = spec["contender"], spec["rate"], spec["burst"]
     if contender == "shared":
-        limiter: Any = _Shared(spec["redis_url"], spec["key"], rate, burst)
-    elif contender == "limits moving window":
-        limiter = _Limits(spec["redis_url"], spec["key"], rate)
-    else:
-        limiter = _LocalGcra(rate / spec["processes"], burst)
+        return _Shared(spec["redis_url"], spec["key"], rate, burst)
+    if contender == "limits moving window":
+        return _Limits(spec["redis_url"], spec["key"], rate)
+    return _LocalGcra(rate / spec["processes"], burst)
+
+
+async def _common_start(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    senders: int,
+    limiter: Any,
+) -> float:
+    """Warm up, say ready, and sleep until the start the parent gives every process."""
+    # Every sender's connection to the server and to Redis is opened first (their
+    # arrivals precede the start and are not counted).
+    await asyncio.gather(*(_post(session, url, body, headers) for _ in range(senders)))
+    await limiter.warm_up(senders)
+    print("ready", flush=True)
+    start = float(await asyncio.to_thread(sys.stdin.readline))
+    await asyncio.sleep(max(0.0, start - time.monotonic()))
+    return start
+
+
+async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One process of a shared-limit run: its senders, and what each send saw."""
+    rate = spec["rate"]
+    limiter = _worker_limiter(spec)
     url = spec["base_url"] + "/prod-api/nebula/v4/api/img2imgSubmit"
     headers = {"Authorization": "Bearer mock-token", "Content-Type": "application/json"}
     body = json.dumps(_PAYLOAD).encode()
@@ -299,14 +324,7 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     dropped = 0
     connector = aiohttp.TCPConnector(limit=senders)
     async with aiohttp.ClientSession(connector=connector) as session:
-        # Warm up before the common start: open every sender's connection to the
-        # server and to Redis (their arrivals precede the start and are not counted).
-        await asyncio.gather(*(_post(session, url, body, headers) for _ in range(senders)))
-        await limiter.warm_up(senders)
-        # Ready: the parent answers with the common start once every process is.
-        print("ready", flush=True)
-        start = float(await asyncio.to_thread(sys.stdin.readline))
-        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        start = await _common_start(session, url, body, headers, senders, limiter)
         end = start + spec["duration_s"]
         stalls = asyncio.get_running_loop().create_task(_loop_stalls(end))
 
@@ -504,7 +522,8 @@ def _pause_server(ready: threading.Event, stop: threading.Event, box: dict[str, 
 
 
 def _run_pause(contender: str, redis_url: str, duration_s: float, cap_s: float) -> PauseResult:
-    ready, stop, box = threading.Event(), threading.Event(), {}
+    ready, stop = threading.Event(), threading.Event()
+    box: dict[str, Any] = {}
     thread = threading.Thread(target=_pause_server, args=(ready, stop, box), daemon=True)
     thread.start()
     try:
