@@ -249,120 +249,179 @@ def simulate(
     first in line holds a slot, taken when the one before it was sent, so a rate
     change applies to the very next send.
     """
-    rng = random.Random(seed)
-    half = latency / 2
-    # A controller may ask that new sends wait (RateController.hold_until).
-    hold: Callable[[float], float] = getattr(controller, "hold_until", lambda now: now)
-    events: list[tuple[float, int, int, int]] = []
-    sequence = 0
+    run = _Simulation(
+        controller,
+        server,
+        jobs=jobs,
+        latency=latency,
+        jitter=jitter,
+        retry_after=retry_after,
+        burst=burst,
+        seed=seed,
+        reserve_ahead=reserve_ahead,
+    )
+    return run.run(concurrency, max_time)
 
-    def push(at: float, kind: int, payload: int) -> None:
-        nonlocal sequence
-        sequence += 1
-        heapq.heappush(events, (at, sequence, kind, payload))
 
-    pending = deque(range(jobs))  # job ids not yet accepted and not in flight
-    schedule: GcraSchedule | None = None
-    pause_until = -math.inf
-    sent_at: dict[int, float] = {}  # job -> its send time, while in flight
-    admitted: dict[int, bool] = {}
-    rates: list[tuple[float, float | None]] = []
-    attempts = refused = done = 0
-    finished = 0.0
-    idle_workers = concurrency
-    wake_at = -math.inf
-    in_line: deque[int] = deque()  # jobs of workers waiting for a slot (not reserve_ahead)
-    head_reserved = False
+class _Simulation:
+    """The state of one :func:`simulate` run and a handler per kind of event."""
 
-    def reserve(now: float, job: int) -> None:
-        nonlocal schedule
-        rate = controller.rate_at(now)
-        start = max(now, hold(now))
+    def __init__(
+        self,
+        controller: Controller,
+        server: Server,
+        *,
+        jobs: int,
+        latency: float,
+        jitter: float,
+        retry_after: float | None,
+        burst: int,
+        seed: int,
+        reserve_ahead: bool,
+    ) -> None:
+        self.controller = controller
+        self.server = server
+        self.jobs = jobs
+        self.half = latency / 2
+        self.jitter = jitter
+        self.retry_after = retry_after
+        self.burst = burst
+        self.reserve_ahead = reserve_ahead
+        self.rng = random.Random(seed)
+        # A controller may ask that new sends wait (RateController.hold_until).
+        self.hold: Callable[[float], float] = getattr(controller, "hold_until", lambda now: now)
+        self.events: list[tuple[float, int, int, int]] = []
+        self.sequence = 0
+        self.pending = deque(range(jobs))  # job ids not yet accepted and not in flight
+        self.schedule: GcraSchedule | None = None
+        self.pause_until = -math.inf
+        self.sent_at: dict[int, float] = {}  # job -> its send time, while in flight
+        self.admitted: dict[int, bool] = {}
+        self.rates: list[tuple[float, float | None]] = []
+        self.attempts = self.refused = self.done = 0
+        self.finished = 0.0
+        self.idle_workers = 0
+        self.wake_at = -math.inf
+        self.in_line: deque[int] = deque()  # jobs of workers waiting for a slot (not reserve_ahead)
+        self.head_reserved = False
+
+    def run(self, concurrency: int, max_time: float) -> Result:
+        self.idle_workers = concurrency
+        for _ in range(concurrency):
+            self.start_worker(0.0)
+        handlers = {
+            _WAKE: self.on_wake,
+            _SEND: self.on_send,
+            _ARRIVE: self.on_arrive,
+            _ANSWER: self.on_answer,
+        }
+        while self.events:
+            now, _, kind, job = heapq.heappop(self.events)
+            if now > max_time:
+                raise AssertionError(
+                    f"simulation ran past {max_time} s ({self.done}/{self.jobs} done)"
+                )
+            handlers[kind](now, job)
+        assert self.done == self.jobs, (self.done, self.jobs)
+        return Result(
+            jobs=self.jobs,
+            attempts=self.attempts,
+            refused=self.refused,
+            finished_s=self.finished,
+            rates=tuple(self.rates),
+        )
+
+    def push(self, at: float, kind: int, payload: int) -> None:
+        self.sequence += 1
+        heapq.heappush(self.events, (at, self.sequence, kind, payload))
+
+    def half_trip(self) -> float:
+        return self.half * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+    # -- the client side ---------------------------------------------------------------
+
+    def reserve(self, now: float, job: int) -> None:
+        rate = self.controller.rate_at(now)
+        start = max(now, self.hold(now))
         if rate is None:
             slot = start
         else:
-            if schedule is None:
-                schedule = GcraSchedule(rate, burst)
-            elif rate != schedule.rate:
-                schedule.set_rate(rate, now)
-            slot = schedule.reserve(start)
-        rates.append((slot, rate))
-        push(slot, _SEND, job)
+            if self.schedule is None:
+                self.schedule = GcraSchedule(rate, self.burst)
+            elif rate != self.schedule.rate:
+                self.schedule.set_rate(rate, now)
+            slot = self.schedule.reserve(start)
+        self.rates.append((slot, rate))
+        self.push(slot, _SEND, job)
 
-    def paused(now: float) -> bool:
-        nonlocal wake_at
-        if now >= pause_until:
+    def paused(self, now: float) -> bool:
+        if now >= self.pause_until:
             return False
-        if wake_at != pause_until:
-            wake_at = pause_until
-            push(pause_until, _WAKE, 0)
+        if self.wake_at != self.pause_until:
+            self.wake_at = self.pause_until
+            self.push(self.pause_until, _WAKE, 0)
         return True
 
-    def next_in_line(now: float) -> None:
-        nonlocal head_reserved
-        if head_reserved or not in_line or paused(now):
+    def next_in_line(self, now: float) -> None:
+        if self.head_reserved or not self.in_line or self.paused(now):
             return
-        head_reserved = True
-        reserve(now, in_line.popleft())
+        self.head_reserved = True
+        self.reserve(now, self.in_line.popleft())
 
-    def start_worker(now: float) -> None:
+    def start_worker(self, now: float) -> None:
         """A free worker takes the next job and waits for its slot."""
-        nonlocal idle_workers
-        if not pending or paused(now):
+        if not self.pending or self.paused(now):
             return
-        job = pending.popleft()
-        idle_workers -= 1
-        if reserve_ahead:
-            reserve(now, job)
+        job = self.pending.popleft()
+        self.idle_workers -= 1
+        if self.reserve_ahead:
+            self.reserve(now, job)
         else:
-            in_line.append(job)
-            next_in_line(now)
+            self.in_line.append(job)
+            self.next_in_line(now)
 
-    for _ in range(concurrency):
-        start_worker(0.0)
-    while events:
-        now, _, kind, job = heapq.heappop(events)
-        if now > max_time:
-            raise AssertionError(f"simulation ran past {max_time} s ({done}/{jobs} done)")
-        if kind == _WAKE:
-            for _ in range(idle_workers):
-                start_worker(now)
-            next_in_line(now)
-            continue
-        if kind == _SEND:
-            if not reserve_ahead:
-                head_reserved = False
-                next_in_line(now)
-            attempts += 1
-            controller.on_sent(now)
-            sent_at[job] = now
-            push(now + half * rng.uniform(1 - jitter, 1 + jitter), _ARRIVE, job)
-            continue
-        if kind == _ARRIVE:
-            # Decided in arrival order (jitter reorders sends), as a server would.
-            admitted[job] = server.admit(now)
-            push(now + half * rng.uniform(1 - jitter, 1 + jitter), _ANSWER, job)
-            continue
-        sent = sent_at.pop(job)
-        idle_workers += 1
-        if admitted.pop(job):
-            controller.on_accepted(sent, now)
-            done += 1
-            finished = now
+    def start_idle_workers(self, now: float) -> None:
+        for _ in range(self.idle_workers):
+            self.start_worker(now)
+
+    # -- events --------------------------------------------------------------------------
+
+    def on_wake(self, now: float, _job: int) -> None:
+        """A pause ended."""
+        self.start_idle_workers(now)
+        self.next_in_line(now)
+
+    def on_send(self, now: float, job: int) -> None:
+        if not self.reserve_ahead:
+            self.head_reserved = False
+            self.next_in_line(now)
+        self.attempts += 1
+        self.controller.on_sent(now)
+        self.sent_at[job] = now
+        self.push(now + self.half_trip(), _ARRIVE, job)
+
+    def on_arrive(self, now: float, job: int) -> None:
+        # Decided in arrival order (jitter reorders sends), as a server would.
+        self.admitted[job] = self.server.admit(now)
+        self.push(now + self.half_trip(), _ANSWER, job)
+
+    def on_answer(self, now: float, job: int) -> None:
+        sent = self.sent_at.pop(job)
+        self.idle_workers += 1
+        if self.admitted.pop(job):
+            self.controller.on_accepted(sent, now)
+            self.done += 1
+            self.finished = now
         else:
-            refused += 1
-            controller.on_refused(sent, now, retry_after=retry_after)
-            pending.appendleft(job)
-            if retry_after is not None and now + retry_after > pause_until:
-                pause_until = now + retry_after
-                if schedule is not None:
-                    schedule.defer_until(pause_until)
-        for _ in range(idle_workers):
-            start_worker(now)
-    assert done == jobs, (done, jobs)
-    return Result(
-        jobs=jobs, attempts=attempts, refused=refused, finished_s=finished, rates=tuple(rates)
-    )
+            self.refused += 1
+            self.controller.on_refused(sent, now, retry_after=self.retry_after)
+            self.pending.appendleft(job)
+            retry_after = self.retry_after
+            if retry_after is not None and now + retry_after > self.pause_until:
+                self.pause_until = now + retry_after
+                if self.schedule is not None:
+                    self.schedule.defer_until(self.pause_until)
+        self.start_idle_workers(now)
 
 
 def compare(

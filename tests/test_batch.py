@@ -740,15 +740,27 @@ async def test_batch_report_figures_and_callbacks() -> None:
     assert first.retries == sum(r.retries for r in first.results)
     assert first.rate_limited == sum(r.rate_limited for r in first.results) > 0
 
-    latencies = sorted(r.elapsed_s for r in first.results)
-    assert 0 < first.latency_p50_s <= first.latency_p95_s <= first.latency_p99_s
-    assert latencies[0] <= first.latency_p50_s
-    assert first.latency_p99_s <= latencies[-1]
-    assert first.elapsed_s >= latencies[-1]
-    assert first.throughput_per_s > 0
-    assert first.throughput_per_s == pytest.approx(60 / first.elapsed_s)
+    _assert_latency_figures(first, jobs=60)
+    _assert_statistics_add_up(stats, first, second, server)
 
-    # statistics(): a frozen snapshot whose counters add up over both batches.
+
+def _assert_latency_figures(report: na.BatchReport, *, jobs: int) -> None:
+    latencies = sorted(r.elapsed_s for r in report.results)
+    assert 0 < report.latency_p50_s <= report.latency_p95_s <= report.latency_p99_s
+    assert latencies[0] <= report.latency_p50_s
+    assert report.latency_p99_s <= latencies[-1]
+    assert report.elapsed_s >= latencies[-1]
+    assert report.throughput_per_s > 0
+    assert report.throughput_per_s == pytest.approx(jobs / report.elapsed_s)
+
+
+def _assert_statistics_add_up(
+    stats: na.ClientStatistics,
+    first: na.BatchReport,
+    second: na.BatchReport,
+    server: MockNebulaServer,
+) -> None:
+    """statistics(): a frozen snapshot whose counters add up over both batches."""
     assert isinstance(stats, na.ClientStatistics)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         stats.attempts = 0  # type: ignore[misc]

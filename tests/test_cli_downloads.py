@@ -184,22 +184,7 @@ async def test_failed_downloads_exit_1_and_a_rerun_saves_them_without_regenerati
 
         first = latest(out)
         two = first["two"]
-        assert (two["ok"], two["error"]["type"]) == (False, "DownloadError")
-        assert two["error"]["message"] == "1 of 2 images not saved: image 2: HTTP 404"
-        assert two["download_error"] == "image 2: HTTP 404"
-        assert two["files"] == [str(images / "two-1.png"), None]
-        assert len(two["urls"]) == 2
-        assert two["pending_downloads"] == [
-            {"image": 2, "url": two["urls"][1], "error": "HTTP 404"}
-        ]
-        dropped = first["dropped"]
-        assert dropped["ok"] is False
-        assert dropped["files"] == [None]
-        assert "(after 3 attempts)" in dropped["download_error"]
-        assert gate.hits["dropped", 1] >= 3  # retried (aiohttp itself may repeat a dropped GET)
-        assert first["fine"]["ok"] is True
-        assert first["fine"]["error"] is None
-        assert first["fine"]["pending_downloads"] == []
+        _assert_first_run_records(first, images, gate)
         assert ok_lines(out) == {"fine": 1}
 
         # The rerun fetches only what is missing, from the recorded URLs: nothing is sent.
@@ -211,16 +196,7 @@ async def test_failed_downloads_exit_1_and_a_rerun_saves_them_without_regenerati
         err = capsys.readouterr().err
         assert "2 jobs made ok by saving their images (not generated again)" in err
         assert re.search(r"^  ok +3 \(1 done before\)$", err, flags=re.MULTILINE), err
-        second = latest(out)
-        assert second["two"]["ok"] is True
-        assert second["two"]["error"] is None
-        assert second["two"]["pending_downloads"] == []
-        assert second["two"]["download_error"] is None
-        assert second["two"]["urls"] == two["urls"]
-        assert second["two"]["line"] == 1
-        assert second["two"]["files"] == [str(images / "two-1.png"), str(images / "two-2.png")]
-        assert saved(second["two"]["files"]) == [b"\x89PNG"] * 2
-        assert saved(second["dropped"]["files"]) == [b"\x89PNG"]
+        _assert_rerun_saved(latest(out), two, images)
         assert ok_lines(out) == {"fine": 1, "two": 1, "dropped": 1}
 
         # A third run has nothing left to do.
@@ -234,6 +210,38 @@ async def test_failed_downloads_exit_1_and_a_rerun_saves_them_without_regenerati
         "two-1.png",
         "two-2.png",
     ]
+
+
+def _assert_first_run_records(first: dict[str, Any], images: Path, gate: Any) -> None:
+    """What the first run records: two downloads failed (a 404, a dropped line), one ok."""
+    two = first["two"]
+    assert (two["ok"], two["error"]["type"]) == (False, "DownloadError")
+    assert two["error"]["message"] == "1 of 2 images not saved: image 2: HTTP 404"
+    assert two["download_error"] == "image 2: HTTP 404"
+    assert two["files"] == [str(images / "two-1.png"), None]
+    assert len(two["urls"]) == 2
+    assert two["pending_downloads"] == [{"image": 2, "url": two["urls"][1], "error": "HTTP 404"}]
+    dropped = first["dropped"]
+    assert dropped["ok"] is False
+    assert dropped["files"] == [None]
+    assert "(after 3 attempts)" in dropped["download_error"]
+    assert gate.hits["dropped", 1] >= 3  # retried (aiohttp itself may repeat a dropped GET)
+    assert first["fine"]["ok"] is True
+    assert first["fine"]["error"] is None
+    assert first["fine"]["pending_downloads"] == []
+
+
+def _assert_rerun_saved(second: dict[str, Any], two: dict[str, Any], images: Path) -> None:
+    """The rerun saved the missing images under the recorded URLs and lines."""
+    assert second["two"]["ok"] is True
+    assert second["two"]["error"] is None
+    assert second["two"]["pending_downloads"] == []
+    assert second["two"]["download_error"] is None
+    assert second["two"]["urls"] == two["urls"]
+    assert second["two"]["line"] == 1
+    assert second["two"]["files"] == [str(images / "two-1.png"), str(images / "two-2.png")]
+    assert saved(second["two"]["files"]) == [b"\x89PNG"] * 2
+    assert saved(second["dropped"]["files"]) == [b"\x89PNG"]
 
 
 @pytest.mark.anyio
