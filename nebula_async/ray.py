@@ -40,7 +40,7 @@ from typing import Any
 
 from nebula_async._client import NebulaClient
 from nebula_async._exceptions import ValidationError
-from nebula_async._jobs import error_record, job_fingerprint, job_from_mapping
+from nebula_async._jobs import error_record, job_fingerprint, job_from_mapping, job_id_of
 from nebula_async._models import Job, JobResult
 
 __all__ = ["OUTPUT_COLUMNS", "Img2ImgBatch", "done_keys", "pending_rows", "row_key"]
@@ -100,8 +100,9 @@ def _unique_ids(jobs: list[Job]) -> list[Job]:
 
 
 def _row_id(row: Mapping[str, Any], index: int) -> str:
-    value = row.get("id")
-    return str(index) if value is None else str(value)
+    """The row's job id by the library's one rule (``normalize_job_id``); a row whose
+    ``id`` cannot be one is known by its position, as run_batch reports it."""
+    return job_id_of(row, index)
 
 
 def _job_of(row: Mapping[str, Any], index: int) -> Job | JobResult:

@@ -111,6 +111,20 @@ def test_duplicate_ids_are_refused_on_the_later_line(tmp_path: Path) -> None:
     assert "first used on line 5" in bad[1].message
 
 
+def test_a_bad_line_claims_its_id_as_run_batch_does(tmp_path: Path) -> None:
+    """Ids are unique over the whole file, good lines or bad: the bad line's id is in
+    the results, and fixing it later must not turn the line that reuses it into a
+    duplicate after that line was already generated."""
+    jobs = write_lines(
+        tmp_path / "jobs.jsonl",
+        {"model": "m", "id": "a"},  # no prompt: bad, but it names "a"
+        {"model": "m", "prompt": "b", "id": "a"},
+    )
+    bad = only_bad(read_all(jobs))
+    assert [(b.line_no, b.field) for b in bad] == [(1, "prompt"), (2, "id")]
+    assert "first used on line 1" in bad[1].message
+
+
 def test_duplicates_not_checked_when_asked(tmp_path: Path) -> None:
     jobs = write_lines(
         tmp_path / "jobs.jsonl",

@@ -376,7 +376,7 @@ def iter_job_lines(
     """Stream a jobs file, yielding a :class:`JobLine` or :class:`BadLine` per non-blank line.
 
     A later line reusing an earlier line's id is a :class:`BadLine` (the first one
-    stays good; only good lines claim an id). With ``load_images=False`` local
+    stays good; a bad line claims its id too, as in ``run_batch``). With ``load_images=False`` local
     images are only checked, not read (the checking pass); with
     ``load_images=True`` they become data: URIs. Lines whose numbers are in
     ``skip_lines`` (bad lines the checking pass already reported) are not parsed
@@ -402,14 +402,16 @@ def iter_job_lines(
                 load_images=load_images,
                 allow_b64_json=allow_b64_json,
             )
-            if check_duplicates and isinstance(parsed, JobLine):
-                first_line = ids.claim(parsed.job_id, line_no)
-                if first_line is not None:
-                    parsed = BadLine(
-                        line_no,
-                        parsed.job_id,
-                        f"id: duplicate id {parsed.job_id!r} (first used on line {first_line})",
-                        "id",
-                    )
+            # Every line claims the id it names, good or bad (as run_batch does): a
+            # bad line's id is in the results too, and a fix must not make a
+            # later line that reuses it change meaning.
+            first_line = ids.claim(parsed.job_id, line_no) if check_duplicates else None
+            if first_line is not None and isinstance(parsed, JobLine):
+                parsed = BadLine(
+                    line_no,
+                    parsed.job_id,
+                    f"id: duplicate id {parsed.job_id!r} (first used on line {first_line})",
+                    "id",
+                )
             if shard is None or shard.holds(parsed.job_id):
                 yield parsed
