@@ -27,8 +27,13 @@ from typing import Final
 import anyio
 
 from ._exceptions import AuthenticationError, NebulaError
-from ._protocol import HttpRequest, authorization_value, build_login_request, decipher_login
-from ._transport import RawResponse
+from ._protocol import (
+    HttpRequest,
+    RawResponse,
+    authorization_value,
+    build_login_request,
+    decipher_login,
+)
 
 __all__ = ["LOGIN_COOLDOWN_S", "Authenticator"]
 

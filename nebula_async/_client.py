@@ -61,6 +61,7 @@ from ._protocol import (
     IMG2IMG_PATH,
     JSON_HEADERS,
     HttpRequest,
+    RawResponse,
     authorization_value,
     decipher_img2img,
     has_control_characters,
@@ -68,7 +69,7 @@ from ._protocol import (
 )
 from ._retry import backoff_delay, decide_retry
 from ._stats import ClientStatistics, Counters, percentile
-from ._transport import AiohttpTransport, RawResponse
+from ._transport import AiohttpTransport
 
 __all__ = ["NebulaClient"]
 

@@ -42,6 +42,7 @@ __all__ = [
     "LOGIN_PATH",
     "MAX_TEXT_CHARS",
     "HttpRequest",
+    "RawResponse",
     "authorization_value",
     "build_img2img_request",
     "build_login_request",
@@ -111,6 +112,11 @@ def _redacted_headers(headers: Mapping[str, str]) -> str:
 
 
 _SPACES = re.compile(r"\s+")
+
+
+#: (status, headers, body). A body read in pieces is the bytearray it was gathered
+#: in: converting it to bytes would hold a second copy of an answer of up to 1 GiB.
+RawResponse = tuple[int, Mapping[str, str], bytes | bytearray]
 
 
 @attrs.frozen

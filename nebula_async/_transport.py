@@ -32,17 +32,13 @@ from ._exceptions import (
     ValidationError,
 )
 from ._models import Timeout
-from ._protocol import DEFAULT_MAX_RESPONSE_BYTES, HttpRequest, truncate_text
+from ._protocol import DEFAULT_MAX_RESPONSE_BYTES, HttpRequest, RawResponse, truncate_text
 
 __all__ = ["AiohttpTransport", "RawResponse", "USER_AGENT", "check_max_response_bytes"]
 
 USER_AGENT: Final = "nebula-async/0.1.0"
 #: How many distinct request URLs keep their proxy answer (the API uses two or three).
 _PROXY_URL_CACHE: Final = 32
-
-#: (status, headers, body). A body read in pieces is the bytearray it was gathered
-#: in: converting it to bytes would hold a second copy of an answer of up to 1 GiB.
-RawResponse = tuple[int, Mapping[str, str], bytes | bytearray]
 
 
 def check_max_response_bytes(value: object) -> int:

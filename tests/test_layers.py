@@ -56,3 +56,15 @@ def test_the_test_helpers_never_import_the_command_line() -> None:
     for path in (PACKAGE / "testing").glob("*.py"):
         for name in _imports(path, top_level_only=False):
             assert not name.startswith("nebula_async.cli"), (path.name, name)
+
+
+# The aiohttp shell: only these two may import aiohttp (or the transport); the rest
+# of the core is sans-I/O or speaks to the transport through what _client injects.
+SHELL = {"_transport.py", "_client.py"}
+
+
+@pytest.mark.parametrize("path", [p for p in CORE if p.name not in SHELL], ids=lambda p: p.name)
+def test_only_the_shell_imports_aiohttp(path: pathlib.Path) -> None:
+    for name in _imports(path, top_level_only=False):
+        assert name.split(".")[0] not in {"aiohttp", "yarl"}, f"{path.name} imports {name}"
+        assert name != "nebula_async._transport", f"{path.name} imports the transport"
