@@ -30,9 +30,9 @@ schedule up to the present, so idleness never banks more than ``burst``.
 The limiter
 -----------
 :class:`InProcessLimiter` is the client's embedded :class:`~nebula_async._limiter.Limiter`:
-the schedule, the ``Retry-After`` pause (one number, ``_pause_until``; the
-schedule is pushed past it so the resume is not a burst) and a rate controller
-that says which rate to schedule at. :class:`GcraSchedule` and the controllers
+the schedule, which also holds the ``Retry-After`` pause (one number, its
+deferral: it resumes past it without a burst), and a rate controller that says
+which rate to schedule at and counts the refusals. :class:`GcraSchedule` and the controllers
 are sans-I/O: they take the time as an argument and never await, so they are
 tested on simulated timelines.
 """
@@ -107,6 +107,11 @@ class GcraSchedule:
     def burst(self) -> int:
         """How many slots may share one instant after an idle spell."""
         return self._burst
+
+    @property
+    def deferred_until(self) -> float:
+        """The end of the latest deferral (``-inf``: none yet); see :meth:`defer_until`."""
+        return self._deferred
 
     @property
     def tat(self) -> float:
@@ -212,6 +217,10 @@ class Controller(Protocol):
     def decreases(self) -> int:
         """How many times the rate was cut."""
 
+    @property
+    def refused(self) -> int:
+        """How many refusals it was told of."""
+
 
 class InProcessLimiter:
     """The embedded :class:`~nebula_async._limiter.Limiter`: GCRA, pause and controller.
@@ -232,12 +241,11 @@ class InProcessLimiter:
         self._controller = controller
         self._clock = clock
         self._sleep = sleep
-        # The schedule's own rate is replaced before every reservation.
+        # The schedule's own rate is replaced before every reservation; it keeps the
+        # pause even while the rate is unlimited (None), when it hands out no slot.
         self._schedule = GcraSchedule(1.0, burst)
-        self._pause_until = _NEVER
         self._reserving = anyio.Semaphore(2, fast_acquire=True)
         self._acquired = 0
-        self._refused = 0
 
     async def acquire(self) -> float:
         """Wait out a pause, then wait for the next send slot; return its time.
@@ -247,30 +255,28 @@ class InProcessLimiter:
         handed out to the callers queued behind, while the next slot is still
         reserved before the last one is due, so the schedule stays anchored.
         """
+        controller = self._controller
         async with self._reserving:
-            return await self._acquire()
-
-    async def _acquire(self) -> float:
-        while True:
-            now = self._clock()
-            refused = self._refused
-            slot = self._reserve(now)
-            if slot > now:
-                await self._sleep(slot - now)
-            if self._pause_until <= slot and (
-                refused == self._refused or self._controller.hold_until(slot) <= slot
-            ):
-                break
-            # A Retry-After came in while this caller slept, or a refusal that says
-            # the server's window is full: its slot falls inside the pause or the
-            # hold, so it is forfeited (erring slow) and a new one taken after it.
-        self._controller.on_sent(slot)
-        self._acquired += 1
-        return slot
+            while True:
+                now = self._clock()
+                refused = controller.refused
+                slot = self._reserve(now)
+                if slot > now:
+                    await self._sleep(slot - now)
+                if self._schedule.deferred_until <= slot and (
+                    refused == controller.refused or controller.hold_until(slot) <= slot
+                ):
+                    break
+                # A Retry-After came in while this caller slept, or a refusal that says
+                # the server's window is full: its slot falls inside the pause or the
+                # hold, so it is forfeited (erring slow) and a new one taken after it.
+            controller.on_sent(slot)
+            self._acquired += 1
+            return slot
 
     def _reserve(self, now: float) -> float:
         rate = self._controller.rate_at(now)
-        start = max(now, self._pause_until, self._controller.hold_until(now))
+        start = max(now, self._schedule.deferred_until, self._controller.hold_until(now))
         if rate is None:
             return start
         if rate != self._schedule.rate:
@@ -282,16 +288,15 @@ class InProcessLimiter:
     ) -> None:
         """Tell the controller what became of the slot; a ``retry_after`` pauses all."""
         now = self._clock()
-        if retry_after is not None and retry_after > 0 and now + retry_after > self._pause_until:
-            if self._pause_until <= now:
+        paused_until = self._schedule.deferred_until
+        if retry_after is not None and retry_after > 0 and now + retry_after > paused_until:
+            if paused_until <= now:
                 _log.info("Retry-After: pausing every request for %.3gs", retry_after)
-            self._pause_until = now + retry_after
-            self._schedule.defer_until(self._pause_until)
+            self._schedule.defer_until(now + retry_after)
         sent_at = ticket if isinstance(ticket, float) else now
         if outcome is Outcome.ACCEPTED:
             self._controller.on_accepted(sent_at, now)
         elif outcome is Outcome.REFUSED:
-            self._refused += 1
             cuts = self._controller.decreases
             self._controller.on_refused(sent_at, now, retry_after=retry_after)
             if self._controller.decreases != cuts:
@@ -309,9 +314,9 @@ class InProcessLimiter:
         return LimiterStatistics(
             current_rate=self._controller.rate_at(now),
             estimated_limit=self._controller.estimated_limit,
-            paused_for_s=max(0.0, self._pause_until - now),
+            paused_for_s=max(0.0, self._schedule.deferred_until - now),
             acquired=self._acquired,
-            refused=self._refused,
+            refused=self._controller.refused,
             decreases=self._controller.decreases,
         )
 

@@ -365,7 +365,7 @@ class FakeController:
         self.rate = rate
         self.sent: list[float] = []
         self.accepted: list[tuple[float, float]] = []
-        self.refused: list[tuple[float, float, float | None]] = []
+        self.refusals: list[tuple[float, float, float | None]] = []
         self.estimate: float | None = None
         self.cuts = 0
         self.hold = -math.inf  # no full window to wait for
@@ -377,7 +377,7 @@ class FakeController:
         self.accepted.append((sent_at, now))
 
     def on_refused(self, sent_at: float, now: float, *, retry_after: float | None) -> None:
-        self.refused.append((sent_at, now, retry_after))
+        self.refusals.append((sent_at, now, retry_after))
 
     def rate_at(self, now: float) -> float | None:
         return self.rate
@@ -388,6 +388,10 @@ class FakeController:
     @property
     def estimated_limit(self) -> float | None:
         return self.estimate
+
+    @property
+    def refused(self) -> int:
+        return len(self.refusals)
 
     @property
     def decreases(self) -> int:
@@ -493,7 +497,7 @@ async def test_retry_after_pauses_every_caller_and_the_resume_is_not_a_burst() -
 
     await with_virtual_time(vt, body)
     assert got == pytest.approx([103.0, 103.1, 103.2, 103.3, 103.4])
-    assert controller.refused == [(0.0, 0.5, 2.0), (0.0, 0.5, 1.0)]  # FAILED is not a refusal
+    assert controller.refusals == [(0.0, 0.5, 2.0), (0.0, 0.5, 1.0)]  # FAILED is not a refusal
     assert controller.sent == [0.0, *got]
 
 
@@ -604,7 +608,7 @@ async def test_record_tells_the_controller_with_the_send_time_of_the_ticket() ->
 
     await with_virtual_time(vt, body)
     assert controller.accepted == [(0.0, 1.0), (1.0, 1.0)]
-    assert controller.refused == [(0.25, 1.0, None)]
+    assert controller.refusals == [(0.25, 1.0, None)]
     stats = limiter.statistics()
     assert (stats.acquired, stats.refused, stats.paused_for_s) == (2, 1, 0.0)
 
