@@ -55,6 +55,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._breaker import CircuitBreaker
 from ._exceptions import ClientStateError, NotAttemptedError, ValidationError
+from ._lifecycle import CLOSE_GRACE_S
 from ._models import JobResult
 
 __all__ = ["BatchControl", "JobStream", "default_window", "worker_count"]
@@ -66,9 +67,6 @@ _T = TypeVar("_T")
 _log = logging.getLogger("nebula_async")
 # What a feed gives back for "no item" (None may be an item: it fails its own job).
 _NOTHING: Final = object()
-# Closing a cancelled pipeline is prompt (aiohttp aborts at once); this only
-# guards against a run_item that ignores cancellation.
-_CLOSE_GRACE_S: Final = 10.0
 
 
 def default_window(max_concurrency: int) -> int:
@@ -538,7 +536,7 @@ async def _receive(stream: MemoryObjectReceiveStream[_T]) -> _T:
 async def _stop(task: asyncio.Task[None]) -> None:
     """Cancel a detached pipeline and wait for it (shielded, within a grace period)."""
     task.cancel()
-    with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_GRACE_S):
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_GRACE_S):
         await asyncio.wait({task})
 
 

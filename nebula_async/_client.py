@@ -42,7 +42,7 @@ from ._exceptions import (
     ValidationError,
 )
 from ._jobs import RefusedItem, RepeatedIdCheck, coerce_job, job_id_of
-from ._lifecycle import Lifecycle
+from ._lifecycle import CLOSE_GRACE_S, Lifecycle
 from ._limiter import Limiter, LimiterFactory, Outcome
 from ._limits import in_process_limiter
 from ._models import (
@@ -359,18 +359,31 @@ class NebulaClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Cancel every running call and stream, wait for them, and close the session.
+        """Cancel every running call and stream, wait for them to end, and only then
+        close the session and the limiter the client made.
 
-        The callers get a :class:`~nebula_async.ClientStateError`.
+        The callers get a :class:`~nebula_async.ClientStateError`. The wait is
+        shielded and bounded by a grace deadline (10 s), past which the client closes
+        anyway (a call stuck in a shielded section of a custom limiter). It does not
+        wait for the calls it is itself called from (a limiter acting as a kill
+        switch): they end as soon as it returns.
         """
         if not self._lifecycle.close():
             return
         with anyio.CancelScope(shield=True):
-            # Not the pipeline this close runs in (a custom limiter closing from a
-            # worker): it waits for that worker, which would wait for it.
-            pipelines = self._tasks - {_DETACHED.get()}
-            if pipelines:
-                await asyncio.wait(pipelines)
+            with anyio.move_on_after(CLOSE_GRACE_S):
+                await self._lifecycle.wait_for_calls()
+                # Not the pipeline this close runs in (a custom limiter closing from
+                # a worker): it waits for that worker, which would wait for it.
+                pipelines = self._tasks - {_DETACHED.get()}
+                if pipelines:
+                    await asyncio.wait(pipelines)
+            if left := self._lifecycle.still_running():
+                _log.warning(
+                    "closing with %d call(s) still running %gs after they were cancelled",
+                    left,
+                    CLOSE_GRACE_S,
+                )
             await self._transport.aclose()
             if self._owns_limiter and self._limiter is not None:
                 await self._limiter.aclose()

@@ -22,16 +22,17 @@ stop that call.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import weakref
 from types import TracebackType
-from typing import Protocol
+from typing import Final, Protocol
 
 import anyio
 
 from ._exceptions import ClientStateError
 
-__all__ = ["Drainable", "Lifecycle", "State"]
+__all__ = ["CLOSE_GRACE_S", "Drainable", "Lifecycle", "State"]
 
 
 class State(enum.Enum):
@@ -50,6 +51,17 @@ class Drainable(Protocol):
         """Stop taking new work; let the work in flight finish."""
 
 
+#: The innermost running call of the current task (its context), which a task
+#: started inside that call inherits: what :meth:`Lifecycle.wait_for_calls` must
+#: not wait for when it runs inside one (a limiter that closes the client).
+_ENCLOSING: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "nebula_async_enclosing_call", default=None
+)
+#: How long ``aclose()`` waits for cancelled calls to end (a shielded section, a
+#: limiter's last write) before it closes the session and the limiter anyway.
+CLOSE_GRACE_S: Final = 10.0
+
+
 class _Call:
     """One running call: ``with lifecycle.call():``, its body in a cancel scope
     that :meth:`Lifecycle.close` cancels.
@@ -58,15 +70,18 @@ class _Call:
     helper cost 9k instructions a call (721.7k -> 712.6k per img2img, measured).
     """
 
-    __slots__ = ("_scope", "_scopes")
+    __slots__ = ("_lifecycle", "_scope", "_token", "parent")
 
-    def __init__(self, scopes: set[anyio.CancelScope]) -> None:
-        self._scopes = scopes
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
         self._scope = anyio.CancelScope()
+        self.parent: _Call | None = None
 
     def __enter__(self) -> None:
         self._scope.__enter__()
-        self._scopes.add(self._scope)
+        self._lifecycle._calls.add(self)
+        self.parent = _ENCLOSING.get()
+        self._token = _ENCLOSING.set(self)
 
     def __exit__(
         self,
@@ -74,8 +89,12 @@ class _Call:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        _ENCLOSING.reset(self._token)
+        lifecycle = self._lifecycle
+        lifecycle._calls.discard(self)
+        if lifecycle._call_ended is not None:
+            lifecycle._call_ended.set()
         scope = self._scope
-        self._scopes.discard(scope)
         # The scope swallows only its own cancellation (then cancelled_caught is
         # set), which becomes the caller's ClientStateError; anything else goes on.
         scope.__exit__(exc_type, exc, traceback)
@@ -84,13 +103,17 @@ class _Call:
                 "the NebulaClient was closed while this call was running"
             ) from None
 
+    def cancel(self) -> None:
+        self._scope.cancel()
+
 
 class Lifecycle:
     """The state, the scopes of running calls, and the streams to drain."""
 
     def __init__(self) -> None:
         self.state = State.NEW
-        self._scopes: set[anyio.CancelScope] = set()
+        self._calls: set[_Call] = set()
+        self._call_ended: anyio.Event | None = None  # set as each call ends, while closing
         self._streams: weakref.WeakSet[Drainable] = weakref.WeakSet()
 
     def open(self) -> None:
@@ -118,7 +141,7 @@ class Lifecycle:
         """
         if self.state is State.CLOSED:
             raise ClientStateError("the NebulaClient was closed; create a new client")
-        return _Call(self._scopes)
+        return _Call(self)
 
     def watch(self, stream: Drainable) -> None:
         """Drain ``stream`` too when the client drains (held weakly)."""
@@ -138,6 +161,24 @@ class Lifecycle:
         if self.state is State.CLOSED:
             return False
         self.state = State.CLOSED
-        for scope in list(self._scopes):
-            scope.cancel()
+        for call in list(self._calls):
+            call.cancel()
         return True
+
+    async def wait_for_calls(self) -> None:
+        """After :meth:`close`: wait until every call has ended but those the caller
+        runs inside, which cannot end before it returns. The caller bounds the wait
+        (``aclose()``: :data:`CLOSE_GRACE_S`); :meth:`still_running` tells what is left.
+        """
+        while self.still_running():
+            self._call_ended = anyio.Event()
+            await self._call_ended.wait()
+
+    def still_running(self) -> int:
+        """How many calls run, not counting those the caller runs inside."""
+        mine: set[_Call] = set()
+        call = _ENCLOSING.get()
+        while call is not None:
+            mine.add(call)
+            call = call.parent
+        return len(self._calls - mine)

@@ -121,7 +121,7 @@ async def test_close_cancels_running_calls_which_raise_client_state_error() -> N
         lifecycle.close()
     assert len(outcome) == 3
     assert all(isinstance(exc, ClientStateError) for exc in outcome)
-    assert not lifecycle._scopes  # every call deregistered
+    assert lifecycle.still_running() == 0  # every call deregistered
 
 
 async def test_a_call_that_ends_normally_or_is_cancelled_otherwise_is_left_alone() -> None:
@@ -134,7 +134,7 @@ async def test_a_call_that_ends_normally_or_is_cancelled_otherwise_is_left_alone
             await anyio.sleep_forever()
     assert scope.cancelled_caught
     assert lifecycle.state is State.OPEN
-    assert not lifecycle._scopes
+    assert lifecycle.still_running() == 0
 
 
 async def test_closing_takes_back_its_cancel_so_the_callers_task_goes_on() -> None:
@@ -198,7 +198,7 @@ async def test_an_anyio_deadline_in_the_same_iteration_as_close_stays_a_cancella
             asyncio.get_running_loop().call_soon(lifecycle.close)
             await anyio.sleep_forever()
     assert scope.cancelled_caught
-    assert not lifecycle._scopes
+    assert lifecycle.still_running() == 0
 
 
 async def test_nested_calls_in_one_task_end_as_one_client_state_error() -> None:
@@ -243,7 +243,7 @@ async def test_a_call_whose_own_task_closes_the_client_ends_with_client_state_er
                 closed_fully.append(True)
             await anyio.sleep(1)  # the call's next wait is cancelled
     assert closed_fully == [True]
-    assert not lifecycle._scopes
+    assert lifecycle.still_running() == 0
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -551,4 +551,115 @@ async def test_aclose_from_inside_a_bare_streams_worker_does_not_wait_for_itself
             await asyncio.wait({task}, timeout=3)
             assert task.done()
             assert isinstance(task.exception(), ClientStateError)
+        assert "state=closed" in repr(client)
+
+
+class ShieldedLimiter(QuietLimiter):
+    """A limiter whose acquire holds a shielded section (its own bookkeeping, say a
+    Redis write that must not be cut): close cannot cut it short, only wait."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.events: list[str] = []
+        self.inside = anyio.Event()
+
+    async def acquire(self) -> object:
+        with anyio.CancelScope(shield=True):
+            self.inside.set()
+            await anyio.sleep(self.hold_s)
+        self.events.append("acquire returned")
+        return None
+
+    async def record(
+        self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        self.events.append(f"record {outcome.name}")
+
+    async def aclose(self) -> None:
+        self.events.append("aclose")
+
+
+class Makes:
+    """A LimiterFactory: the client owns (and closes) what it makes."""
+
+    def __init__(self, limiter: na.Limiter) -> None:
+        self.limiter = limiter
+
+    def create_limiter(self) -> na.Limiter:
+        return self.limiter
+
+
+async def test_aclose_waits_for_cancelled_calls_before_closing_what_they_use() -> None:
+    async with MockNebulaServer() as server:
+        limiter = ShieldedLimiter(hold_s=0.3)
+        client = client_for(server.base_url, rate_limit=Makes(limiter))
+        async with client:
+            task = asyncio.get_running_loop().create_task(client.img2img(request_for("a")))
+            await limiter.inside.wait()
+            started = time.monotonic()
+            await client.aclose()
+            elapsed = time.monotonic() - started
+            # The call ended before the limiter it used was closed, and aclose
+            # returned only then.
+            assert task.done()
+            assert isinstance(task.exception(), ClientStateError)
+            assert limiter.events == ["acquire returned", "aclose"]
+            assert 0.2 < elapsed < 2.0
+        assert server.request_count == 0
+
+
+async def test_aclose_closes_anyway_after_its_grace_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("nebula_async._client.CLOSE_GRACE_S", 0.2)
+    async with MockNebulaServer() as server:
+        limiter = ShieldedLimiter(hold_s=1.0)
+        client = client_for(server.base_url, rate_limit=Makes(limiter))
+        async with client:
+            task = asyncio.get_running_loop().create_task(client.img2img(request_for("a")))
+            await limiter.inside.wait()
+            started = time.monotonic()
+            await client.aclose()
+            elapsed = time.monotonic() - started
+            assert 0.15 < elapsed < 0.8
+            assert not task.done()
+            assert limiter.events == ["aclose"]
+            assert "1 call(s) still running" in caplog.text
+            await asyncio.wait({task}, timeout=3)
+            assert isinstance(task.exception(), ClientStateError)
+        assert server.request_count == 0
+
+
+async def test_aclose_from_inside_a_stream_in_async_with_does_not_wait_for_itself() -> None:
+    # The pipeline's call is hosted by the caller's task; the worker that closes
+    # runs inside it, so aclose must not wait for it (it would wait for itself).
+    async with MockNebulaServer() as server:
+        limiter = ClosesItsClient()
+        client = client_for(server.base_url, rate_limit=limiter)
+        limiter.client = client
+        async with client:
+            with anyio.fail_after(3):
+                outcome = await _consume_in_async_with(client)
+        assert isinstance(outcome, ClientStateError)
+        assert "state=closed" in repr(client)
+
+
+async def _consume_in_async_with(client: na.NebulaClient) -> BaseException | None:
+    try:
+        async with client.stream([request_for("a"), request_for("b")]) as results:
+            async for _ in results:
+                pass
+    except ClientStateError as exc:
+        return exc
+    return None
+
+
+async def test_aclose_from_inside_a_fanned_out_job_does_not_wait_for_itself() -> None:
+    async with MockNebulaServer() as server:
+        limiter = ClosesItsClient()
+        client = client_for(server.base_url, rate_limit=limiter)
+        limiter.client = client
+        async with client:
+            with anyio.fail_after(3), pytest.raises(ClientStateError):
+                await client.run_job(na.Job(request_for("a"), images=4))
         assert "state=closed" in repr(client)
