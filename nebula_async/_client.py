@@ -326,9 +326,7 @@ class NebulaClient:
 
     async def __aenter__(self) -> Self:
         self._lifecycle.open()
-        # fast_acquire: a free permit is taken without a trip through the event loop
-        # (the send right after is the checkpoint).
-        self._concurrency = anyio.Semaphore(self._max_concurrency, fast_acquire=True)
+        self._concurrency = anyio.Semaphore(self._max_concurrency)
         self._limiter, self._owns_limiter = self._make_limiter()
         await self._transport.open()
         self._auth = Authenticator(

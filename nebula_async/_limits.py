@@ -244,7 +244,7 @@ class InProcessLimiter:
         # The schedule's own rate is replaced before every reservation; it keeps the
         # pause even while the rate is unlimited (None), when it hands out no slot.
         self._schedule = GcraSchedule(1.0, burst)
-        self._reserving = anyio.Semaphore(2, fast_acquire=True)
+        self._reserving = anyio.Semaphore(2)
         self._acquired = 0
 
     async def acquire(self) -> float:

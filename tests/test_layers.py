@@ -68,3 +68,28 @@ def test_only_the_shell_imports_aiohttp(path: pathlib.Path) -> None:
     for name in _imports(path, top_level_only=False):
         assert name.split(".")[0] not in {"aiohttp", "yarl"}, f"{path.name} imports {name}"
         assert name != "nebula_async._transport", f"{path.name} imports the transport"
+
+
+def _core_map() -> list[str]:
+    """The core modules in the order docs/design.md lists them, top to bottom."""
+    design = (PACKAGE.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    block = design.split("## The layers", 1)[1].split("```", 2)[1]
+    core = block.split("core (", 1)[1]
+    return [line.split()[0] for line in core.splitlines() if line.startswith("  _")]
+
+
+def test_the_layer_map_lists_every_core_module_once() -> None:
+    listed = _core_map()
+    assert len(listed) == len(set(listed))
+    assert sorted(listed) == sorted(p.stem for p in CORE)
+
+
+@pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)
+def test_a_core_module_imports_only_the_core_modules_below_it(path: pathlib.Path) -> None:
+    order = _core_map()
+    below = set(order[order.index(path.stem) + 1 :])
+    lazy = LAZY_ALLOWED.get(path.name, ())
+    for name in _imports(path, top_level_only=False):
+        module = name.removeprefix("nebula_async.")
+        if name.startswith("nebula_async._") and name not in lazy and module in order:
+            assert module in below, f"{path.name} imports {module}, listed above it"
