@@ -58,11 +58,9 @@ from ._models import (
 from ._protocol import (
     DEFAULT_BASE_URL,
     DEFAULT_MAX_RESPONSE_BYTES,
-    IMG2IMG_PATH,
-    JSON_HEADERS,
-    HttpRequest,
     RawResponse,
     authorization_value,
+    build_img2img_request,
     decipher_img2img,
     has_control_characters,
     normalize_base_url,
@@ -278,7 +276,6 @@ class NebulaClient:
             base_url or _env("NEBULA_BASE_URL") or DEFAULT_BASE_URL,
             allow_insecure_http=allow_insecure_http,
         )
-        self._url = self._base_url + IMG2IMG_PATH
         self._rate_limit = _rate_limit(rate_limit)
         self._retry = retry or RetryPolicy()
         self._timeout = _timeout(timeout)
@@ -289,8 +286,6 @@ class NebulaClient:
         self._counters = Counters()
         self._lifecycle = Lifecycle()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._headers: dict[str, str] = {}
-        self._headers_for = ""
         # One connection beyond the cap for a re-login, which runs outside a slot:
         # requests never wait in aiohttp's pool, so the attempt timeout never counts a wait.
         self._transport = AiohttpTransport(
@@ -538,13 +533,6 @@ class NebulaClient:
         except NebulaError as exc:
             _log.warning("the rate limiter could not record an outcome: %s", exc)
 
-    def _request_headers(self, authorization: str) -> dict[str, str]:
-        # Rebuilt only when the token changes, not per request.
-        if authorization != self._headers_for:
-            self._headers = {**JSON_HEADERS, "Authorization": authorization}
-            self._headers_for = authorization
-        return self._headers
-
     async def _exchange(
         self, body: bytes, tally: _Tally, control: BatchControl | None
     ) -> tuple[RawResponse, int, object]:
@@ -564,7 +552,7 @@ class NebulaClient:
                 await self._tell(ticket, Outcome.UNUSED)
                 raise stopped
             authorization, generation = self._auth.current()  # no await from here to the send
-            request = HttpRequest("POST", self._url, self._request_headers(authorization), body)
+            request = build_img2img_request(self._base_url, authorization, body)
             tally.attempts += 1
             counters.attempts += 1
             counters.in_flight += 1

@@ -37,8 +37,6 @@ from ._protocol import DEFAULT_MAX_RESPONSE_BYTES, HttpRequest, RawResponse, tru
 __all__ = ["AiohttpTransport", "RawResponse", "USER_AGENT", "check_max_response_bytes"]
 
 USER_AGENT: Final = "nebula-async/0.1.0"
-#: How many distinct request URLs keep their proxy answer (the API uses two or three).
-_PROXY_URL_CACHE: Final = 32
 
 
 def check_max_response_bytes(value: object) -> int:
@@ -113,7 +111,6 @@ class AiohttpTransport:
         self._proxies: dict[
             tuple[str, str | None, int | None], tuple[URL, BasicAuth | None] | None
         ] = {}
-        self._proxy_by_url: dict[str, tuple[URL | None, BasicAuth | None]] = {}
 
     @property
     def is_open(self) -> bool:
@@ -146,11 +143,6 @@ class AiohttpTransport:
         """
         if not self._trust_env:
             return None, None
-        # The client sends to a handful of URLs (base URL + two paths): remember each
-        # one's answer rather than parse the URL on every request.
-        known = self._proxy_by_url.get(url)
-        if known is not None:
-            return known
         target = URL(url)
         key = (target.scheme, target.host, target.port)
         if key not in self._proxies:
@@ -159,10 +151,7 @@ class AiohttpTransport:
             except LookupError:
                 self._proxies[key] = None
         found = self._proxies[key]
-        answer = (None, None) if found is None else found
-        if len(self._proxy_by_url) < _PROXY_URL_CACHE:
-            self._proxy_by_url[url] = answer
-        return answer
+        return (None, None) if found is None else found
 
     async def send(self, request: HttpRequest) -> RawResponse:
         """One HTTP exchange: (status, headers, body), or an ``APIConnectionError``.
