@@ -877,7 +877,7 @@ def test_parse_flags() -> None:
     assert args.retry_after is None
     assert args.token_ttl_uses == 3
     assert (args.auth_failure_style, args.payload_style) == ("http", "any")
-    assert (args.username, args.password, args.token) == ("u", "p", "")
+    assert (args.username, args.password, args.token) == ("u", "p", None)  # --token "": none
     assert (args.slow_s, args.seed, args.lean, args.duration) == (0.5, 42, True, 1.5)
     assert args.host == "::1"
     defaults = parse([])

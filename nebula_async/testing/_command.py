@@ -1,12 +1,12 @@
-"""The ``nebula-async mock-server`` command: its flags (one per
-:class:`MockNebulaServer` knob) and the serving loop."""
+"""The ``nebula-async mock-server`` command: its flags, built from the
+:class:`MockNebulaServer` knobs' fields (a :class:`~._knobs.Flag` in their metadata),
+and the serving loop."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import math
 import os
 import signal
@@ -15,11 +15,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
+import attrs
 import orjson
 
-from ._answers import FAULT_KINDS
+from ._knobs import flag_of, parse_number
 from ._mock_server import MockNebulaServer
-from ._ratelimit import ALGORITHMS
 from ._records import busiest_window
 
 __all__ = ["EXIT_USAGE", "add_mock_server_arguments", "serve_mock_server"]
@@ -30,110 +30,43 @@ _LISTENING: Final = "nebula mock server listening on {url}"
 EXIT_USAGE: Final = 2
 
 
-# --------------------------------------------------------------------------- flag types
+# --------------------------------------------------------------------------- the flags
 
 
-def _number(text: str, *, what: str = "a number >= 0") -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
+def _knob_fields() -> list[attrs.Attribute[Any]]:
+    """The :class:`MockNebulaServer` knobs with a flag, in field order."""
+    return [field for field in attrs.fields(MockNebulaServer) if flag_of(field)]
 
 
-def _positive(text: str) -> float:
-    value = _number(text, what="a number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+def _shown(default: Any, none: str) -> str:
+    if default is None:
+        return none
+    return f"{default:g}" if isinstance(default, float) else str(default)
 
 
-def _int_at_least(minimum: int, maximum: int | None = None) -> Any:
-    def parse(text: str) -> int:
+def _judged(field: attrs.Attribute[Any], parse: Any, judge: MockNebulaServer | None) -> Any:
+    """The flag's argparse type: ``parse``, then (when ``judge``) the value assigned to
+    ``judge``, so the knob's own converter and validator refuse what it would."""
+
+    def typed(text: str) -> Any:
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+            value = parse(text)
+            if judge is not None:
+                setattr(judge, field.name, value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
         return value
 
-    return parse
+    return typed
 
 
-def _optional(parse: Any) -> Any:
-    def parse_or_none(text: str) -> Any:
-        return None if text.lower() == "none" else parse(text)
+class _Gather(argparse.Action):
+    """A repeated flag's ``(key, value)`` pairs gathered into one dict, which the knob
+    judges whole after each (``--fault``: the probabilities' sum)."""
 
-    return parse_or_none
-
-
-def _seed(text: str) -> int | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
-
-
-def _latency(text: str) -> float | tuple[float, float]:
-    if ":" in text:
-        lo_text, _, hi_text = text.partition(":")
-        lo, hi = _number(lo_text), _number(hi_text)
-        if lo > hi:
-            raise argparse.ArgumentTypeError(f"expected LO:HI with LO <= HI, got {text!r}")
-        return (lo, hi)
-    return _number(text)
-
-
-def _schedule(text: str) -> tuple[tuple[float, float | None], ...]:
-    entries: list[tuple[float, float | None]] = []
-    for part in text.split(","):
-        at_text, sep, rate_text = part.strip().partition(":")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected AT:RATE[,AT:RATE...], got {text!r}")
-        at_s, rate = _number(at_text), _optional(_positive)(rate_text)
-        if entries and at_s < entries[-1][0]:
-            raise argparse.ArgumentTypeError(f"times must not decrease, got {text!r}")
-        entries.append((at_s, rate))
-    return tuple(entries)
-
-
-def _loopback_host(text: str) -> str:
-    # The mock has no auth worth the name: never let it listen beyond this machine.
-    if text == "localhost":
-        return "127.0.0.1"
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a loopback address (127.0.0.1, ::1, localhost), got {text!r}"
-        ) from None
-    if not address.is_loopback:
-        raise argparse.ArgumentTypeError(f"only loopback addresses are allowed, got {text!r}")
-    return str(address)
-
-
-def _fault(text: str) -> tuple[str, float]:
-    kind, sep, prob_text = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KIND=PROB, got {text!r}")
-    if kind not in FAULT_KINDS:
-        raise argparse.ArgumentTypeError(
-            f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}"
-        )
-    prob = _number(prob_text, what="a probability in [0, 1]")
-    if prob > 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {prob_text!r}")
-    return kind, prob
-
-
-class _FaultAction(argparse.Action):
-    """Gather repeated ``--fault KIND=PROB`` into one dict, refusing a total above 1."""
+    def __init__(self, *args: Any, judge: MockNebulaServer, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._judge = judge
 
     def __call__(
         self,
@@ -143,80 +76,61 @@ class _FaultAction(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         assert isinstance(values, tuple)
-        kind, prob = values
-        faults = dict(getattr(namespace, self.dest, None) or {})
-        faults[kind] = prob
-        if sum(faults.values()) > 1 + 1e-9:
-            raise argparse.ArgumentError(
-                self, f"fault probabilities sum to {sum(faults.values()):g}, more than 1"
-            )
-        setattr(namespace, self.dest, faults)
+        key, value = values
+        gathered = {**(getattr(namespace, self.dest, None) or {}), key: value}
+        try:
+            setattr(self._judge, self.dest, gathered)
+        except ValueError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        setattr(namespace, self.dest, gathered)
 
 
-# --------------------------------------------------------------------------- the flags
+def _add_knob(
+    parser: argparse.ArgumentParser, field: attrs.Attribute[Any], judge: MockNebulaServer
+) -> None:
+    flag = flag_of(field)
+    assert flag is not None
+    name = flag.name or "--" + field.name.replace("_", "-")
+    default = field.default if flag.default is None else flag.default
+    if isinstance(default, bool):
+        parser.add_argument(name, dest=field.name, action="store_true", help=flag.help)
+        return
+    how: dict[str, Any] = {
+        "dest": field.name,
+        "default": default,
+        "metavar": flag.metavar,
+        "choices": getattr(field.validator, "options", None),
+        "help": f"{flag.help} (default: {_shown(default, flag.none)})",
+        "type": _judged(field, flag.parse, None if flag.gather else judge),
+    }
+    if flag.gather:
+        how.update(action=_Gather, judge=judge)
+    parser.add_argument(name, **how)
 
 
-def _add_rate_limit_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--rate-limit", type=_positive, default=None, metavar="R",
-        help="server-side limit in img2img requests per second; the excess is refused "
-             "(default: none)")  # fmt: skip
-    add("--rate-limit-algorithm", choices=ALGORITHMS, default="gcra",
-        help="gcra: R/s with a burst of B; sliding_window: at most floor(R*W) (at least 1) "
-             "in any W seconds; fixed_window: as many per W-second window, the count "
-             "reset at each (default: gcra)")  # fmt: skip
-    add("--rate-limit-window", dest="rate_limit_window_s", type=_positive, default=1.0,
-        metavar="W", help="window of the window algorithms, in seconds (default: 1)")  # fmt: skip
-    add("--rate-limit-burst", type=_int_at_least(1), default=1, metavar="B",
-        help="burst tolerance of the gcra limit (default: 1)")  # fmt: skip
-    add("--rate-limit-schedule", type=_schedule, default=None, metavar="AT:R[,AT:R...]",
-        help="change the limit to R ('none': no limit) AT seconds after the start, "
-             "e.g. 10:10,20:30")  # fmt: skip
-    add("--rate-limit-style", choices=("http", "body"), default="http",
-        help="http: refuse as HTTP 429 with a Retry-After of --retry-after seconds "
-             "(none: no header); body: as HTTP 200 with body code 429 and no Retry-After "
-             "(default: http)")  # fmt: skip
-    add("--retry-after", type=_optional(_number), default=1.0, metavar="S",
-        help="Retry-After seconds on HTTP 429s (rate limit and http_429 fault); "
-             "'none' for no header (default: 1)")  # fmt: skip
+def _seconds(text: str) -> float:
+    try:
+        value = parse_number(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def add_mock_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``nebula-async mock-server`` flags (one per :class:`MockNebulaServer` knob)."""
+    """Add the ``nebula-async mock-server`` flags: one per :class:`MockNebulaServer` knob
+    with a flag in its field's metadata (its dest is the knob's name), then
+    ``--record`` and ``--duration``. A bad value is a usage error naming the flag."""
+    judge = MockNebulaServer()  # never started: flag values are tried on it
+    for field in _knob_fields():
+        _add_knob(parser, field, judge)
     add = parser.add_argument
-    add("--host", type=_loopback_host, default="127.0.0.1",
-        help="loopback address to listen on (default: 127.0.0.1)")  # fmt: skip
-    add("--port", type=_int_at_least(0, 65535), default=8000,
-        help="port to listen on; 0 picks a free one (default: 8000)")  # fmt: skip
-    add("--latency", type=_latency, default=0.0, metavar="SECONDS|LO:HI",
-        help="delay before every answer: fixed, or uniform in LO:HI (default: 0)")  # fmt: skip
-    add("--fault", dest="faults", type=_fault, action=_FaultAction, default=None,
-        metavar="KIND=PROB",
-        help=f"inject a fault with this probability per img2img request (repeatable); "
-             f"kinds: {', '.join(FAULT_KINDS)}")  # fmt: skip
-    _add_rate_limit_arguments(parser)
-    add("--token-ttl-uses", type=_int_at_least(0), default=None, metavar="N",
-        help="tokens from getToken expire after N img2img uses (default: never)")  # fmt: skip
-    add("--auth-failure-style", choices=("body", "http"), default="body",
-        help="refuse a token as HTTP 200 + body code 401 (default) or HTTP 401")  # fmt: skip
-    add("--payload-style", choices=("dotted", "nested", "flat", "any"), default="dotted",
-        help="img2img payload style accepted (default: dotted)")  # fmt: skip
-    add("--username", default="demo", help="getToken username (default: demo)")
-    add("--password", default="demo-password", help="getToken password (default: demo-password)")
-    add("--token", default="mock-token",
-        help="static token always accepted; '' for none (default: mock-token)")  # fmt: skip
-    add("--slow", dest="slow_s", type=_number, default=5.0, metavar="S",
-        help="seconds the 'slow' fault waits before answering (default: 5)")  # fmt: skip
-    add("--seed", type=_seed, default=0,
-        help="seed of the fault and latency draws; 'none': random (default: 0)")  # fmt: skip
-    add("--lean", action="store_true",
-        help="benchmark mode: no validation, faults, rate limit or records; precomputed "
-             "answers")  # fmt: skip
     add("--record", type=Path, default=None, metavar="FILE",
         help="on stopping, write one JSON line per img2img request to FILE: index, "
              "received_s (seconds after the start), fault ('rate_limited' for a "
              "refusal by the limit), status, code")  # fmt: skip
-    add("--duration", type=_number, default=None, metavar="S",
+    add("--duration", type=_seconds, default=None, metavar="S",
         help="stop after S seconds (default: run until SIGINT/SIGTERM)")  # fmt: skip
 
 
@@ -224,28 +138,7 @@ def add_mock_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_from_args(args: argparse.Namespace) -> MockNebulaServer:
-    return MockNebulaServer(
-        host=args.host,
-        port=args.port,
-        payload_style=args.payload_style,
-        latency=args.latency,
-        faults=args.faults,
-        rate_limit=args.rate_limit,
-        rate_limit_algorithm=args.rate_limit_algorithm,
-        rate_limit_window_s=args.rate_limit_window_s,
-        rate_limit_burst=args.rate_limit_burst,
-        rate_limit_schedule=args.rate_limit_schedule,
-        rate_limit_style=args.rate_limit_style,
-        retry_after=args.retry_after,
-        username=args.username,
-        password=args.password,
-        token=args.token or None,
-        token_ttl_uses=args.token_ttl_uses,
-        auth_failure_style=args.auth_failure_style,
-        slow_s=args.slow_s,
-        seed=args.seed,
-        lean=args.lean,
-    )
+    return MockNebulaServer(**{field.name: getattr(args, field.name) for field in _knob_fields()})
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@
 A real aiohttp server on loopback that speaks the Nebula v4 wire protocol (DESIGN
 section 1). What it checks and answers lives beside it: the payload check in
 ``_payload``, the answers in ``_answers``, the rate limits in ``_ratelimit``, the
-records in ``_records``, the knob checks in ``_knobs``.
+records in ``_records``, the knob checks and flag syntax in ``_knobs``; each
+knob's field (validator, default, help in ``metadata``) is its one spelling, from
+which ``_command`` builds the ``nebula-async mock-server`` flags.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import secrets
 import time
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, get_args
 
 import attrs
 import orjson
@@ -23,15 +25,24 @@ from aiohttp import web
 from . import _answers
 from ._answers import OK_MSG, Answer, AuthFailureStyle, RateLimitStyle, envelope
 from ._knobs import (
+    cli,
+    empty_is_none,
     fault_script_iterator,
     freeze_faults,
     integer,
     is_bool,
-    is_seed,
     is_str,
     latency_tuple,
+    nullable,
     number,
     one_of,
+    or_none,
+    parse_fault,
+    parse_int,
+    parse_latency,
+    parse_loopback,
+    parse_number,
+    parse_schedule,
     schedule_tuple,
     strip_bearer,
     valid_faults,
@@ -150,52 +161,164 @@ class MockNebulaServer:
             print(server.requests[0].field("prompt"))
     """
 
-    host: str = attrs.field(default="127.0.0.1", validator=is_str)
-    port: int = attrs.field(default=0, validator=integer(0, maximum=65535))
-    payload_style: PayloadStyle = attrs.field(
-        default="dotted", validator=one_of("dotted", "nested", "flat", "any")
+    host: str = attrs.field(
+        default="127.0.0.1",
+        validator=is_str,
+        metadata=cli("loopback address to listen on", parse=parse_loopback),
+    )
+    port: int = attrs.field(
+        default=0,
+        validator=integer(0, 65535),
+        # The command's own default: a fixed port to point a client at.
+        metadata=cli("port to listen on; 0 picks a free one", parse=parse_int, default=8000),
     )
     latency: float | tuple[float, ...] = attrs.field(
-        default=0.0, converter=latency_tuple, validator=valid_latency
+        default=0.0,
+        converter=latency_tuple,
+        validator=valid_latency,
+        metadata=cli(
+            "delay before every answer: fixed, or uniform in LO:HI",
+            parse=parse_latency,
+            metavar="SECONDS|LO:HI",
+        ),
     )
     faults: Mapping[str, float] = attrs.field(
-        default=None, converter=freeze_faults, validator=valid_faults
+        default=None,
+        converter=freeze_faults,
+        validator=valid_faults,
+        metadata=cli(
+            "inject a fault with this probability per img2img request (repeatable); "
+            f"kinds: {', '.join(_answers.FAULT_KINDS)}",
+            name="--fault",
+            parse=parse_fault,
+            metavar="KIND=PROB",
+            gather=True,
+        ),
     )
     fault_script: Iterator[str | None] | None = attrs.field(
         default=None, converter=fault_script_iterator
     )
     rate_limit: float | None = attrs.field(
-        default=None, validator=number(positive=True, optional=True)
+        default=None,
+        validator=nullable(number(positive=True)),
+        metadata=cli(
+            "server-side limit in img2img requests per second; the excess is refused",
+            parse=parse_number,
+            metavar="R",
+        ),
     )
     rate_limit_algorithm: RateLimitAlgorithm = attrs.field(
-        default="gcra", validator=one_of(*ALGORITHMS), on_setattr=_then(_restart_limit)
+        default="gcra",
+        validator=one_of(ALGORITHMS),
+        on_setattr=_then(_restart_limit),
+        metadata=cli(
+            "gcra: R/s with a burst of B; sliding_window: at most floor(R*W) (at least "
+            "1) in any W seconds; fixed_window: as many per W-second window, the count "
+            "reset at each"
+        ),
     )
     rate_limit_window_s: float = attrs.field(
-        default=1.0, validator=number(positive=True), on_setattr=_then(_restart_limit)
+        default=1.0,
+        validator=number(positive=True),
+        on_setattr=_then(_restart_limit),
+        metadata=cli(
+            "window of the window algorithms, in seconds",
+            name="--rate-limit-window",
+            parse=parse_number,
+            metavar="W",
+        ),
     )
     rate_limit_burst: int = attrs.field(
-        default=1, validator=integer(1), on_setattr=_then(_restart_limit)
+        default=1,
+        validator=integer(1),
+        on_setattr=_then(_restart_limit),
+        metadata=cli("burst tolerance of the gcra limit", parse=parse_int, metavar="B"),
     )
     rate_limit_schedule: tuple[tuple[float, float | None], ...] = attrs.field(
         default=None,
         converter=schedule_tuple,
         validator=valid_schedule,
         on_setattr=_then(_restart_schedule),
+        metadata=cli(
+            "change the limit to R ('none': no limit) AT seconds after the start, e.g. 10:10,20:30",
+            parse=parse_schedule,
+            metavar="AT:R[,AT:R...]",
+        ),
     )
-    rate_limit_style: RateLimitStyle = attrs.field(default="http", validator=one_of("http", "body"))
-    retry_after: float | None = attrs.field(default=1.0, validator=number(optional=True))
-    username: str = attrs.field(default="demo", validator=is_str)
-    password: str = attrs.field(default="demo-password", validator=is_str)
-    token: str | None = attrs.field(
-        default="mock-token", converter=strip_bearer, validator=valid_token
+    rate_limit_style: RateLimitStyle = attrs.field(
+        default="http",
+        validator=one_of(get_args(RateLimitStyle)),
+        metadata=cli(
+            "http: refuse as HTTP 429 with a Retry-After of --retry-after seconds "
+            "(none: no header); body: as HTTP 200 with body code 429 and no "
+            "Retry-After"
+        ),
     )
-    token_ttl_uses: int | None = attrs.field(default=None, validator=integer(0, optional=True))
+    retry_after: float | None = attrs.field(
+        default=1.0,
+        validator=nullable(number()),
+        metadata=cli(
+            "Retry-After seconds on HTTP 429s (rate limit and http_429 fault); "
+            "'none' for no header",
+            parse=or_none(parse_number),
+            metavar="S",
+        ),
+    )
+    token_ttl_uses: int | None = attrs.field(
+        default=None,
+        validator=nullable(integer(0)),
+        metadata=cli(
+            "tokens from getToken expire after N img2img uses",
+            parse=parse_int,
+            metavar="N",
+            none="never",
+        ),
+    )
     auth_failure_style: AuthFailureStyle = attrs.field(
-        default="body", validator=one_of("body", "http")
+        default="body",
+        validator=one_of(get_args(AuthFailureStyle)),
+        metadata=cli("body: refuse a token as HTTP 200 + body code 401; http: as HTTP 401"),
     )
-    slow_s: float = attrs.field(default=5.0, validator=number())
-    seed: int | None = attrs.field(default=0, validator=is_seed, on_setattr=_then(_reseed))
-    lean: bool = attrs.field(default=False, validator=is_bool)
+    payload_style: PayloadStyle = attrs.field(
+        default="dotted",
+        validator=one_of(get_args(PayloadStyle)),
+        metadata=cli("img2img payload style accepted"),
+    )
+    username: str = attrs.field(default="demo", validator=is_str, metadata=cli("getToken username"))
+    password: str = attrs.field(
+        default="demo-password", validator=is_str, metadata=cli("getToken password")
+    )
+    token: str | None = attrs.field(
+        default="mock-token",
+        converter=strip_bearer,
+        validator=valid_token,
+        metadata=cli("static token always accepted; '' for none", parse=empty_is_none),
+    )
+    slow_s: float = attrs.field(
+        default=5.0,
+        validator=number(),
+        metadata=cli(
+            "seconds the 'slow' fault waits before answering",
+            name="--slow",
+            parse=parse_number,
+            metavar="S",
+        ),
+    )
+    seed: int | None = attrs.field(
+        default=0,
+        validator=nullable(integer()),
+        on_setattr=_then(_reseed),
+        metadata=cli(
+            "seed of the fault and latency draws; 'none': random", parse=or_none(parse_int)
+        ),
+    )
+    lean: bool = attrs.field(
+        default=False,
+        validator=is_bool,
+        metadata=cli(
+            "benchmark mode: no validation, faults, rate limit or records; precomputed answers"
+        ),
+    )
 
     # Counters a test may read and reset.
     requests: list[ReceivedRequest] = attrs.field(init=False, factory=list)
