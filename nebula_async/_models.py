@@ -9,7 +9,10 @@ is sent, whatever its type or size: a request that passes is one the wire can
 carry (``orjson.dumps(to_payload(request))`` cannot fail). An unknown, missing or
 wrongly positional argument to them is a ``ValidationError`` too, not a bare
 ``TypeError``. Results are built by the client; a bad call to them is attrs'
-``TypeError`` (checking it would cost every result a wrapper frame).
+``TypeError``: the same checking wrapper on the result classes measured 15.4k
+instructions per ``run_batch`` job and 7.1k per ``img2img`` (library only: 258.6k
+-> 274.0k and 276.8k -> 283.9k, 1-2% of a whole request), paid by every result
+for a mistake only hand-built results can make.
 """
 
 from __future__ import annotations
