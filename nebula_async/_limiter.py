@@ -114,9 +114,10 @@ class Limiter(Protocol):
 class LimiterFactory(Protocol):
     """Configuration that makes a :class:`Limiter` inside the running event loop.
 
-    :class:`~nebula_async.RateLimit` and :class:`~nebula_async.SharedRateLimit`
-    are factories; being plain configuration, they pickle (to a Ray actor, a
-    worker process) and connect only where they are used.
+    :class:`~nebula_async.SharedRateLimit` is one; being plain configuration, it
+    pickles (to a Ray actor, a worker process) and connects only where it is used.
+    (A :class:`~nebula_async.RateLimit` is configuration too, which the client
+    turns into its in-process limiter.)
     """
 
     def create_limiter(self) -> Limiter:

@@ -6,8 +6,9 @@
         --> results loop: one line per answer, written as it arrives
             --(URL images: a "pending" line, then)--> download stage --> final line
 
-The feed runs where the client reads its input (in the worker that takes the
-next job); it never writes a result. The results loop is the only writer of answers, and it never
+The feed is an async generator, so it runs in the stream's pump task, where the
+client reads async input; it reads the jobs file, local images and (to resume a
+job) its latest results line, and it never writes a result. The results loop is the only writer of answers, and it never
 waits on a download: a job's URLs are on disk as soon as its answer arrives,
 and the download stage (its own tasks, a bounded number of jobs at a time)
 fetches them from the line it reads back, then writes the job's final line. So
