@@ -231,11 +231,20 @@ class _Feed:
             return next(self._plain)
         except StopIteration:
             self.stopped = True
-        except Exception as exc:  # the caller's input failed: stop, keep results
-            self._failed(exc)
-        except asyncio.CancelledError as exc:  # no await in next(): never ours
-            self._failed(_stray_cancel(exc))
+        except (Exception, asyncio.CancelledError) as exc:
+            self._input_failed(exc)
         return _NOTHING
+
+    def _input_failed(self, exc: BaseException) -> None:
+        """The caller's input raised ``exc`` (plain or async: one rule): stop taking
+        jobs, keep every result. A ``CancelledError`` the input raised itself, while
+        this task is not being cancelled, is the input's failure too; a real
+        cancellation goes on."""
+        if isinstance(exc, asyncio.CancelledError):
+            if _really_cancelled():
+                raise exc
+            exc = _stray_cancel(exc)
+        self._failed(exc)
 
     async def _receive_handed(self, handed: MemoryObjectReceiveStream[object]) -> object:
         try:
@@ -266,13 +275,8 @@ class _Feed:
                 item = await anext(source)
             except StopAsyncIteration:
                 return
-            except Exception as exc:  # the caller's input failed: stop, keep results
-                self._failed(exc)
-                return
-            except asyncio.CancelledError as exc:
-                if _really_cancelled():
-                    raise
-                self._failed(_stray_cancel(exc))
+            except (Exception, asyncio.CancelledError) as exc:
+                self._input_failed(exc)
                 return
             try:
                 await _send(send, item)
