@@ -589,16 +589,24 @@ class Makes:
         return self.limiter
 
 
+async def _close_during_a_shielded_acquire(
+    client: na.NebulaClient, limiter: ShieldedLimiter
+) -> tuple[asyncio.Task[na.ImageResult], float]:
+    """Start an img2img, close the client while its acquire is shielded; the call's
+    task and how long aclose() took."""
+    task = asyncio.get_running_loop().create_task(client.img2img(request_for("a")))
+    await limiter.inside.wait()
+    started = time.monotonic()
+    await client.aclose()
+    return task, time.monotonic() - started
+
+
 async def test_aclose_waits_for_cancelled_calls_before_closing_what_they_use() -> None:
     async with MockNebulaServer() as server:
         limiter = ShieldedLimiter(hold_s=0.3)
         client = client_for(server.base_url, rate_limit=Makes(limiter))
         async with client:
-            task = asyncio.get_running_loop().create_task(client.img2img(request_for("a")))
-            await limiter.inside.wait()
-            started = time.monotonic()
-            await client.aclose()
-            elapsed = time.monotonic() - started
+            task, elapsed = await _close_during_a_shielded_acquire(client, limiter)
             # The call ended before the limiter it used was closed, and aclose
             # returned only then.
             assert task.done()
@@ -616,11 +624,7 @@ async def test_aclose_closes_anyway_after_its_grace_and_says_so(
         limiter = ShieldedLimiter(hold_s=1.0)
         client = client_for(server.base_url, rate_limit=Makes(limiter))
         async with client:
-            task = asyncio.get_running_loop().create_task(client.img2img(request_for("a")))
-            await limiter.inside.wait()
-            started = time.monotonic()
-            await client.aclose()
-            elapsed = time.monotonic() - started
+            task, elapsed = await _close_during_a_shielded_acquire(client, limiter)
             assert 0.15 < elapsed < 0.8
             assert not task.done()
             assert limiter.events == ["aclose"]
