@@ -8,12 +8,13 @@
 
 The feed is an async generator, so it runs in the stream's pump task, where the
 client reads async input; it reads the jobs file, local images and (to resume a
-job) its latest results line, and it never writes a result. The results loop is the only writer of answers, and it never
-waits on a download: a job's URLs are on disk as soon as its answer arrives,
-and the download stage (its own tasks, a bounded number of jobs at a time)
-fetches them from the line it reads back, then writes the job's final line. So
-a kill at any moment loses at most the submissions in flight, and a rerun
-finishes whatever downloads were pending (:class:`DownloadTask`).
+job) its latest results line, and it never writes a result. The results loop is
+the only writer of answers, and it never waits on a download: a job's URLs are
+on disk as soon as its answer arrives, and the download stage (its own tasks, a
+bounded number of jobs at a time) fetches them from the line it reads back, then
+writes the job's final line. So a kill at any moment loses at most the
+submissions in flight, and a rerun finishes whatever downloads were pending
+(:class:`DownloadTask`).
 
 A drain (:class:`RunControl`, a first Ctrl-C or SIGTERM) stops the feed; the
 answers of the submissions in flight are still written. A job that got no image
