@@ -86,7 +86,7 @@ class Img2ImgBatch:
         done = iter(report.results)
         results = [job if isinstance(job, JobResult) else next(done) for job in jobs]
         fingerprints = [job_fingerprint(j) if isinstance(j, Job) else None for j in jobs]
-        ids = [_row_id(row, index) for index, row in enumerate(rows)]
+        ids = [job_id_of(row, index) for index, row in enumerate(rows)]
         return output_columns(results, fingerprints, ids=ids)
 
     def __del__(self) -> None:
@@ -99,21 +99,15 @@ def _unique_ids(jobs: list[Job]) -> list[Job]:
     return [Job(job.request, id=str(at), images=job.images) for at, job in enumerate(jobs)]
 
 
-def _row_id(row: Mapping[str, Any], index: int) -> str:
-    """The row's job id by the library's one rule (``normalize_job_id``); a row whose
-    ``id`` cannot be one is known by its position, as run_batch reports it."""
-    return job_id_of(row, index)
-
-
 def _job_of(row: Mapping[str, Any], index: int) -> Job | JobResult:
     """The job of a row, or the failed result of a row that is not one."""
     try:
         return job_from_mapping(row, default_id=str(index))
     except ValidationError as exc:
-        return JobResult(job_id=_row_id(row, index), errors=[exc])
+        return JobResult(job_id=job_id_of(row, index), errors=[exc])
     except Exception as exc:  # any value of any type: the row's error, not the task's
         error = ValidationError(f"row {index}: {type(exc).__name__}: {exc}", field="row")
-        return JobResult(job_id=_row_id(row, index), errors=[error])
+        return JobResult(job_id=job_id_of(row, index), errors=[error])
 
 
 def batch_rows(batch: Any) -> list[dict[str, Any]]:
@@ -195,7 +189,9 @@ class _DropDone:
         keep = []
         for index, row in enumerate(rows):
             job = _job_of(row, index)
-            key = row_key(_row_id(row, index), job_fingerprint(job)) if isinstance(job, Job) else ""
+            key = (
+                row_key(job_id_of(row, index), job_fingerprint(job)) if isinstance(job, Job) else ""
+            )
             if key not in self._done:
                 keep.append(row)
         names = sorted({name for row in keep for name in row})

@@ -6,6 +6,7 @@ import pytest
 
 import nebula_async as na
 from nebula_async import ray as nebula_ray
+from nebula_async._jobs import job_id_of
 
 
 @pytest.mark.parametrize("bad_id", ["", True, 7.5, "a\x00b", [1]])
@@ -21,5 +22,5 @@ def test_a_row_id_is_normalised_as_run_batch_does() -> None:
     job = nebula_ray._job_of({"id": 7, "model": "m", "prompt": "p"}, 0)
     assert isinstance(job, na.Job)
     assert job.id == "7"
-    assert nebula_ray._row_id({"id": 7}, 0) == "7"
-    assert nebula_ray._row_id({"id": True}, 4) == "4"
+    assert job_id_of({"id": 7}, 0) == "7"
+    assert job_id_of({"id": True}, 4) == "4"
