@@ -298,6 +298,13 @@ class NebulaClient:
         # Made in __aenter__, inside the running loop.
         self._auth: Authenticator | None = None
         self._concurrency: anyio.Semaphore | None = None
+        # One-off calls (img2img, run_job) under way at once, at most: as many as a
+        # batch has workers. Calls gathered beyond it wait here before they build
+        # anything (a cancel scope, the body, the call's frames): 100,000 gathered
+        # calls hold 100,000 coroutines, not 100,000 calls' state, and the first
+        # sends go out before the last call has started. A call admitted after
+        # close() raises ClientStateError and lets the next one in.
+        self._admission: anyio.Semaphore | None = None
         self._limiter: Limiter | None = None
         self._owns_limiter = False
 
@@ -322,6 +329,7 @@ class NebulaClient:
     async def __aenter__(self) -> Self:
         self._lifecycle.open()
         self._concurrency = anyio.Semaphore(self._max_concurrency)
+        self._admission = anyio.Semaphore(worker_count(self._max_concurrency))
         self._limiter, self._owns_limiter = self._make_limiter()
         await self._transport.open()
         self._auth = Authenticator(
@@ -411,6 +419,7 @@ class NebulaClient:
             current_rate=limits.current_rate if limits else None,
             paused_until=time.monotonic() + limits.paused_for_s if limits and paused else None,
             estimated_limit=limits.estimated_limit if limits else None,
+            calls_waiting=self._admission.statistics().tasks_waiting if self._admission else 0,
         )
 
     # -- one submission -----------------------------------------------------------------
@@ -430,8 +439,10 @@ class NebulaClient:
                 f"request: expected an Img2ImgRequest, got {type(request).__name__}",
                 field="request",
             )
-        with self._lifecycle.call():
-            outcome = await self._submission(request, _Tally(), None)
+        assert self._admission is not None
+        async with self._admission:
+            with self._lifecycle.call():
+                outcome = await self._submission(request, _Tally(), None)
         if isinstance(outcome, NebulaError):
             raise outcome
         return outcome
@@ -657,8 +668,10 @@ class NebulaClient:
         ...     print(result.ok, result.urls)
         """
         self._lifecycle.require_open()
-        with self._lifecycle.call():
-            return await self._run_item(0, job, None)
+        assert self._admission is not None
+        async with self._admission:
+            with self._lifecycle.call():
+                return await self._run_item(0, job, None)
 
     async def _run_item(self, index: int, item: object, control: BatchControl | None) -> JobResult:
         """One input item: a bad item fails its own job, nothing is sent; anything

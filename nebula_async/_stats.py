@@ -16,6 +16,8 @@ class ClientStatistics:
 
     ``attempts`` counts every HTTP attempt (re-login repeats included), ``retries``
     the attempts that repeated a failed one, ``rate_limited`` the 429s seen.
+    ``calls_waiting`` counts the one-off calls (``img2img``, ``run_job``) waiting to
+    start: at most twice ``max_concurrency`` are under way at once.
     """
 
     attempts: int
@@ -31,6 +33,7 @@ class ClientStatistics:
     current_rate: float | None
     paused_until: float | None
     estimated_limit: float | None = None
+    calls_waiting: int = 0
 
 
 class Counters:

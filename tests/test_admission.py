@@ -1,0 +1,157 @@
+"""One-off calls gathered by the thousand: at most twice ``max_concurrency`` are
+under way at once; the rest wait before they build anything, first come first
+served, and a close or their caller's cancellation ends them there.
+
+A gathered call that has not started holds only its coroutine, so 100,000 calls
+gathered at once cost what 100,000 coroutines cost (docs/benchmarks.md has the
+figures), and the first sends go out before the last call has started.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from _gated import GatedServer, request_for, wait_until
+
+import nebula_async as na
+from nebula_async._exceptions import ClientStateError
+
+pytestmark = pytest.mark.anyio
+
+CALLS = 12
+CONCURRENCY = 2
+UNDER_WAY = 2 * CONCURRENCY
+
+
+def client_for(base_url: str) -> na.NebulaClient:
+    return na.NebulaClient(
+        token="mock-token", base_url=base_url, max_concurrency=CONCURRENCY, timeout=5.0
+    )
+
+
+async def _img2img(client: na.NebulaClient, prompt: str) -> Any:
+    return (await client.img2img(request_for(prompt))).urls
+
+
+async def _run_job(client: na.NebulaClient, prompt: str) -> Any:
+    result = await client.run_job(request_for(prompt))
+    if result.error is not None:
+        raise result.error
+    return result.urls
+
+
+ONE_OFF_CALLS = [pytest.param(_img2img, id="img2img"), pytest.param(_run_job, id="run_job")]
+Call = Callable[[na.NebulaClient, str], Awaitable[Any]]
+
+
+async def _gather(
+    client: na.NebulaClient, call: Call, prompts: list[str], outcomes: dict[str, Any]
+) -> Callable[[], Awaitable[None]]:
+    """Start ``call`` for every prompt in order; their outcomes land in ``outcomes``."""
+
+    async def one(prompt: str) -> None:
+        try:
+            outcomes[prompt] = await call(client, prompt)
+        except BaseException as exc:
+            outcomes[prompt] = exc
+            if not isinstance(exc, Exception):
+                raise
+
+    async def run_all() -> None:
+        async with anyio.create_task_group() as task_group:
+            for prompt in prompts:
+                task_group.start_soon(one, prompt)
+                await anyio.lowlevel.checkpoint()  # starts in this order
+
+    return run_all
+
+
+@pytest.mark.parametrize("call", ONE_OFF_CALLS)
+async def test_calls_beyond_twice_the_concurrency_wait_to_start_in_order(call: Call) -> None:
+    prompts = [str(i) for i in range(CALLS)]
+    outcomes: dict[str, Any] = {}
+    async with GatedServer() as server, client_for(server.base_url) as client:
+        run_all = await _gather(client, call, prompts, outcomes)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(run_all)
+            await wait_until(lambda: server.in_flight == CONCURRENCY)
+            await wait_until(lambda: client.statistics().calls_waiting == CALLS - UNDER_WAY)
+            stats = client.statistics()
+            assert stats.in_flight == CONCURRENCY
+            assert stats.attempts == CONCURRENCY
+            server.open()
+        assert client.statistics().calls_waiting == 0
+    # First come, first served; each sent once (answers freed together may reach
+    # the server in another order).
+    assert server.arrivals[:CONCURRENCY] == prompts[:CONCURRENCY]
+    assert sorted(server.arrivals, key=int) == prompts
+    assert all(isinstance(outcomes[p], list) and len(outcomes[p]) == 1 for p in prompts)
+
+
+@pytest.mark.parametrize("call", ONE_OFF_CALLS)
+async def test_close_ends_the_calls_waiting_to_start_and_sends_nothing_more(call: Call) -> None:
+    prompts = [str(i) for i in range(CALLS)]
+    outcomes: dict[str, Any] = {}
+    async with GatedServer() as server:
+        client = client_for(server.base_url)
+        async with client:
+            run_all = await _gather(client, call, prompts, outcomes)
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(run_all)
+                await wait_until(lambda: client.statistics().calls_waiting == CALLS - UNDER_WAY)
+                started = time.monotonic()
+                await client.aclose()
+                elapsed = time.monotonic() - started
+        server.open()
+        await anyio.sleep(0.05)
+    assert elapsed < 1.0
+    assert server.arrivals == prompts[:CONCURRENCY]
+    for prompt in prompts:
+        assert isinstance(outcomes[prompt], ClientStateError), (prompt, outcomes[prompt])
+    assert client.statistics().calls_waiting == 0
+
+
+async def test_a_call_cancelled_while_it_waits_to_start_leaves_its_place_to_the_next() -> None:
+    prompts = [str(i) for i in range(CALLS)]
+    outcomes: dict[str, Any] = {}
+    leaving = prompts[-2]
+
+    async def img2img_or_leave(client: na.NebulaClient, prompt: str) -> Any:
+        if prompt != leaving:
+            return await _img2img(client, prompt)
+        with anyio.move_on_after(0.1):
+            return await _img2img(client, prompt)
+        return "left"
+
+    async with GatedServer() as server, client_for(server.base_url) as client:
+        run_all = await _gather(client, img2img_or_leave, prompts, outcomes)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(run_all)
+            await wait_until(lambda: outcomes.get(leaving) == "left")
+            assert client.statistics().calls_waiting == CALLS - UNDER_WAY - 1
+            server.open()
+    assert sorted(server.arrivals, key=int) == [p for p in prompts if p != leaving]
+    assert all(isinstance(outcomes[p], list) for p in prompts if p != leaving)
+
+
+async def test_a_drain_lets_the_calls_already_waiting_to_start_run() -> None:
+    # They were called before the drain: as before there was a queue, they run; a
+    # call made after the drain is refused at once.
+    prompts = [str(i) for i in range(CALLS)]
+    outcomes: dict[str, Any] = {}
+    async with GatedServer() as server, client_for(server.base_url) as client:
+        run_all = await _gather(client, _img2img, prompts, outcomes)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(run_all)
+            await wait_until(lambda: client.statistics().calls_waiting == CALLS - UNDER_WAY)
+            client.drain()
+            with pytest.raises(ClientStateError, match="draining"):
+                await client.img2img(request_for("late"))
+            server.open()
+    assert sorted(server.arrivals, key=int) == prompts
+    assert all(isinstance(outcomes[p], list) for p in prompts)
