@@ -49,7 +49,7 @@ ONE_OFF_CALLS = [pytest.param(_img2img, id="img2img"), pytest.param(_run_job, id
 Call = Callable[[na.NebulaClient, str], Awaitable[Any]]
 
 
-async def _gather(
+def _gather(
     client: na.NebulaClient, call: Call, prompts: list[str], outcomes: dict[str, Any]
 ) -> Callable[[], Awaitable[None]]:
     """Start ``call`` for every prompt in order; their outcomes land in ``outcomes``."""
@@ -76,7 +76,7 @@ async def test_calls_beyond_twice_the_concurrency_wait_to_start_in_order(call: C
     prompts = [str(i) for i in range(CALLS)]
     outcomes: dict[str, Any] = {}
     async with GatedServer() as server, client_for(server.base_url) as client:
-        run_all = await _gather(client, call, prompts, outcomes)
+        run_all = _gather(client, call, prompts, outcomes)
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(run_all)
             await wait_until(lambda: server.in_flight == CONCURRENCY)
@@ -100,7 +100,7 @@ async def test_close_ends_the_calls_waiting_to_start_and_sends_nothing_more(call
     async with GatedServer() as server:
         client = client_for(server.base_url)
         async with client:
-            run_all = await _gather(client, call, prompts, outcomes)
+            run_all = _gather(client, call, prompts, outcomes)
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(run_all)
                 await wait_until(lambda: client.statistics().calls_waiting == CALLS - UNDER_WAY)
@@ -129,7 +129,7 @@ async def test_a_call_cancelled_while_it_waits_to_start_leaves_its_place_to_the_
         return "left"
 
     async with GatedServer() as server, client_for(server.base_url) as client:
-        run_all = await _gather(client, img2img_or_leave, prompts, outcomes)
+        run_all = _gather(client, img2img_or_leave, prompts, outcomes)
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(run_all)
             await wait_until(lambda: outcomes.get(leaving) == "left")
@@ -145,7 +145,7 @@ async def test_a_drain_lets_the_calls_already_waiting_to_start_run() -> None:
     prompts = [str(i) for i in range(CALLS)]
     outcomes: dict[str, Any] = {}
     async with GatedServer() as server, client_for(server.base_url) as client:
-        run_all = await _gather(client, _img2img, prompts, outcomes)
+        run_all = _gather(client, _img2img, prompts, outcomes)
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(run_all)
             await wait_until(lambda: client.statistics().calls_waiting == CALLS - UNDER_WAY)
