@@ -38,11 +38,8 @@ server's window, not for a limit.
 
 Start
 -----
-With no configured rate the controller is unlimited until the first refusal
-that is not noise, which seeds it from what was accepted meanwhile: a refusal
-alone among the last answers, or refusals at most 3% of the last 200, are a
-server saying 429 now and then, since a full window refuses every send past
-its limit (a run). A configured rate is a guess:
+With no configured rate the controller is unlimited until the first refusal,
+which seeds it from what was accepted meanwhile. A configured rate is a guess:
 the controller starts at ``start_fraction`` of it and grows ``ramp``-fold per
 ``W`` (TCP slow start, RFC 5681 s. 3.1; like BBR's STARTUP it stops at the first
 sign of a full pipe), never faster than ``ramp`` times what it sent in the last
@@ -120,14 +117,6 @@ _MOVED_GROWTH: Final = 1.25
 _MOVED_GAIN: Final = 3.0
 #: A reading at the plateau under this share of the estimate: the limit fell.
 _FELL: Final = 0.75
-#: With no rate yet, a refusal is noise when it is alone among the last
-#: ``_NOISE_ANSWERS`` answers (those of the last ``_NOISE_WINDOWS`` windows, at
-#: most), or when refusals are at most this share of them: a full window refuses
-#: every send past its limit, a run, while a server that says 429 now and then
-#: refuses one of many.
-_NOISE: Final = 0.03
-_NOISE_ANSWERS: Final = 200
-_NOISE_WINDOWS: Final = 10
 # Phases: no rate yet; a fixed rate; slow start from a guess; steering on an estimate.
 _UNLIMITED: Final = 0
 _FIXED: Final = 1
@@ -432,36 +421,9 @@ class RateController:
             return  # nothing to read a limit from yet: stay unlimited
         if self._at_the_edge(sent_at, most):
             return
-        if self._is_noise(sent_at):
-            return
         self._congestion(sent_at, now, retry_after)
 
     # -- internals -------------------------------------------------------------------------
-
-    def _is_noise(self, sent_at: float) -> bool:
-        """With no rate yet, whether a refusal is one of a few among the last
-        answers: a server that refuses now and then, not a full window, which
-        refuses every send past its limit until it slides. Read as a limit, the
-        first would seed the rate from whatever the client happened to send
-        (a first round, at the start), and each one after it would cut under the
-        rate it read: a spiral to the floor (1% refused at random kept 0.20x of
-        the speed, simulated). A full window is read one refusal later, the next
-        of its run. Once a rate is set, noise and a limit a little under the rate
-        look alike from a refusal, and this rule is not applied (see
-        tests/test_adaptive.py, the strict xfail, for what tried and failed)."""
-        if self._phase != _UNLIMITED:
-            return False
-        bins = self._bins
-        refused = answered = 0
-        index = self._index(sent_at)
-        oldest = self._index(sent_at - _NOISE_WINDOWS * self._window)
-        while index >= oldest and answered < _NOISE_ANSWERS:
-            counts = bins.get(index)
-            if counts is not None:
-                refused += counts[2]
-                answered += counts[1] + counts[2]
-            index -= 1
-        return refused <= max(1.0, _NOISE * answered)
 
     def _at_the_edge(self, sent_at: float, most: float) -> bool:
         """Whether a refusal is the last event's burst still in the server's window:

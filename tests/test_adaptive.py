@@ -125,13 +125,10 @@ def test_refusals_of_requests_sent_before_the_cut_are_echoes() -> None:
     c = RateController(initial_rate=None)
     feed_window(c, sent=40, accepted=20)
     c.on_refused(0.15, now=0.4, retry_after=None)
-    assert c.rate_at(2.0) is None  # alone among 21 answers: noise, so far
-    c.on_refused(0.155, now=0.4005, retry_after=None)  # a second: the window is full
-    after_event = c.rate_at(2.0)
-    assert after_event is not None
-    for k in range(14):  # the rest of the same burst comes back refused
+    after_first = c.rate_at(2.0)
+    for k in range(15):  # the rest of the same burst comes back refused
         c.on_refused(0.16 + k * 0.005, now=0.41 + k * 0.001, retry_after=None)
-    assert c.rate_at(2.0) == after_event
+    assert c.rate_at(2.0) == after_first
     assert c.refused == 16
 
 
@@ -572,12 +569,12 @@ def test_a_lone_refusal_of_an_unlimited_client_reads_no_limit() -> None:
     assert c.estimated_limit == pytest.approx(20.0 + _EDGE)
 
 
-def _goodput(server: Callable[[], Server], *, jobs: int = 3000) -> float:
+def _goodput(server: Callable[[], Server]) -> float:
     runs = [
         simulate(
             RateController(initial_rate=None),
             server(),
-            jobs=jobs,
+            jobs=3000,
             concurrency=64,
             latency=0.3,
             seed=seed,
@@ -588,49 +585,18 @@ def _goodput(server: Callable[[], Server], *, jobs: int = 3000) -> float:
     return sum(run.goodput for run in runs) / len(runs)
 
 
-@pytest.mark.parametrize("share", [0.005, 0.01])
-def test_refusals_at_random_are_not_read_as_a_limit_that_keeps_falling(share: float) -> None:
-    """A server with no limit that refuses a few requests at random, at about 200
-    answers a second: a demanding user expects to lose about those requests, not
-    80% of the throughput (0.20x at 1% before: each refusal read its window as
-    full and cut under the rate it was sending at). With no rate yet, a refusal
-    among the last 200 answers holding at most 3% refused is noise; the rate
-    stays unlimited (measured 0.98x)."""
-    clean = _goodput(lambda: Noisy(0.0))
-    assert _goodput(lambda: Noisy(share)) >= 0.9 * clean
-
-
-def test_a_full_window_is_still_read_after_an_unlimited_start() -> None:
-    """The other side of that rule: a real limit reached with no rate is read a few
-    refusals later, inside its run (every send past a full window is refused),
-    and costs about as many refusals as before (2.20% -> 2.53% at 1,000/s)."""
-    ours, oracle = run_pair(
-        lambda: SlidingWindow(200.0),
-        RateController(initial_rate=None),
-        retry_after=None,
-        jobs=4000,
-        concurrency=64,
-    )
-    assert ours.goodput / oracle.goodput >= 0.95
-    assert ours.refused_share <= 0.025
-
-
 @pytest.mark.xfail(
     strict=True,
-    reason="known weakness (docs/concepts/limits.md): once a rate is set, each random "
-    "429 reads as a full window; 1% over a limit of 200/s keeps 0.31x of the oracle",
+    reason="known weakness (docs/concepts/limits.md): each random 429 reads as a full "
+    "window and cuts the rate; at 1% with no limit the run keeps 0.20x of its speed",
 )
-def test_refusals_at_random_over_a_real_limit_are_not_read_as_its_fall() -> None:
-    """1% refused at random by a server that also limits to 200/s: at the plateau,
-    noise and a limit a little under the rate look alike from one refusal. Strict:
-    when a rule tells them apart, this passes and must lose its mark. (Two were
-    tried here, docs/benchmarks.md: 0.58-0.80x, at up to 1.6x the refusals
-    against token buckets.)"""
-    ours, oracle = run_pair(
-        lambda: Noisy(0.01, SlidingWindow(200.0)),
-        RateController(initial_rate=None),
-        retry_after=None,
-        jobs=2000,
-        concurrency=64,
-    )
-    assert ours.goodput / oracle.goodput >= 0.75
+def test_refusals_at_random_are_not_read_as_a_limit_that_keeps_falling() -> None:
+    """A server with no limit that refuses 1% of requests at random, at about 200
+    answers a second: a demanding user expects to lose about that 1%, not 80% of
+    the throughput. Strict: when a rule tells noise from a full window, this
+    passes and must lose its mark. (A 2% "loss threshold" as in BBR fixed this
+    case but cost real limits at 1,000/s up to 6.7x the refusals of an unlimited
+    start, 4-6% of goodput against token buckets, and small falls went unread:
+    measured and reverted, docs/benchmarks.md.)"""
+    clean = _goodput(lambda: Noisy(0.0))
+    assert _goodput(lambda: Noisy(0.01)) >= 0.75 * clean
