@@ -28,9 +28,9 @@ CONCURRENCY = 2
 UNDER_WAY = 2 * CONCURRENCY
 
 
-def client_for(base_url: str) -> na.NebulaClient:
+def client_for(base_url: str, concurrency: int = CONCURRENCY) -> na.NebulaClient:
     return na.NebulaClient(
-        token="mock-token", base_url=base_url, max_concurrency=CONCURRENCY, timeout=5.0
+        token="mock-token", base_url=base_url, max_concurrency=concurrency, timeout=5.0
     )
 
 
@@ -84,6 +84,8 @@ async def test_calls_beyond_twice_the_concurrency_wait_to_start_in_order(call: C
             stats = client.statistics()
             assert stats.in_flight == CONCURRENCY
             assert stats.attempts == CONCURRENCY
+            # The waiting ones have not started: no call state of theirs exists.
+            assert client._lifecycle.still_running() == UNDER_WAY
             server.open()
         assert client.statistics().calls_waiting == 0
     # First come, first served; each sent once (answers freed together may reach
@@ -155,3 +157,15 @@ async def test_a_drain_lets_the_calls_already_waiting_to_start_run() -> None:
             server.open()
     assert sorted(server.arrivals, key=int) == prompts
     assert all(isinstance(outcomes[p], list) for p in prompts)
+
+
+@pytest.mark.parametrize("call", ONE_OFF_CALLS)
+async def test_with_one_slot_the_calls_are_sent_in_the_order_they_were_made(call: Call) -> None:
+    # One request in flight at a time: each send follows the answer before it, so
+    # the arrivals are the admission order itself.
+    prompts = [str(i) for i in range(CALLS)]
+    outcomes: dict[str, Any] = {}
+    async with GatedServer(opened=True) as server, client_for(server.base_url, 1) as client:
+        await _gather(client, call, prompts, outcomes)()
+    assert server.arrivals == prompts
+    assert server.max_in_flight == 1
