@@ -26,6 +26,8 @@ pytestmark = pytest.mark.anyio
 CALLS = 12
 CONCURRENCY = 2
 UNDER_WAY = 2 * CONCURRENCY
+#: The calls of every test, made in this order.
+PROMPTS = [str(i) for i in range(CALLS)]
 
 
 def client_for(base_url: str, concurrency: int = CONCURRENCY) -> na.NebulaClient:
@@ -73,10 +75,9 @@ def _gather(
 
 @pytest.mark.parametrize("call", ONE_OFF_CALLS)
 async def test_calls_beyond_twice_the_concurrency_wait_to_start_in_order(call: Call) -> None:
-    prompts = [str(i) for i in range(CALLS)]
     outcomes: dict[str, Any] = {}
     async with GatedServer() as server, client_for(server.base_url) as client:
-        run_all = _gather(client, call, prompts, outcomes)
+        run_all = _gather(client, call, PROMPTS, outcomes)
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(run_all)
             await wait_until(lambda: server.in_flight == CONCURRENCY)
@@ -90,19 +91,18 @@ async def test_calls_beyond_twice_the_concurrency_wait_to_start_in_order(call: C
         assert client.statistics().calls_waiting == 0
     # First come, first served; each sent once (answers freed together may reach
     # the server in another order).
-    assert server.arrivals[:CONCURRENCY] == prompts[:CONCURRENCY]
-    assert sorted(server.arrivals, key=int) == prompts
-    assert all(isinstance(outcomes[p], list) and len(outcomes[p]) == 1 for p in prompts)
+    assert server.arrivals[:CONCURRENCY] == PROMPTS[:CONCURRENCY]
+    assert sorted(server.arrivals, key=int) == PROMPTS
+    assert all(isinstance(outcomes[p], list) and len(outcomes[p]) == 1 for p in PROMPTS)
 
 
 @pytest.mark.parametrize("call", ONE_OFF_CALLS)
 async def test_close_ends_the_calls_waiting_to_start_and_sends_nothing_more(call: Call) -> None:
-    prompts = [str(i) for i in range(CALLS)]
     outcomes: dict[str, Any] = {}
     async with GatedServer() as server:
         client = client_for(server.base_url)
         async with client:
-            run_all = _gather(client, call, prompts, outcomes)
+            run_all = _gather(client, call, PROMPTS, outcomes)
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(run_all)
                 await wait_until(lambda: client.statistics().calls_waiting == CALLS - UNDER_WAY)
@@ -112,16 +112,15 @@ async def test_close_ends_the_calls_waiting_to_start_and_sends_nothing_more(call
         server.open()
         await anyio.sleep(0.05)
     assert elapsed < 1.0
-    assert server.arrivals == prompts[:CONCURRENCY]
-    for prompt in prompts:
+    assert server.arrivals == PROMPTS[:CONCURRENCY]
+    for prompt in PROMPTS:
         assert isinstance(outcomes[prompt], ClientStateError), (prompt, outcomes[prompt])
     assert client.statistics().calls_waiting == 0
 
 
 async def test_a_call_cancelled_while_it_waits_to_start_leaves_its_place_to_the_next() -> None:
-    prompts = [str(i) for i in range(CALLS)]
     outcomes: dict[str, Any] = {}
-    leaving = prompts[-2]
+    leaving = PROMPTS[-2]
 
     async def img2img_or_leave(client: na.NebulaClient, prompt: str) -> Any:
         if prompt != leaving:
@@ -131,23 +130,22 @@ async def test_a_call_cancelled_while_it_waits_to_start_leaves_its_place_to_the_
         return "left"
 
     async with GatedServer() as server, client_for(server.base_url) as client:
-        run_all = _gather(client, img2img_or_leave, prompts, outcomes)
+        run_all = _gather(client, img2img_or_leave, PROMPTS, outcomes)
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(run_all)
             await wait_until(lambda: outcomes.get(leaving) == "left")
             assert client.statistics().calls_waiting == CALLS - UNDER_WAY - 1
             server.open()
-    assert sorted(server.arrivals, key=int) == [p for p in prompts if p != leaving]
-    assert all(isinstance(outcomes[p], list) for p in prompts if p != leaving)
+    assert sorted(server.arrivals, key=int) == [p for p in PROMPTS if p != leaving]
+    assert all(isinstance(outcomes[p], list) for p in PROMPTS if p != leaving)
 
 
 async def test_a_drain_lets_the_calls_already_waiting_to_start_run() -> None:
     # They were called before the drain: as before there was a queue, they run; a
     # call made after the drain is refused at once.
-    prompts = [str(i) for i in range(CALLS)]
     outcomes: dict[str, Any] = {}
     async with GatedServer() as server, client_for(server.base_url) as client:
-        run_all = _gather(client, _img2img, prompts, outcomes)
+        run_all = _gather(client, _img2img, PROMPTS, outcomes)
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(run_all)
             await wait_until(lambda: client.statistics().calls_waiting == CALLS - UNDER_WAY)
@@ -155,17 +153,16 @@ async def test_a_drain_lets_the_calls_already_waiting_to_start_run() -> None:
             with pytest.raises(ClientStateError, match="draining"):
                 await client.img2img(request_for("late"))
             server.open()
-    assert sorted(server.arrivals, key=int) == prompts
-    assert all(isinstance(outcomes[p], list) for p in prompts)
+    assert sorted(server.arrivals, key=int) == PROMPTS
+    assert all(isinstance(outcomes[p], list) for p in PROMPTS)
 
 
 @pytest.mark.parametrize("call", ONE_OFF_CALLS)
 async def test_with_one_slot_the_calls_are_sent_in_the_order_they_were_made(call: Call) -> None:
     # One request in flight at a time: each send follows the answer before it, so
     # the arrivals are the admission order itself.
-    prompts = [str(i) for i in range(CALLS)]
     outcomes: dict[str, Any] = {}
     async with GatedServer(opened=True) as server, client_for(server.base_url, 1) as client:
-        await _gather(client, call, prompts, outcomes)()
-    assert server.arrivals == prompts
+        await _gather(client, call, PROMPTS, outcomes)()
+    assert server.arrivals == PROMPTS
     assert server.max_in_flight == 1
