@@ -330,7 +330,7 @@ def test_long_server_texts_are_cut_on_errors_and_results() -> None:
     with pytest.raises(na.ResponseDecodeError) as decode_error:
         decipher_img2img(200, {}, orjson.dumps({"code": huge, "data": images}))
     assert len(str(decode_error.value)) < 1100
-    # One cattrs message per bad image: a million of them are still one short text.
+    # A million bad images: the first problem is the message, one short text.
     many = {"images": [{"url": 5}] * 50_000}
     with pytest.raises(na.ResponseDecodeError) as many_errors:
         decipher_img2img(200, {}, orjson.dumps({"code": 200, "data": many}))
