@@ -32,10 +32,12 @@ from typing import Final
 
 __all__ = [
     "NETWORK_CONTENDERS",
+    "SEQUENTIAL_CONTENDERS",
     "VARIANT_KEYS",
     "available",
     "run_instructions",
     "run_network_instructions",
+    "run_sequential_instructions",
 ]
 
 #: The overhead variants by short key, the baseline first.
@@ -55,6 +57,9 @@ NETWORK_CONTENDERS: Final = (
     "ours run_batch",
     "ours stream",
 )
+#: The contenders that make one call at a time (a web handler awaiting its one
+#: request), the baseline first: only the one-off call has this shape.
+SEQUENTIAL_CONTENDERS: Final = ("raw aiohttp", "ours img2img")
 _COLLECTED = re.compile(r"Collected : (\d+)")
 # The benchmark process is pinned to the client's cores; a child under callgrind is
 # ~50x slower than the server, so each child frees itself to use every core (two run
@@ -87,6 +92,28 @@ async def main():
     async with CONTENDERS[{name!r}]({base_url!r}, {concurrency}) as runner:
         await runner.batch({warm})
         urls = await runner.batch({jobs})
+    if urls != {jobs}:
+        raise SystemExit(f"parsed {{urls}} URLs for {jobs} requests")
+
+asyncio.run(main())
+"""
+)
+# One call at a time, each awaited before the next: nothing waits for a slot, so
+# every checkpoint a call makes is a turn of the event loop of its own.
+_SEQUENTIAL_CHILD = (
+    _UNPIN
+    + """
+import asyncio, sys
+sys.path.insert(0, {root!r})
+from benchmarks.contenders import CONTENDERS
+
+async def main():
+    async with CONTENDERS[{name!r}]({base_url!r}, {concurrency}) as runner:
+        for _ in range({warm}):
+            await runner.one()
+        urls = 0
+        for _ in range({jobs}):
+            urls += await runner.one()
     if urls != {jobs}:
         raise SystemExit(f"parsed {{urls}} URLs for {jobs} requests")
 
@@ -201,6 +228,40 @@ def run_network_instructions(
         programs,
         large - small,
         label="instructions, network",
+        log=log,
+        timeout_s=timeout_s,
+    )
+
+
+def run_sequential_instructions(
+    root: Path,
+    base_url: str,
+    *,
+    concurrency: int,
+    small: int,
+    large: int,
+    log: Callable[[str], None],
+    timeout_s: float = 300.0,
+) -> dict[str, float]:
+    """Like :func:`run_network_instructions`, one call awaited at a time."""
+
+    def program(name: str, jobs: int) -> str:
+        return _SEQUENTIAL_CHILD.format(
+            root=str(root),
+            name=name,
+            base_url=base_url,
+            concurrency=concurrency,
+            warm=16,
+            jobs=jobs,
+        )
+
+    programs = {
+        name: (program(name, small), program(name, large)) for name in SEQUENTIAL_CONTENDERS
+    }
+    return _per_job(
+        programs,
+        large - small,
+        label="instructions, one at a time",
         log=log,
         timeout_s=timeout_s,
     )

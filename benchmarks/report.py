@@ -43,6 +43,7 @@ class Results:
     overhead: dict[str, tuple[Summary, Summary]] = attrs.Factory(dict)
     instructions: dict[str, float] = attrs.Factory(dict)
     instructions_network: dict[str, float] = attrs.Factory(dict)
+    instructions_sequential: dict[str, float] = attrs.Factory(dict)
     goodput: list[GoodputResult] = attrs.Factory(list)
 
 
@@ -118,6 +119,18 @@ def _instruction_guards(counts: dict[str, float]) -> list[Check]:
     ]
 
 
+def _sequential_guard(counts: dict[str, float]) -> Check:
+    """The same guard for one ``img2img`` awaited at a time (a web handler's shape)."""
+    ratio = _instructions_ratio(counts, "ours img2img")
+    return _check(
+        "img2img instructions per request vs raw aiohttp, one call at a time (callgrind)",
+        ratio,
+        "<= 1.25x",
+        lambda v: v <= 1.25,
+        f"{ratio:.2f}x",
+    )
+
+
 def checks(results: Results) -> list[Check]:
     """Every target of docs/benchmarks.md, evaluated on ``results``."""
     tp = results.throughput
@@ -136,6 +149,7 @@ def checks(results: Results) -> list[Check]:
             f"{cpu_ratio:.2f}x",
         ),
         *_instruction_guards(results.instructions_network),
+        _sequential_guard(results.instructions_sequential),
         _check(
             "run_batch throughput vs raw aiohttp",
             rps_ratio,
@@ -465,6 +479,15 @@ def _instruction_tables(results: Results) -> list[Table]:
                 _instruction_rows(results.instructions_network, BASELINE),
             )
         )
+    if results.instructions_sequential:
+        found.append(
+            (
+                "Whole client in instructions, one call at a time (callgrind): each call "
+                "awaited before the next, difference per request between 100 and 500 calls",
+                ["contender", "instructions/request", f"over {BASELINE}", "ratio"],
+                _instruction_rows(results.instructions_sequential, BASELINE),
+            )
+        )
     return found
 
 
@@ -596,6 +619,7 @@ def write_json(results: Results, path: Path) -> None:
         "codec_payloads_per_s": results.codec,
         "overhead_instructions_per_job": results.instructions,
         "network_instructions_per_request": results.instructions_network,
+        "sequential_instructions_per_request": results.instructions_sequential,
         "overhead_cpu_us_per_job": {
             name: {"cpu_us_per_job": cpu, "ratio_to_by_hand": paired}
             for name, (cpu, paired) in results.overhead.items()

@@ -29,7 +29,11 @@ from .codec import run_codec
 from .contenders import CONTENDERS, OPEN_LOOP_CONTENDERS
 from .goodput import run_goodput
 from .instructions import available as valgrind_available
-from .instructions import run_instructions, run_network_instructions
+from .instructions import (
+    run_instructions,
+    run_network_instructions,
+    run_sequential_instructions,
+)
 from .limiter_accuracy import run_limiters
 from .memory import run_memory
 from .open_loop import run_open_loop
@@ -289,6 +293,9 @@ def _run_instructions(plan: Plan, results: Results, log: Log) -> None:
                 small=4 * CONCURRENCY,
                 large=20 * CONCURRENCY,
                 log=log,
+            )
+            results.instructions_sequential = run_sequential_instructions(
+                ROOT, server.base_url, concurrency=CONCURRENCY, small=100, large=500, log=log
             )
     else:
         log("[instructions] skipped: valgrind is not installed")

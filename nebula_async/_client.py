@@ -328,8 +328,11 @@ class NebulaClient:
 
     async def __aenter__(self) -> Self:
         self._lifecycle.open()
-        self._concurrency = anyio.Semaphore(self._max_concurrency)
-        self._admission = anyio.Semaphore(worker_count(self._max_concurrency))
+        # A free permit is taken without anyio's checkpoint: the call's send is one
+        # anyway, and one call awaited at a time would pay a turn of the event loop
+        # for each (whole client, one call at a time: 776.6k -> 686.0k instructions).
+        self._concurrency = anyio.Semaphore(self._max_concurrency, fast_acquire=True)
+        self._admission = anyio.Semaphore(worker_count(self._max_concurrency), fast_acquire=True)
         self._limiter, self._owns_limiter = self._make_limiter()
         await self._transport.open()
         self._auth = Authenticator(
