@@ -37,7 +37,6 @@ __all__ = [
     "available",
     "run_instructions",
     "run_network_instructions",
-    "run_sequential_instructions",
 ]
 
 #: The overhead variants by short key, the baseline first.
@@ -80,45 +79,44 @@ from benchmarks import overhead
 asyncio.run(getattr(overhead, {name!r})({jobs}))
 """
 )
-# Warmed like a closed-loop sample: every connection is open before the counted batch.
-_NETWORK_CHILD = (
-    _UNPIN
-    + """
+
+
+def _client_child(calls: str) -> str:
+    """A child that opens one contender's client and runs ``calls`` (indented
+    code that sets ``urls``), then checks that every request got its URL."""
+    return (
+        _UNPIN
+        + """
 import asyncio, sys
 sys.path.insert(0, {root!r})
 from benchmarks.contenders import CONTENDERS
 
 async def main():
     async with CONTENDERS[{name!r}]({base_url!r}, {concurrency}) as runner:
-        await runner.batch({warm})
-        urls = await runner.batch({jobs})
+"""
+        + calls
+        + """
     if urls != {jobs}:
         raise SystemExit(f"parsed {{urls}} URLs for {jobs} requests")
 
 asyncio.run(main())
 """
+    )
+
+
+# Warmed like a closed-loop sample: every connection is open before the counted batch.
+_NETWORK_CHILD = _client_child(
+    """        await runner.batch({warm})
+        urls = await runner.batch({jobs})"""
 )
 # One call at a time, each awaited before the next: nothing waits for a slot, so
 # every checkpoint a call makes is a turn of the event loop of its own.
-_SEQUENTIAL_CHILD = (
-    _UNPIN
-    + """
-import asyncio, sys
-sys.path.insert(0, {root!r})
-from benchmarks.contenders import CONTENDERS
-
-async def main():
-    async with CONTENDERS[{name!r}]({base_url!r}, {concurrency}) as runner:
-        for _ in range({warm}):
+_SEQUENTIAL_CHILD = _client_child(
+    """        for _ in range({warm}):
             await runner.one()
         urls = 0
         for _ in range({jobs}):
-            urls += await runner.one()
-    if urls != {jobs}:
-        raise SystemExit(f"parsed {{urls}} URLs for {jobs} requests")
-
-asyncio.run(main())
-"""
+            urls += await runner.one()"""
 )
 
 
@@ -208,13 +206,18 @@ def run_network_instructions(
     small: int,
     large: int,
     log: Callable[[str], None],
+    one_at_a_time: bool = False,
     timeout_s: float = 300.0,
 ) -> dict[str, float]:
     """Instructions per request of each contender's whole client process (our code,
-    aiohttp, asyncio, the interpreter; not the kernel) against a real lean server."""
+    aiohttp, asyncio, the interpreter; not the kernel) against a real lean server:
+    batches gathered at ``concurrency``, or with ``one_at_a_time`` each call awaited
+    before the next (:data:`SEQUENTIAL_CONTENDERS`)."""
+    template = _SEQUENTIAL_CHILD if one_at_a_time else _NETWORK_CHILD
+    contenders = SEQUENTIAL_CONTENDERS if one_at_a_time else NETWORK_CONTENDERS
 
     def program(name: str, jobs: int) -> str:
-        return _NETWORK_CHILD.format(
+        return template.format(
             root=str(root),
             name=name,
             base_url=base_url,
@@ -223,45 +226,11 @@ def run_network_instructions(
             jobs=jobs,
         )
 
-    programs = {name: (program(name, small), program(name, large)) for name in NETWORK_CONTENDERS}
+    programs = {name: (program(name, small), program(name, large)) for name in contenders}
     return _per_job(
         programs,
         large - small,
-        label="instructions, network",
-        log=log,
-        timeout_s=timeout_s,
-    )
-
-
-def run_sequential_instructions(
-    root: Path,
-    base_url: str,
-    *,
-    concurrency: int,
-    small: int,
-    large: int,
-    log: Callable[[str], None],
-    timeout_s: float = 300.0,
-) -> dict[str, float]:
-    """Like :func:`run_network_instructions`, one call awaited at a time."""
-
-    def program(name: str, jobs: int) -> str:
-        return _SEQUENTIAL_CHILD.format(
-            root=str(root),
-            name=name,
-            base_url=base_url,
-            concurrency=concurrency,
-            warm=16,
-            jobs=jobs,
-        )
-
-    programs = {
-        name: (program(name, small), program(name, large)) for name in SEQUENTIAL_CONTENDERS
-    }
-    return _per_job(
-        programs,
-        large - small,
-        label="instructions, one at a time",
+        label="instructions, one at a time" if one_at_a_time else "instructions, network",
         log=log,
         timeout_s=timeout_s,
     )

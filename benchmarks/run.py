@@ -29,11 +29,7 @@ from .codec import run_codec
 from .contenders import CONTENDERS, OPEN_LOOP_CONTENDERS
 from .goodput import run_goodput
 from .instructions import available as valgrind_available
-from .instructions import (
-    run_instructions,
-    run_network_instructions,
-    run_sequential_instructions,
-)
+from .instructions import run_instructions, run_network_instructions
 from .limiter_accuracy import run_limiters
 from .memory import run_memory
 from .open_loop import run_open_loop
@@ -294,8 +290,14 @@ def _run_instructions(plan: Plan, results: Results, log: Log) -> None:
                 large=20 * CONCURRENCY,
                 log=log,
             )
-            results.instructions_sequential = run_sequential_instructions(
-                ROOT, server.base_url, concurrency=CONCURRENCY, small=100, large=500, log=log
+            results.instructions_sequential = run_network_instructions(
+                ROOT,
+                server.base_url,
+                concurrency=CONCURRENCY,
+                small=100,
+                large=500,
+                log=log,
+                one_at_a_time=True,
             )
     else:
         log("[instructions] skipped: valgrind is not installed")
