@@ -215,7 +215,9 @@ def _malformed(problem: str, path: str, status_code: int | None) -> ResponseDeco
     )
 
 
-def _optional_text(image: Mapping[str, Any], name: str, index: int, status: int | None) -> Any:
+def _optional_text(
+    image: Mapping[str, Any], name: str, index: int, status: int | None
+) -> str | None:
     value = image.get(name)
     if value is None or isinstance(value, str):
         return value
