@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 import attrs
 import orjson
 
-from ._codec import structure_images
 from ._exceptions import (
     APIStatusError,
     AuthenticationError,
@@ -323,12 +322,10 @@ def _snippet(body: bytes | bytearray) -> str:
 
 def _load(body: bytes | bytearray) -> tuple[Any, str | None]:
     """The decoded JSON and None, or None and what was wrong."""
-    if not body.strip():
-        return None, "empty body"
     try:
         return orjson.loads(body), None
     except orjson.JSONDecodeError as exc:
-        return None, f"invalid JSON ({exc})"
+        return None, "empty body" if not body.strip() else f"invalid JSON ({exc})"
 
 
 def _status_error(
@@ -400,22 +397,56 @@ def decipher_img2img(
     ['https://x/1.png']
     """
     code, msg, data = _envelope(status, headers, body, now)
-    images = structure_images(data, status_code=status)
-    _check_image_urls(images, status)
-    return ImageResult(images=images, code=code, msg=msg)
+    return ImageResult(images=_images(data, status), code=code, msg=msg)
 
 
-def _check_image_urls(images: list[GeneratedImage], status: int) -> None:
-    """Every image URL must be http(s) with a host, else the answer is malformed."""
-    for index, image in enumerate(images):
-        if image.url is not None and not is_image_url(image.url):
-            path = f"$.data.images[{index}].url"
-            raise ResponseDecodeError(
-                "malformed answer: an image URL must be http(s) with a host, got "
-                f"{truncate_text(repr(image.url), 200)} @ {path}",
-                status_code=status,
-                path=path,
-            )
+def _images(data: Any, status: int) -> list[GeneratedImage]:
+    """An answer's ``data`` -> its images, strictly, in one walk: the first problem
+    is a :class:`ResponseDecodeError` whose message and ``path`` say where.
+
+    Unknown extra fields are tolerated; ``images`` must be a list of objects, each
+    with a ``url`` (http(s) with a host) or a ``b64_json`` string, or both. Written
+    out rather than a cattrs structure hook: the checks say the first problem and
+    its JSON path (``$.data.images[0].url``) without parsing cattrs' messages.
+    """
+    if not isinstance(data, dict):
+        raise _malformed(f"expected an object, got {type(data).__name__}", "$.data", status)
+    images = data.get("images")
+    if not isinstance(images, list):
+        problem = (
+            "missing" if "images" not in data else f"expected a list, got {type(images).__name__}"
+        )
+        raise _malformed(problem, "$.data.images", status)
+    return [_image(image, index, status) for index, image in enumerate(images)]
+
+
+def _image(image: Any, index: int, status: int) -> GeneratedImage:
+    if not isinstance(image, dict):
+        problem = f"expected an object, got {type(image).__name__}"
+        raise _malformed(problem, f"$.data.images[{index}]", status)
+    url = _optional_text(image, "url", index, status)
+    b64_json = _optional_text(image, "b64_json", index, status)
+    if url is None:
+        if b64_json is None:
+            raise _malformed("image without url or b64_json", f"$.data.images[{index}]", status)
+    elif not is_image_url(url):
+        problem = "an image URL must be http(s) with a host, got " + truncate_text(repr(url), 200)
+        raise _malformed(problem, f"$.data.images[{index}].url", status)
+    return GeneratedImage(url=url, b64_json=b64_json)
+
+
+def _optional_text(image: dict[str, Any], name: str, index: int, status: int) -> str | None:
+    value = image.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    path = f"$.data.images[{index}].{name}"
+    raise _malformed(f"expected a string or null, got {type(value).__name__}", path, status)
+
+
+def _malformed(problem: str, path: str, status: int) -> ResponseDecodeError:
+    return ResponseDecodeError(
+        f"malformed answer: {problem} @ {path}", status_code=status, path=path
+    )
 
 
 def decipher_login(

@@ -302,6 +302,31 @@ def test_an_answer_with_a_bad_image_url_is_malformed_at_its_path(bad: str) -> No
         assert caught.value.path == f"$.data.images[{len(images) - 1}].url"
 
 
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        (None, "$.data"),
+        ({}, "$.data.images"),
+        ({"images": {}}, "$.data.images"),
+        ({"images": [7]}, "$.data.images[0]"),
+        ({"images": [{"url": 5}]}, "$.data.images[0].url"),
+        ({"images": [{"url": "https://x/1.png", "b64_json": 5}]}, "$.data.images[0].b64_json"),
+        ({"images": [{"url": "https://x/1.png"}, {"url": None}]}, "$.data.images[1]"),
+        # The first problem in the answer's order, whichever check finds it.
+        ({"images": [{"url": "u"}, {"url": None, "b64_json": None}]}, "$.data.images[0].url"),
+    ],
+)
+def test_an_answer_is_read_strictly_and_its_first_problem_named(data: object, path: str) -> None:
+    raw = orjson.dumps({"code": 200, "msg": "ok", "data": data})
+    with pytest.raises(na.ResponseDecodeError) as caught:
+        decipher_img2img(200, {}, raw)
+    assert caught.value.path == path
+    assert str(caught.value).endswith(f"@ {path}")
+    assert (
+        decipher_img2img(200, {}, orjson.dumps({"code": 200, "data": {"images": []}})).images == []
+    )
+
+
 def test_truncate_text() -> None:
     assert truncate_text("short") == "short"
     assert truncate_text("x" * 1000) == "x" * 1000
