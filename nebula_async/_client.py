@@ -578,7 +578,9 @@ class NebulaClient:
                 counters.attempts -= 1
                 await self._tell(ticket, Outcome.UNUSED)
                 raise
-            except NebulaError:
+            except BaseException:
+                # A failed send, or one cancelled on the way (its answer, if any, is
+                # lost): either way the limiter hears of every slot it handed out.
                 await self._tell(ticket, Outcome.FAILED)
                 raise
             finally:

@@ -607,11 +607,11 @@ async def test_aclose_waits_for_cancelled_calls_before_closing_what_they_use() -
         client = client_for(server.base_url, rate_limit=Makes(limiter))
         async with client:
             task, elapsed = await _close_during_a_shielded_acquire(client, limiter)
-            # The call ended before the limiter it used was closed, and aclose
-            # returned only then.
+            # The call ended before the limiter it used was closed (having told it
+            # of its slot, cancelled on the way), and aclose returned only then.
             assert task.done()
             assert isinstance(task.exception(), ClientStateError)
-            assert limiter.events == ["acquire returned", "aclose"]
+            assert limiter.events == ["acquire returned", "record FAILED", "aclose"]
             assert 0.2 < elapsed < 2.0
         assert server.request_count == 0
 

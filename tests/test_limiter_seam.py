@@ -144,6 +144,20 @@ async def test_a_retry_after_beyond_retry_after_max_pauses_nobody() -> None:
     assert double.outcomes() == [(Outcome.REFUSED, None)]
 
 
+async def test_a_send_cancelled_on_the_way_is_recorded_too() -> None:
+    # Every slot handed out is accounted for, the one whose answer a caller's own
+    # deadline cut off as well: it was sent, and nothing usable came back.
+    double = CountingLimiter()
+    async with MockNebulaServer(latency=5.0) as server:
+        async with client_for(server, double) as client:
+            with anyio.move_on_after(0.3) as scope:
+                await client.img2img(request())
+    assert scope.cancelled_caught
+    assert double.acquired == 1
+    double.assert_one_record_per_acquire()
+    assert double.outcomes() == [(Outcome.FAILED, None)]
+
+
 @pytest.mark.parametrize("seed", range(3))
 async def test_one_acquire_per_attempt_across_a_faulty_batch(seed: int) -> None:
     faults = {"http_429": 0.1, "body_429": 0.05, "http_503": 0.1, "body_500": 0.05, "drop": 0.05}
