@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 import anyio
+import anyio.lowlevel
 
 from ._adaptive import RateController
 from ._limiter import LimiterStatistics, Outcome
@@ -244,13 +245,17 @@ class InProcessLimiter:
         # The schedule's own rate is replaced before every reservation; it keeps the
         # pause even while the rate is unlimited (None), when it hands out no slot.
         self._schedule = GcraSchedule(1.0, burst)
-        # Not fast_acquire, unlike the client's semaphores, though unlimited it is
-        # always free: its checkpoint costs one call awaited at a time a turn of the
-        # event loop (683.6k -> 636.8k instructions without it), but under load it
-        # spaces the sends, and without it garbage collection costs gathered
-        # img2img 25k more (705k -> 731k, whole client, concurrency 64).
+        # Taken as anyio does by default, with a turn of the event loop even when it
+        # is free: under load that spaces the sends among the callers, and without
+        # it garbage collection costs gathered img2img 25k instructions more (705k ->
+        # 731k, whole client, concurrency 64). A caller alone (no ticket out) has
+        # nobody to give way to: it takes a free one at once (one call awaited at a
+        # time: 667.5k -> 631.8k instructions).
         self._reserving = anyio.Semaphore(2)
         self._acquired = 0
+        # Tickets handed out and not yet recorded (the client records every one, a
+        # cancelled send too; one never recorded only makes it always give way).
+        self._outstanding = 0
 
     async def acquire(self) -> float:
         """Wait out a pause, then wait for the next send slot; return its time.
@@ -261,7 +266,12 @@ class InProcessLimiter:
         reserved before the last one is due, so the schedule stays anchored.
         """
         controller = self._controller
-        async with self._reserving:
+        if self._outstanding or not self._reserving.value:
+            await self._reserving.acquire()
+        else:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            self._reserving.acquire_nowait()
+        try:
             while True:
                 now = self._clock()
                 refused = controller.refused
@@ -277,7 +287,10 @@ class InProcessLimiter:
                 # hold, so it is forfeited (erring slow) and a new one taken after it.
             controller.on_sent(slot)
             self._acquired += 1
+            self._outstanding += 1
             return slot
+        finally:
+            self._reserving.release()
 
     def _reserve(self, now: float) -> float:
         rate = self._controller.rate_at(now)
@@ -292,6 +305,7 @@ class InProcessLimiter:
         self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
     ) -> None:
         """Tell the controller what became of the slot; a ``retry_after`` pauses all."""
+        self._outstanding -= 1
         now = self._clock()
         paused_until = self._schedule.deferred_until
         if retry_after is not None and retry_after > 0 and now + retry_after > paused_until:

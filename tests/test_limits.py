@@ -453,6 +453,39 @@ async def test_due_slot_returns_without_sleeping() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_caller_alone_takes_a_free_slot_at_once_and_gives_way_to_others() -> None:
+    limiter = InProcessLimiter(FakeController(None))  # unlimited: a slot is always due
+    turns = 0
+
+    async def another_task() -> None:
+        nonlocal turns
+        for _ in range(100):
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(another_task)
+        await anyio.lowlevel.checkpoint()
+        seen = turns
+        first = await limiter.acquire()  # no ticket out: nobody to give way to
+        assert turns == seen
+        second = await limiter.acquire()  # one out: a turn of the loop for the others
+        assert turns == seen + 1
+        await limiter.record(first, Outcome.ACCEPTED)
+        await limiter.record(second, Outcome.FAILED)
+        seen = turns
+        await limiter.acquire()  # every ticket recorded: alone again
+        assert turns == seen
+        # Still a checkpoint for cancellation: a cancelled caller takes no slot.
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await limiter.acquire()
+        assert scope.cancelled_caught
+        assert limiter.statistics().acquired == 3
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
 async def test_rate_changes_of_the_controller_apply_to_the_next_slot() -> None:
     limiter, controller, vt = virtual_limiter(8.0)
 
