@@ -461,9 +461,9 @@ def _instruction_tables(results: Results) -> list[Table]:
     if results.instructions_network:
         found.append(
             (
-                "Whole client in instructions (callgrind; deterministic): each contender's "
-                "process against the lean server, concurrency 64, difference per request "
-                "between two batch sizes",
+                "Whole client in instructions (callgrind, median of 3 runs): each "
+                "contender's process against the lean server, concurrency 64, difference "
+                "per request between two batch sizes",
                 ["contender", "instructions/request", f"over {BASELINE}", "ratio"],
                 _instruction_rows(results.instructions_network, BASELINE),
             )
@@ -471,8 +471,9 @@ def _instruction_tables(results: Results) -> list[Table]:
     if results.instructions_sequential:
         found.append(
             (
-                "Whole client in instructions, one call at a time (callgrind): each call "
-                "awaited before the next, difference per request between two numbers of calls",
+                "Whole client in instructions, one call at a time (callgrind, median of 3 "
+                "runs): each call awaited before the next, difference per request between "
+                "two numbers of calls",
                 ["contender", "instructions/request", f"over {BASELINE}", "ratio"],
                 _instruction_rows(results.instructions_sequential, BASELINE),
             )
