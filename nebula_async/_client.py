@@ -594,7 +594,8 @@ class NebulaClient:
         assert auth is not None
         assert limiter is not None
         while True:
-            await auth.authorization()  # at once unless a login is due or under way
+            if auth.needs_login:  # none yet, or the token was refused
+                await auth.authorization()
             ticket = await limiter.acquire()
             if not auth.needs_login:
                 return ticket
