@@ -578,10 +578,15 @@ class NebulaClient:
                 counters.attempts -= 1
                 await self._tell(ticket, Outcome.UNUSED)
                 raise
-            except BaseException:
-                # A failed send, or one cancelled on the way (its answer, if any, is
-                # lost): either way the limiter hears of every slot it handed out.
+            except NebulaError:
                 await self._tell(ticket, Outcome.FAILED)
+                raise
+            except asyncio.CancelledError:
+                # Cancelled on the way (its answer, if any, is lost): the limiter hears
+                # of the slot too, but is given no time. A record that needs I/O would
+                # hold up the caller, since a native cancel is not delivered again.
+                with anyio.move_on_after(0):
+                    await self._tell(ticket, Outcome.FAILED)
                 raise
             finally:
                 counters.in_flight -= 1

@@ -42,10 +42,13 @@ class Outcome(enum.Enum):
     ACCEPTED = "accepted"
     #: Refused for the rate: HTTP 429 or body code 429.
     REFUSED = "refused"
-    #: Nothing usable came back (a connection error, a timeout, a 5xx): says
-    #: nothing about the rate, though a ``retry_after`` still pauses everyone.
+    #: Nothing usable came back (a connection error, a timeout, a 5xx, the caller
+    #: cancelled while it was being sent): says nothing about the rate, though a
+    #: ``retry_after`` still pauses everyone. For a cancelled send ``record()`` is
+    #: given no time: one that must wait (I/O) is cut off at its first wait.
     FAILED = "failed"
-    #: The slot was not used (a re-login began meanwhile, or the caller was cancelled).
+    #: The slot was not used: a re-login began meanwhile, the batch stopped, or
+    #: the request was refused before anything went out.
     UNUSED = "unused"
 
 

@@ -305,7 +305,8 @@ class InProcessLimiter:
         self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
     ) -> None:
         """Tell the controller what became of the slot; a ``retry_after`` pauses all."""
-        self._outstanding -= 1
+        if self._outstanding:  # (not below zero for a ticket it did not hand out)
+            self._outstanding -= 1
         now = self._clock()
         paused_until = self._schedule.deferred_until
         if retry_after is not None and retry_after > 0 and now + retry_after > paused_until:

@@ -9,6 +9,7 @@ attempt, one record per acquire, and the outcome each answer deserves.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import Counter
 from typing import Any
@@ -155,6 +156,29 @@ async def test_a_send_cancelled_on_the_way_is_recorded_too() -> None:
     assert scope.cancelled_caught
     assert double.acquired == 1
     double.assert_one_record_per_acquire()
+    assert double.outcomes() == [(Outcome.FAILED, None)]
+
+
+class SlowToRecord(CountingLimiter):
+    """Records, then waits (a remote store that is slow or down)."""
+
+    async def record(
+        self, ticket: object, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        await super().record(ticket, outcome, retry_after=retry_after)
+        await anyio.sleep(5)
+
+
+async def test_a_native_cancel_is_not_held_up_by_a_limiter_slow_to_record() -> None:
+    # asyncio.wait_for (a web framework's timeout) cancels once: the limiter is told
+    # of the slot, but a record that waits is cut off rather than waited for.
+    double = SlowToRecord()
+    async with MockNebulaServer(latency=5.0) as server:
+        async with client_for(server, double) as client:
+            started = anyio.current_time()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.img2img(request()), 0.3)
+            assert anyio.current_time() - started < 2.0
     assert double.outcomes() == [(Outcome.FAILED, None)]
 
 
