@@ -458,26 +458,24 @@ def _instruction_tables(results: Results) -> list[Table]:
                 _instruction_rows(results.instructions, next(iter(results.instructions))),
             )
         )
-    if results.instructions_network:
-        found.append(
-            (
-                "Whole client in instructions (callgrind, median of 3 runs): each "
-                "contender's process against the lean server, concurrency 64, difference "
-                "per request between two batch sizes",
-                ["contender", "instructions/request", f"over {BASELINE}", "ratio"],
-                _instruction_rows(results.instructions_network, BASELINE),
-            )
-        )
-    if results.instructions_sequential:
-        found.append(
-            (
-                "Whole client in instructions, one call at a time (callgrind, median of 3 "
-                "runs): each call awaited before the next, difference per request between "
-                "two numbers of calls",
-                ["contender", "instructions/request", f"over {BASELINE}", "ratio"],
-                _instruction_rows(results.instructions_sequential, BASELINE),
-            )
-        )
+    whole_client = (
+        (
+            "Whole client in instructions (callgrind, median of 3 runs): each "
+            "contender's process against the lean server, concurrency 64, difference "
+            "per request between two batch sizes",
+            results.instructions_network,
+        ),
+        (
+            "Whole client in instructions, one call at a time (callgrind, median of 3 "
+            "runs): each call awaited before the next, difference per request between "
+            "two numbers of calls",
+            results.instructions_sequential,
+        ),
+    )
+    for title, counts in whole_client:
+        if counts:
+            columns = ["contender", "instructions/request", f"over {BASELINE}", "ratio"]
+            found.append((title, columns, _instruction_rows(counts, BASELINE)))
     return found
 
 
