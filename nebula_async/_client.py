@@ -27,6 +27,7 @@ import anyio
 import attrs
 import orjson
 
+from ._admission import Admission, Place
 from ._aggregate import aggregate, detach_error
 from ._auth import Authenticator
 from ._batch import BatchControl, JobStream, default_window, worker_count
@@ -304,7 +305,7 @@ class NebulaClient:
         # calls hold 100,000 coroutines, not 100,000 calls' state, and the first
         # sends go out before the last call has started. A call admitted after
         # close() raises ClientStateError and lets the next one in.
-        self._admission: anyio.Semaphore | None = None
+        self._admission: Admission | None = None
         self._limiter: Limiter | None = None
         self._owns_limiter = False
 
@@ -332,7 +333,7 @@ class NebulaClient:
         # anyway, and one call awaited at a time would pay a turn of the event loop
         # for each (whole client, one call at a time: 776.6k -> 686.0k instructions).
         self._concurrency = anyio.Semaphore(self._max_concurrency, fast_acquire=True)
-        self._admission = anyio.Semaphore(worker_count(self._max_concurrency), fast_acquire=True)
+        self._admission = Admission(self._max_concurrency)
         self._limiter, self._owns_limiter = self._make_limiter()
         await self._transport.open()
         self._auth = Authenticator(
@@ -422,7 +423,7 @@ class NebulaClient:
             current_rate=limits.current_rate if limits else None,
             paused_until=time.monotonic() + limits.paused_for_s if limits and paused else None,
             estimated_limit=limits.estimated_limit if limits else None,
-            calls_waiting=self._admission.statistics().tasks_waiting if self._admission else 0,
+            calls_waiting=self._admission.waiting if self._admission else 0,
         )
 
     # -- one submission -----------------------------------------------------------------
@@ -443,17 +444,24 @@ class NebulaClient:
                 field="request",
             )
         assert self._admission is not None
-        async with self._admission:
+        async with self._admission.place() as place:
             with self._lifecycle.call():
-                outcome = await self._submission(request, _Tally(), None)
+                outcome = await self._submission(request, _Tally(), None, place)
         if isinstance(outcome, NebulaError):
             raise outcome
         return outcome
 
     async def _submission(
-        self, request: Img2ImgRequest, tally: _Tally, control: BatchControl | None
+        self,
+        request: Img2ImgRequest,
+        tally: _Tally,
+        control: BatchControl | None,
+        place: Place | None = None,
     ) -> ImageResult | NebulaError:
-        """One submission to its final outcome; never raises a :class:`NebulaError`."""
+        """One submission to its final outcome; never raises a :class:`NebulaError`.
+
+        ``place``: the one-off call's admission, lent out while it sleeps in a backoff.
+        """
         if control is not None and (not_started := control.not_started()) is not None:
             return not_started
         try:
@@ -462,7 +470,7 @@ class NebulaClient:
             self._counters.submissions_failed += 1
             return ValidationError(f"request cannot be encoded as JSON: {exc}", field="request")
         try:
-            result = await self._submit(body, tally, control)
+            result = await self._submit(body, tally, control, place)
         except NotAttemptedError as exc:
             return exc  # stopped before its first send: not a failure of the service
         except NebulaError as exc:
@@ -477,7 +485,7 @@ class NebulaClient:
         return result
 
     async def _submit(
-        self, body: bytes, tally: _Tally, control: BatchControl | None
+        self, body: bytes, tally: _Tally, control: BatchControl | None, place: Place | None
     ) -> ImageResult:
         """Attempt until success, a final error, or attempts run out."""
         tries = _Tries()
@@ -499,7 +507,7 @@ class NebulaClient:
             tally.retries += 1
             self._counters.retries += 1
             _log.debug("retrying in %.3fs after %s", delay, type(error).__name__)
-            await anyio.sleep(delay)
+            await (anyio.sleep(delay) if place is None else place.sleep(delay))
 
     async def _try_once(
         self, body: bytes, tally: _Tally, control: BatchControl | None
@@ -680,11 +688,13 @@ class NebulaClient:
         """
         self._lifecycle.require_open()
         assert self._admission is not None
-        async with self._admission:
+        async with self._admission.place() as place:
             with self._lifecycle.call():
-                return await self._run_item(0, job, None)
+                return await self._run_item(0, job, None, place)
 
-    async def _run_item(self, index: int, item: object, control: BatchControl | None) -> JobResult:
+    async def _run_item(
+        self, index: int, item: object, control: BatchControl | None, place: Place | None = None
+    ) -> JobResult:
         """One input item: a bad item fails its own job, nothing is sent; anything
         unexpected in its processing becomes its error, never the batch's end."""
         try:
@@ -697,21 +707,25 @@ class NebulaClient:
             self._counters.jobs_failed += 1
             return JobResult(job_id=job_id_of(item, index), errors=[exc])
         try:
-            return await self._run_job(job, control)
+            return await self._run_job(job, control, place)
         except Exception as exc:  # a bug, or a value nothing above foresaw
             _log.exception("unexpected error in job %r", job.id)
             error = NebulaError(f"unexpected {type(exc).__name__} in this job: {exc}")
             self._counters.jobs_failed += 1
             return JobResult(job_id=job.id or str(index), errors=[error])
 
-    async def _run_job(self, job: Job, control: BatchControl | None) -> JobResult:
-        """All submissions of one job, concurrently under the client's limits."""
+    async def _run_job(
+        self, job: Job, control: BatchControl | None, place: Place | None = None
+    ) -> JobResult:
+        """All submissions of one job, concurrently under the client's limits; a
+        fanned-out one keeps its ``place`` while one submission sleeps (others run)."""
         started = time.perf_counter()
         sizes = job.submission_sizes()
         tally = _Tally()
         outcomes: list[ImageResult | NebulaError | None] = [None] * len(sizes)
         if len(sizes) == 1:
-            outcomes[0] = await self._submission(self._request_of(job, sizes[0]), tally, control)
+            request = self._request_of(job, sizes[0])
+            outcomes[0] = await self._submission(request, tally, control, place)
         else:
             await self._fan_out(job, sizes, tally, outcomes, control)
         result = aggregate(

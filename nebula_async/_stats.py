@@ -17,7 +17,7 @@ class ClientStatistics:
     ``attempts`` counts every HTTP attempt (re-login repeats included), ``retries``
     the attempts that repeated a failed one, ``rate_limited`` the 429s seen.
     ``calls_waiting`` counts the one-off calls (``img2img``, ``run_job``) waiting to
-    start: at most twice ``max_concurrency`` are under way at once.
+    start, or to go on after a backoff: at most ``max_concurrency`` are under way.
     """
 
     attempts: int

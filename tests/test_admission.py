@@ -1,6 +1,7 @@
-"""One-off calls gathered by the thousand: at most twice ``max_concurrency`` are
-under way at once; the rest wait before they build anything, first come first
-served, and a close or their caller's cancellation ends them there.
+"""One-off calls gathered by the thousand: at most ``max_concurrency`` are under
+way at once; the rest wait before they build anything, first come first served,
+and a close or their caller's cancellation ends them there. A call sleeping in a
+backoff lends its place (at most ``max_concurrency`` are lent at once).
 
 A gathered call that has not started holds only its coroutine, so 100,000 calls
 gathered at once cost what 100,000 coroutines cost (docs/benchmarks.md has the
@@ -25,15 +26,25 @@ pytestmark = pytest.mark.anyio
 
 CALLS = 12
 CONCURRENCY = 2
-UNDER_WAY = 2 * CONCURRENCY
+UNDER_WAY = CONCURRENCY
 #: The calls of every test, made in this order.
 PROMPTS = [str(i) for i in range(CALLS)]
 
 
-def client_for(base_url: str, concurrency: int = CONCURRENCY) -> na.NebulaClient:
+def client_for(base_url: str, concurrency: int = CONCURRENCY, **options: Any) -> na.NebulaClient:
     return na.NebulaClient(
-        token="mock-token", base_url=base_url, max_concurrency=concurrency, timeout=5.0
+        token="mock-token", base_url=base_url, max_concurrency=concurrency, timeout=5.0, **options
     )
+
+
+#: Every backoff exactly ``BACKOFF`` seconds (full jitter drawn at its top).
+BACKOFF = 0.3
+RETRIES = {"retry": na.RetryPolicy(backoff_base=BACKOFF), "random": lambda: 1.0}
+
+
+def failing_first(*prompts: str) -> Any:
+    """A script: a 503 for the first attempt of each of ``prompts``."""
+    return lambda prompt, attempt: 503 if prompt in prompts and attempt == 1 else None
 
 
 async def _img2img(client: na.NebulaClient, prompt: str) -> Any:
@@ -74,7 +85,7 @@ def _gather(
 
 
 @pytest.mark.parametrize("call", ONE_OFF_CALLS)
-async def test_calls_beyond_twice_the_concurrency_wait_to_start_in_order(call: Call) -> None:
+async def test_calls_beyond_the_concurrency_wait_to_start_in_order(call: Call) -> None:
     outcomes: dict[str, Any] = {}
     async with GatedServer() as server, client_for(server.base_url) as client:
         run_all = _gather(client, call, PROMPTS, outcomes)
@@ -166,3 +177,62 @@ async def test_with_one_slot_the_calls_are_sent_in_the_order_they_were_made(call
         await _gather(client, call, PROMPTS, outcomes)()
     assert server.arrivals == PROMPTS
     assert server.max_in_flight == 1
+
+
+async def test_a_call_sleeping_in_a_backoff_lends_its_place_to_the_next() -> None:
+    # One place: while "0" sleeps after its 503, "1" and "2" run in turn; "0"
+    # retries once awake, behind them, as a new call would.
+    outcomes: dict[str, Any] = {}
+    server = GatedServer(opened=True, script=failing_first("0"))
+    async with server, client_for(server.base_url, 1, **RETRIES) as client:
+        started = time.monotonic()
+        await _gather(client, _img2img, ["0", "1", "2"], outcomes)()
+        elapsed = time.monotonic() - started
+    assert server.arrivals == ["0", "1", "2", "0"]
+    assert server.max_in_flight == 1
+    assert all(isinstance(outcomes[p], list) for p in "012")
+    assert BACKOFF <= elapsed < 2.0
+
+
+async def test_no_more_places_are_lent_than_there_are() -> None:
+    # One place, lent by "0"; "1" fails too, and keeps it while it sleeps, so at
+    # most two calls ever hold their state: "2" waits until "1" is done.
+    outcomes: dict[str, Any] = {}
+    server = GatedServer(opened=True, script=failing_first("0", "1"))
+    async with server, client_for(server.base_url, 1, **RETRIES) as client:
+        run_all = _gather(client, _img2img, ["0", "1", "2"], outcomes)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(run_all)
+            await wait_until(lambda: client.statistics().retries == 2)
+            assert client._lifecycle.still_running() == 2
+            assert client.statistics().calls_waiting == 1
+    assert server.arrivals == ["0", "1", "1", "2", "0"]
+    assert all(isinstance(outcomes[p], list) for p in "012")
+
+
+async def test_a_sleeper_cancelled_while_it_waits_for_its_place_again_gives_none_back() -> None:
+    outcomes: dict[str, Any] = {}
+    server = GatedServer(opened=True, script=failing_first("0"))
+
+    async def img2img_or_leave(client: na.NebulaClient, prompt: str) -> Any:
+        with anyio.move_on_after(3 * BACKOFF):
+            return await _img2img(client, prompt)
+        return "left"
+
+    async with server, client_for(server.base_url, 1, **RETRIES) as client:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(_gather(client, img2img_or_leave, ["0"], outcomes))
+            await wait_until(lambda: client.statistics().retries == 1)
+            server.close_gate()  # "1" takes the place "0" lent, and holds it
+            task_group.start_soon(_gather(client, _img2img, ["1"], outcomes))
+            await wait_until(lambda: server.in_flight == 1)
+            await wait_until(lambda: client.statistics().calls_waiting == 1)  # "0", awake
+            await wait_until(lambda: outcomes.get("0") == "left")
+            assert client.statistics().calls_waiting == 0
+            # Still one place, "1"'s: three more calls all wait.
+            task_group.start_soon(_gather(client, _img2img, ["2", "3", "4"], outcomes))
+            await wait_until(lambda: client.statistics().calls_waiting == 3)
+            assert client._lifecycle.still_running() == 1
+            server.open()
+    assert server.arrivals == ["0", "1", "2", "3", "4"]
+    assert all(isinstance(outcomes[p], list) for p in "1234")

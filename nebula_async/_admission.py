@@ -1,0 +1,86 @@
+"""Admission: how many one-off calls (``img2img``, ``run_job``) are under way at once.
+
+Users gather these by the thousand. At most ``limit`` (the client's
+``max_concurrency``) are under way; the others wait, first come first served,
+before they build anything (their cancel scope, the encoded body, the attempt's
+frames). So a gathered call that has not started holds only its coroutine, and
+an admitted call goes straight on to its concurrency slot instead of queueing
+there with its state built, behind others that did the same.
+
+A call that sleeps in a retry backoff lends its place to the next waiting call
+and, once awake, queues for a place again like a new call: so a backoff does not
+idle a concurrency slot. At most ``limit`` places are lent at once (beyond that a
+sleeper keeps its own), so at most ``2 x limit`` calls ever hold their state,
+however many sleep.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+__all__ = ["Admission", "Place"]
+
+
+class Admission:
+    """The queue of one-off calls: ``async with admission.place() as place:``."""
+
+    __slots__ = ("_lent", "_limit", "_semaphore")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        # A free place is taken without a turn of the event loop: the call's send is
+        # one anyway (one call awaited at a time would pay a turn for each).
+        self._semaphore = anyio.Semaphore(limit, fast_acquire=True)
+        self._lent = 0  # places lent by sleepers not yet back under way
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a place, sleepers back from a backoff included."""
+        return self._semaphore.statistics().tasks_waiting
+
+    def place(self) -> Place:
+        """One call's place, taken by ``async with``."""
+        return Place(self)
+
+
+class Place:
+    """One call's place under way; :meth:`sleep` lends it out during a backoff."""
+
+    __slots__ = ("_admission", "_held")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._held = False
+
+    async def __aenter__(self) -> Place:
+        await self._admission._semaphore.acquire()
+        self._held = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._give_up()
+
+    def _give_up(self) -> None:
+        if self._held:
+            self._held = False
+            self._admission._semaphore.release()
+
+    async def sleep(self, delay: float) -> None:
+        """Sleep ``delay`` seconds with this place lent to the next waiting call,
+        then wait for a place again; keep it if ``limit`` are lent already.
+
+        Cancelled while asleep or waiting, the call holds no place, and its exit
+        gives none back.
+        """
+        admission = self._admission
+        if admission._lent >= admission._limit:
+            await anyio.sleep(delay)
+            return
+        admission._lent += 1
+        self._give_up()
+        try:
+            await anyio.sleep(delay)
+            await admission._semaphore.acquire()
+            self._held = True
+        finally:
+            admission._lent -= 1
