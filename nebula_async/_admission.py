@@ -8,13 +8,16 @@ an admitted call goes straight on to its concurrency slot instead of queueing
 there with its state built, behind others that did the same.
 
 A call that sleeps in a retry backoff lends its place to the next waiting call
-and, once awake, queues for a place again like a new call: so a backoff does not
-idle a concurrency slot. At most ``limit`` places are lent at once (beyond that a
+and, once awake, takes the next place that comes free, before any new call: so a
+backoff does not idle a concurrency slot, and a retry is not sent behind every
+call gathered after it. At most ``limit`` places are lent at once (beyond that a
 sleeper keeps its own), so at most ``2 x limit`` calls ever hold their state,
 however many sleep.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import anyio
 
@@ -24,7 +27,7 @@ __all__ = ["Admission", "Place"]
 class Admission:
     """The queue of one-off calls: ``async with admission.place() as place:``."""
 
-    __slots__ = ("_lent", "_limit", "_semaphore")
+    __slots__ = ("_lent", "_limit", "_returning", "_semaphore")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
@@ -32,15 +35,39 @@ class Admission:
         # one anyway (one call awaited at a time would pay a turn for each).
         self._semaphore = anyio.Semaphore(limit, fast_acquire=True)
         self._lent = 0  # places lent by sleepers not yet back under way
+        self._returning: deque[anyio.Event] = deque()  # sleepers awake, first served
 
     @property
     def waiting(self) -> int:
         """Calls waiting for a place, sleepers back from a backoff included."""
-        return self._semaphore.statistics().tasks_waiting
+        return self._semaphore.statistics().tasks_waiting + len(self._returning)
 
     def place(self) -> Place:
         """One call's place, taken by ``async with``."""
         return Place(self)
+
+    def _give(self) -> None:
+        """A place came free: to the first sleeper back from a backoff, else to the queue."""
+        if self._returning:
+            self._returning.popleft().set()
+        else:
+            self._semaphore.release()
+
+    async def _take_back(self) -> None:
+        """The next place that comes free, for a sleeper back from its backoff."""
+        if self._semaphore.value:  # free, so nobody waits for one
+            self._semaphore.acquire_nowait()
+            return
+        handed = anyio.Event()
+        self._returning.append(handed)
+        try:
+            await handed.wait()
+        except BaseException:
+            if handed.is_set():
+                self._give()  # handed over just as it was cancelled: pass it on
+            else:
+                self._returning.remove(handed)
+            raise
 
 
 class Place:
@@ -63,11 +90,11 @@ class Place:
     def _give_up(self) -> None:
         if self._held:
             self._held = False
-            self._admission._semaphore.release()
+            self._admission._give()
 
     async def sleep(self, delay: float) -> None:
         """Sleep ``delay`` seconds with this place lent to the next waiting call,
-        then wait for a place again; keep it if ``limit`` are lent already.
+        then take the next one that comes free; keep it if ``limit`` are lent already.
 
         Cancelled while asleep or waiting, the call holds no place, and its exit
         gives none back.
@@ -80,7 +107,7 @@ class Place:
         self._give_up()
         try:
             await anyio.sleep(delay)
-            await admission._semaphore.acquire()
+            await admission._take_back()
             self._held = True
         finally:
             admission._lent -= 1

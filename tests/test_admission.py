@@ -1,7 +1,8 @@
 """One-off calls gathered by the thousand: at most ``max_concurrency`` are under
 way at once; the rest wait before they build anything, first come first served,
 and a close or their caller's cancellation ends them there. A call sleeping in a
-backoff lends its place (at most ``max_concurrency`` are lent at once).
+backoff lends its place (at most ``max_concurrency`` are lent at once) and,
+awake, takes the next one that comes free before any waiting call.
 
 A gathered call that has not started holds only its coroutine, so 100,000 calls
 gathered at once cost what 100,000 coroutines cost (docs/benchmarks.md has the
@@ -10,6 +11,7 @@ figures), and the first sends go out before the last call has started.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 from _gated import GatedServer, request_for, wait_until
 
 import nebula_async as na
+from nebula_async._admission import Admission
 from nebula_async._exceptions import ClientStateError
 
 pytestmark = pytest.mark.anyio
@@ -181,7 +184,7 @@ async def test_with_one_slot_the_calls_are_sent_in_the_order_they_were_made(call
 
 async def test_a_call_sleeping_in_a_backoff_lends_its_place_to_the_next() -> None:
     # One place: while "0" sleeps after its 503, "1" and "2" run in turn; "0"
-    # retries once awake, behind them, as a new call would.
+    # retries once awake.
     outcomes: dict[str, Any] = {}
     server = GatedServer(opened=True, script=failing_first("0"))
     async with server, client_for(server.base_url, 1, **RETRIES) as client:
@@ -194,9 +197,10 @@ async def test_a_call_sleeping_in_a_backoff_lends_its_place_to_the_next() -> Non
     assert BACKOFF <= elapsed < 2.0
 
 
-async def test_no_more_places_are_lent_than_there_are() -> None:
+async def test_no_more_places_are_lent_than_there_are_and_sleepers_go_first() -> None:
     # One place, lent by "0"; "1" fails too, and keeps it while it sleeps, so at
-    # most two calls ever hold their state: "2" waits until "1" is done.
+    # most two calls ever hold their state. Awake, "0" takes the place "1" frees
+    # before "2", which was waiting since the start, gets one.
     outcomes: dict[str, Any] = {}
     server = GatedServer(opened=True, script=failing_first("0", "1"))
     async with server, client_for(server.base_url, 1, **RETRIES) as client:
@@ -206,7 +210,7 @@ async def test_no_more_places_are_lent_than_there_are() -> None:
             await wait_until(lambda: client.statistics().retries == 2)
             assert client._lifecycle.still_running() == 2
             assert client.statistics().calls_waiting == 1
-    assert server.arrivals == ["0", "1", "1", "2", "0"]
+    assert server.arrivals == ["0", "1", "1", "0", "2"]
     assert all(isinstance(outcomes[p], list) for p in "012")
 
 
@@ -236,3 +240,37 @@ async def test_a_sleeper_cancelled_while_it_waits_for_its_place_again_gives_none
             server.open()
     assert server.arrivals == ["0", "1", "2", "3", "4"]
     assert all(isinstance(outcomes[p], list) for p in "1234")
+
+
+async def test_a_place_handed_to_a_sleeper_cancelled_that_moment_goes_to_the_next() -> None:
+    admission = Admission(1)
+    lent = anyio.Event()
+    order: list[str] = []
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def sleeper() -> None:
+        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        async with admission.place() as place:
+            lent.set()
+            await place.sleep(0)  # wakes at once, and waits: the test holds the place
+            order.append("sleeper ran")
+
+    async def newcomer() -> None:
+        async with admission.place():
+            order.append("newcomer ran")
+
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(sleeper)
+        await lent.wait()
+        async with admission.place():  # the place the sleeper lent
+            await wait_until(lambda: admission.waiting == 1)  # the sleeper, awake
+            task_group.start_soon(newcomer)
+            await wait_until(lambda: admission.waiting == 2)
+        # Leaving handed the place to the sleeper; cancelled (natively, as
+        # asyncio.wait_for does) before it runs, it passes the place on.
+        tasks[0].cancel()
+    assert order == ["newcomer ran"]
+    assert admission.waiting == 0
+    with anyio.fail_after(1):
+        async with admission.place():
+            pass
