@@ -25,7 +25,9 @@ __all__ = ["Admission", "Place"]
 
 
 class Admission:
-    """The queue of one-off calls: ``async with admission.place() as place:``."""
+    """The queue of one-off calls: ``place = await admission.take()``, then
+    ``place.leave()`` in a ``finally``. (A waiting call holds nothing but its
+    coroutine: the :class:`Place` is made once it is let in.)"""
 
     __slots__ = ("_lent", "_limit", "_returning", "_semaphore")
 
@@ -42,8 +44,9 @@ class Admission:
         """Calls waiting for a place, sleepers back from a backoff included."""
         return self._semaphore.statistics().tasks_waiting + len(self._returning)
 
-    def place(self) -> Place:
-        """One call's place, taken by ``async with``."""
+    async def take(self) -> Place:
+        """Wait for a place, first come first served."""
+        await self._semaphore.acquire()
         return Place(self)
 
     def _give(self) -> None:
@@ -77,17 +80,10 @@ class Place:
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
-        self._held = False
-
-    async def __aenter__(self) -> Place:
-        await self._admission._semaphore.acquire()
         self._held = True
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._give_up()
-
-    def _give_up(self) -> None:
+    def leave(self) -> None:
+        """The call is over: its place, if it holds one, goes to the next."""
         if self._held:
             self._held = False
             self._admission._give()
@@ -96,15 +92,15 @@ class Place:
         """Sleep ``delay`` seconds with this place lent to the next waiting call,
         then take the next one that comes free; keep it if ``limit`` are lent already.
 
-        Cancelled while asleep or waiting, the call holds no place, and its exit
-        gives none back.
+        Cancelled while asleep or waiting, the call holds no place, and
+        :meth:`leave` gives none back.
         """
         admission = self._admission
         if admission._lent >= admission._limit:
             await anyio.sleep(delay)
             return
         admission._lent += 1
-        self._give_up()
+        self.leave()
         try:
             await anyio.sleep(delay)
             await admission._take_back()

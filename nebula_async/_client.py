@@ -444,9 +444,12 @@ class NebulaClient:
                 field="request",
             )
         assert self._admission is not None
-        async with self._admission.place() as place:
+        place = await self._admission.take()
+        try:
             with self._lifecycle.call():
                 outcome = await self._submission(request, _Tally(), None, place)
+        finally:
+            place.leave()
         if isinstance(outcome, NebulaError):
             raise outcome
         return outcome
@@ -688,9 +691,12 @@ class NebulaClient:
         """
         self._lifecycle.require_open()
         assert self._admission is not None
-        async with self._admission.place() as place:
+        place = await self._admission.take()
+        try:
             with self._lifecycle.call():
                 return await self._run_item(0, job, None, place)
+        finally:
+            place.leave()
 
     async def _run_item(
         self, index: int, item: object, control: BatchControl | None, place: Place | None = None

@@ -250,27 +250,30 @@ async def test_a_place_handed_to_a_sleeper_cancelled_that_moment_goes_to_the_nex
 
     async def sleeper() -> None:
         tasks.append(asyncio.current_task())  # type: ignore[arg-type]
-        async with admission.place() as place:
+        place = await admission.take()
+        try:
             lent.set()
             await place.sleep(0)  # wakes at once, and waits: the test holds the place
             order.append("sleeper ran")
+        finally:
+            place.leave()
 
     async def newcomer() -> None:
-        async with admission.place():
-            order.append("newcomer ran")
+        (await admission.take()).leave()
+        order.append("newcomer ran")
 
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(sleeper)
         await lent.wait()
-        async with admission.place():  # the place the sleeper lent
-            await wait_until(lambda: admission.waiting == 1)  # the sleeper, awake
-            task_group.start_soon(newcomer)
-            await wait_until(lambda: admission.waiting == 2)
+        mine = await admission.take()  # the place the sleeper lent
+        await wait_until(lambda: admission.waiting == 1)  # the sleeper, awake
+        task_group.start_soon(newcomer)
+        await wait_until(lambda: admission.waiting == 2)
+        mine.leave()
         # Leaving handed the place to the sleeper; cancelled (natively, as
         # asyncio.wait_for does) before it runs, it passes the place on.
         tasks[0].cancel()
     assert order == ["newcomer ran"]
     assert admission.waiting == 0
     with anyio.fail_after(1):
-        async with admission.place():
-            pass
+        (await admission.take()).leave()
