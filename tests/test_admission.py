@@ -262,18 +262,70 @@ async def test_a_place_handed_to_a_sleeper_cancelled_that_moment_goes_to_the_nex
         (await admission.take()).leave()
         order.append("newcomer ran")
 
-    async with anyio.create_task_group() as task_group:
-        task_group.start_soon(sleeper)
-        await lent.wait()
-        mine = await admission.take()  # the place the sleeper lent
-        await wait_until(lambda: admission.waiting == 1)  # the sleeper, awake
-        task_group.start_soon(newcomer)
-        await wait_until(lambda: admission.waiting == 2)
-        mine.leave()
-        # Leaving handed the place to the sleeper; cancelled (natively, as
-        # asyncio.wait_for does) before it runs, it passes the place on.
-        tasks[0].cancel()
+    with anyio.fail_after(5):  # a lost place hangs here, not at pytest's timeout
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(sleeper)
+            await lent.wait()
+            mine = await admission.take()  # the place the sleeper lent
+            await wait_until(lambda: admission.waiting == 1)  # the sleeper, awake
+            task_group.start_soon(newcomer)
+            await wait_until(lambda: admission.waiting == 2)
+            mine.leave()
+            # Leaving handed the place to the sleeper; cancelled (natively, as
+            # asyncio.wait_for does) before it runs, it passes the place on.
+            tasks[0].cancel()
     assert order == ["newcomer ran"]
+    assert admission.waiting == 0
+    with anyio.fail_after(1):
+        (await admission.take()).leave()
+
+
+async def test_a_place_handed_to_a_waiter_cancelled_that_moment_goes_to_a_sleeper() -> None:
+    admission = Admission(1)
+    mine = await admission.take()
+    order: list[str] = []
+
+    async def waiter() -> None:
+        (await admission.take()).leave()
+        order.append("waiter ran")
+
+    async def sleeper_back() -> None:
+        await admission._take_back()  # the second half of Place.sleep: awake, no place free
+        order.append("sleeper ran")
+        admission._give()
+
+    waiting = asyncio.create_task(waiter())
+    await wait_until(lambda: admission.waiting == 1)
+    with anyio.fail_after(1):
+        back = asyncio.create_task(sleeper_back())  # its first step comes before the waiter's
+        mine.leave()  # hands the place to the waiter...
+        waiting.cancel()  # ...cancelled (natively, as asyncio.wait_for does) before it runs
+        await back
+    assert order == ["sleeper ran"]
+    assert waiting.cancelled()
+    assert admission.waiting == 0
+    with anyio.fail_after(1):
+        (await admission.take()).leave()
+
+
+async def test_a_waiter_cancelled_just_before_a_place_comes_free_is_passed_over() -> None:
+    admission = Admission(1)
+    mine = await admission.take()
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        (await admission.take()).leave()
+        order.append(name)
+
+    first = asyncio.create_task(waiter("first"))
+    second = asyncio.create_task(waiter("second"))
+    await wait_until(lambda: admission.waiting == 2)
+    first.cancel()  # natively: its turn is cancelled, but its task has not run yet
+    mine.leave()  # so the place goes to the second
+    with anyio.fail_after(1):
+        await second
+    assert first.cancelled()
+    assert order == ["second"]
     assert admission.waiting == 0
     with anyio.fail_after(1):
         (await admission.take()).leave()
