@@ -176,6 +176,13 @@ def test_bad_policies(cls: type, kwargs: dict[str, Any], field: str) -> None:
         (lambda: na.Job(make(), request=make()), "request"),
         (lambda: na.RateLimit(5, 2), "burst"),
         (lambda: na.Img2ImgRequest("m", "p"), "model"),
+        (lambda: na.ImageResult(images=[], url="u"), "url"),
+        (lambda: na.ImageResult(), "images"),
+        (lambda: na.ImageResult([]), "images"),
+        (lambda: na.GeneratedImage("u", url="v"), "url"),
+        (lambda: na.JobResult(urls=["u"]), "job_id"),
+        (lambda: na.JobResult(job_id="a", error=None), "error"),
+        (lambda: na.BatchReport(results=[], total=1), "total"),
     ],
 )
 def test_bad_calls_name_the_field_from_the_arguments(call: Any, field: str) -> None:
@@ -190,6 +197,7 @@ def test_checked_calls_keep_the_attrs_signature() -> None:
 
     assert list(inspect.signature(na.Job).parameters) == ["request", "id", "images"]
     assert "model" in inspect.signature(na.Img2ImgRequest).parameters
+    assert list(inspect.signature(na.ImageResult).parameters) == ["images", "code", "msg"]
 
 
 def test_validators_run_for_evolve_too() -> None:
