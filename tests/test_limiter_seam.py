@@ -19,7 +19,7 @@ import anyio.lowlevel
 import pytest
 
 import nebula_async as na
-from nebula_async._limiter import Limiter, LimiterFactory, LimiterStatistics, Outcome
+from nebula_async import Limiter, LimiterFactory, LimiterStatistics, Outcome
 from nebula_async.testing import MockNebulaServer
 
 pytestmark = pytest.mark.anyio
