@@ -35,7 +35,10 @@ from ._protocol import (
     decipher_login,
 )
 
-__all__ = ["LOGIN_COOLDOWN_S", "Authenticator"]
+__all__ = [
+    "Authenticator",
+    "LOGIN_COOLDOWN_S",
+]
 
 #: How long a refused login is answered from memory before one caller tries again.
 LOGIN_COOLDOWN_S: Final = 10.0

@@ -16,7 +16,11 @@ from typing import Final
 
 from ._exceptions import APIConnectionError, AuthenticationError, NebulaError, NotAttemptedError
 
-__all__ = ["DEFAULT_BREAKER_THRESHOLD", "CircuitBreaker", "systemic_kind"]
+__all__ = [
+    "CircuitBreaker",
+    "DEFAULT_BREAKER_THRESHOLD",
+    "systemic_kind",
+]
 
 #: Consecutive submissions failing the same systemic way that open the breaker.
 DEFAULT_BREAKER_THRESHOLD: Final = 10

@@ -36,11 +36,11 @@ from ._models import GeneratedImage, ImageResult
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RESPONSE_BYTES",
+    "HttpRequest",
     "IMG2IMG_PATH",
     "LOGIN_MAX_RESPONSE_BYTES",
     "LOGIN_PATH",
     "MAX_TEXT_CHARS",
-    "HttpRequest",
     "RawResponse",
     "authorization_value",
     "build_img2img_request",

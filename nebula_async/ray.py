@@ -43,7 +43,13 @@ from nebula_async._exceptions import ValidationError
 from nebula_async._jobs import error_record, job_fingerprint, job_from_mapping, job_id_of
 from nebula_async._models import Job, JobResult
 
-__all__ = ["OUTPUT_COLUMNS", "Img2ImgBatch", "done_keys", "pending_rows", "row_key"]
+__all__ = [
+    "Img2ImgBatch",
+    "OUTPUT_COLUMNS",
+    "done_keys",
+    "pending_rows",
+    "row_key",
+]
 
 #: The columns of every output batch, in order.
 OUTPUT_COLUMNS = (

@@ -27,8 +27,10 @@ LAZY_ALLOWED = {"_shared.py": ("nebula_async._redis",)}
 
 
 def _imports(path: pathlib.Path, *, top_level_only: bool) -> list[str]:
+    """The modules ``path`` imports, relative imports resolved against its package."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = tree.body if top_level_only else list(ast.walk(tree))
+    package = ".".join(("nebula_async", *path.parent.relative_to(PACKAGE).parts))
     names: list[str] = []
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -36,7 +38,8 @@ def _imports(path: pathlib.Path, *, top_level_only: bool) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = "nebula_async." + base if base else "nebula_async"
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
             names.append(base)
     return names
 
@@ -52,10 +55,37 @@ def test_the_core_never_imports_an_outer_layer(path: pathlib.Path) -> None:
             raise AssertionError(f"{path.name} imports {name}")
 
 
-def test_the_test_helpers_never_import_the_command_line() -> None:
-    for path in (PACKAGE / "testing").glob("*.py"):
-        for name in _imports(path, top_level_only=False):
-            assert not name.startswith("nebula_async.cli"), (path.name, name)
+# What each block above the line may import of ours besides the core: the command
+# line also itself, the test helpers (demo, mock-server) and the package's version;
+# the test helpers nothing at all, the core included.
+OUTER_BLOCKS = {
+    "cli": ("nebula_async", "nebula_async.cli", "nebula_async.testing"),
+    "testing": ("nebula_async.testing",),
+    "ray.py": (),
+    "_redis.py": (),
+}
+
+
+def _outer_modules() -> list[pathlib.Path]:
+    paths: list[pathlib.Path] = []
+    for block in OUTER_BLOCKS:
+        target = PACKAGE / block
+        paths += sorted(target.glob("*.py")) if target.is_dir() else [target]
+    return paths
+
+
+@pytest.mark.parametrize("path", _outer_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_an_outer_block_imports_only_what_the_map_allows(path: pathlib.Path) -> None:
+    block = path.relative_to(PACKAGE).parts[0]
+    allowed = set(OUTER_BLOCKS[block])
+    if block != "testing":
+        allowed |= {"nebula_async." + p.stem for p in CORE}
+    for name in _imports(path, top_level_only=False):
+        if name != "nebula_async" and not name.startswith("nebula_async."):
+            continue  # a third-party or standard module
+        assert any(name == a or name.startswith(a + ".") for a in allowed), (
+            f"{path.relative_to(PACKAGE)} imports {name}"
+        )
 
 
 # The aiohttp shell: only these two may import aiohttp (or the transport); the rest

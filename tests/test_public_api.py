@@ -1,4 +1,5 @@
-"""The public surface: an explicit, sorted ``__all__`` that matches the contract."""
+"""The public surface: an explicit, sorted ``__all__`` that matches the contract, and
+the same rule for every module of the package, private ones included."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pkgutil
 import pytest
 
 import nebula_async as na
-import nebula_async.testing
 
 CONTRACT = {
     "Img2ImgRequest",
@@ -36,13 +36,23 @@ CONTRACT = {
 }
 
 
-@pytest.mark.parametrize("module", [na, nebula_async.testing], ids=lambda m: m.__name__)
-def test_all_is_sorted_and_exported(module: object) -> None:
+# Every module of the package, private ones included (httpx's rule: each states what
+# it offers); ``__main__`` modules run the command when imported.
+MODULES = sorted(
+    info.name
+    for info in pkgutil.walk_packages(na.__path__, "nebula_async.")
+    if not info.name.endswith(".__main__")
+)
+
+
+@pytest.mark.parametrize("name", ["nebula_async", *MODULES])
+def test_all_is_sorted_and_exported(name: str) -> None:
+    module = importlib.import_module(name)
     names = module.__all__  # type: ignore[attr-defined]
     assert names == sorted(names)
     assert len(set(names)) == len(names)
-    for name in names:
-        assert hasattr(module, name), name
+    for exported in names:
+        assert hasattr(module, exported), exported
 
 
 def test_contract_names_are_public() -> None:

@@ -52,8 +52,8 @@ from nebula_async._protocol import DEFAULT_BASE_URL, is_loopback_host
 from ._jobfile import sniff_image_mime
 
 __all__ = [
-    "DEFAULT_MAX_IMAGE_BYTES",
     "AddressRefusedError",
+    "DEFAULT_MAX_IMAGE_BYTES",
     "DownloadError",
     "DownloadOutcome",
     "ImageDownloader",

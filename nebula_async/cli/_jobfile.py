@@ -38,17 +38,17 @@ from nebula_async._jobs import (
 from nebula_async._models import Job
 
 __all__ = [
-    "MAX_LOCAL_IMAGE_BYTES",
     "BadLine",
     "JobLine",
     "LocalImageError",
+    "MAX_LOCAL_IMAGE_BYTES",
     "Shard",
+    "check_local_image",
     "is_local_image",
     "iter_job_lines",
     "job_from_fields",
-    "parse_job_line",
     "local_image_data_uri",
-    "check_local_image",
+    "parse_job_line",
     "sniff_image_mime",
 ]
 

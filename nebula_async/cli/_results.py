@@ -49,8 +49,8 @@ from ._jobfile import BadLine
 
 __all__ = [
     "DOWNLOAD_ERROR_TYPE",
-    "PENDING_DOWNLOADS",
     "Kind",
+    "PENDING_DOWNLOADS",
     "Recorded",
     "ResultWriter",
     "ResultsFileBusy",

@@ -66,13 +66,13 @@ from ._results import (
 from ._summary import RunSummary, count, table, write_summary_json
 
 __all__ = [
+    "ClientSettings",
     "EXIT_BAD_INPUT",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_SOME_FAILED",
     "EXIT_TERMINATED",
     "EXIT_WRITE_FAILED",
-    "ClientSettings",
     "Resumed",
     "RunOptions",
     "RunTally",

@@ -13,10 +13,10 @@ import orjson
 from ._png import png_for_name
 
 __all__ = [
-    "FAULT_KINDS",
-    "OK_MSG",
     "Answer",
     "AuthFailureStyle",
+    "FAULT_KINDS",
+    "OK_MSG",
     "RateLimitStyle",
     "auth_refusal",
     "envelope",

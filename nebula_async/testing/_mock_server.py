@@ -55,7 +55,11 @@ from ._png import png_for_name
 from ._ratelimit import ALGORITHMS, RateLimitAlgorithm, ServerLimit, make_limit
 from ._records import ReceivedRequest
 
-__all__ = ["IMG2IMG_PATH", "TOKEN_PATH", "MockNebulaServer"]
+__all__ = [
+    "IMG2IMG_PATH",
+    "MockNebulaServer",
+    "TOKEN_PATH",
+]
 
 IMG2IMG_PATH: Final = "/prod-api/nebula/v4/api/img2imgSubmit"
 TOKEN_PATH: Final = "/prod-api/v3/auth/getToken"
