@@ -38,14 +38,15 @@ CONTRACT = {
 
 # Every module of the package, private ones included (httpx's rule: each states what
 # it offers); ``__main__`` modules run the command when imported.
-MODULES = sorted(
-    info.name
-    for info in pkgutil.walk_packages(na.__path__, "nebula_async.")
-    if not info.name.endswith(".__main__")
-)
+def _modules() -> list[str]:
+    return [na.__name__] + [
+        info.name
+        for info in pkgutil.walk_packages(na.__path__, prefix=f"{na.__name__}.")
+        if not info.name.endswith("__main__")
+    ]
 
 
-@pytest.mark.parametrize("name", ["nebula_async", *MODULES])
+@pytest.mark.parametrize("name", _modules())
 def test_all_is_sorted_and_exported(name: str) -> None:
     module = importlib.import_module(name)
     names = module.__all__  # type: ignore[attr-defined]
@@ -80,14 +81,6 @@ def test_exception_hierarchy() -> None:
         na.ResponseDecodeError,
     ):
         assert issubclass(cls, na.NebulaError)
-
-
-def _modules() -> list[str]:
-    return [na.__name__] + [
-        info.name
-        for info in pkgutil.walk_packages(na.__path__, prefix=f"{na.__name__}.")
-        if not info.name.endswith("__main__")
-    ]
 
 
 @pytest.mark.parametrize("name", _modules())
