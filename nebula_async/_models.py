@@ -10,10 +10,11 @@ is one the wire can carry (``orjson.dumps(to_payload(request))`` cannot fail). A
 unknown, missing or wrongly positional argument to any model, results included,
 is a ``ValidationError`` too, not a bare ``TypeError`` (:func:`_checked_call`; on
 the results it costs 5.9k instructions per ``img2img`` and 15.8k per ``run_batch``
-job, whole client, about 1% and 2% of a request, measured 2026-12-03). The
-results' values are not checked: they are the client's output, read from answers
-that ``_protocol`` has checked field by field, and a check on every result
-built would be paid on every request.
+job, whole client, 0.8% and 2.4% of a request, measured 2026-12-03). The
+results' values are not checked, so a result a user builds by hand is taken as
+given: they are the client's output, read from answers that ``_protocol`` has
+checked field by field, and a check on each would be paid again on every
+request.
 """
 
 from __future__ import annotations
