@@ -8,17 +8,16 @@ their scopes, and each call turns that cancellation into a
 mid-retry by string comparison: a closed client cancels, and a draining one is
 asked through :meth:`Lifecycle.require_open` before new work starts.
 
-Why a scope per call, although it is most of what ``img2img`` costs over
-``run_batch`` (65k instructions a call, whole client: 697.5k against 632.5k with
-no scope; a gathered call's task is new to anyio, and its first scope enters it
-in anyio's weak-keyed table of task states): cancelling the caller's task itself
+Why a scope per call, although it costs a gathered ``img2img`` 58-65k instructions
+(whole client, against raw aiohttp's ~550k; a gathered call's task is new to anyio,
+and its first scope enters it in anyio's weak-keyed table of task states;
+docs/design.md, "The instruction guard"): cancelling the caller's task itself
 (``Task.cancel()``/``uncancel()``, as ``asyncio.timeout`` does) is cheaper, and a
-review found it wrong where a scope is right. A native
-cancel is delivered once, where a scope's is repeated until it lands; it does not
-respect an anyio shield; it may reach a call's task group after the caller's own
-anyio deadline and escape the caller's ``move_on_after``; and ``aclose()`` from
-inside a call's own task (a custom limiter acting as a kill switch) could not
-stop that call.
+review found it wrong where a scope is right. A native cancel is delivered once,
+where a scope's is repeated until it lands; it does not respect an anyio shield; it
+may reach a call's task group after the caller's own anyio deadline and escape the
+caller's ``move_on_after``; and ``aclose()`` from inside a call's own task (a custom
+limiter acting as a kill switch) could not stop that call.
 """
 
 from __future__ import annotations

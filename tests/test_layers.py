@@ -89,7 +89,7 @@ def test_an_outer_block_imports_only_what_the_map_allows(path: pathlib.Path) -> 
     if block != "testing":
         allowed |= {"nebula_async." + p.stem for p in CORE}
     for name in _imports(path, top_level_only=False):
-        if name != "nebula_async" and not name.startswith("nebula_async."):
+        if not _within(name, ("nebula_async",)):
             continue  # a third-party or standard module
         if name in FROM_THE_ROOT.get(block, ()):
             continue
